@@ -1,0 +1,77 @@
+"""Token dispatch for the MoE layer: the `Dispatched` record and the single-process dispatcher.
+
+Contract (docs/architecture.md): T tokens, K = top-k, D hidden, S token copies for this
+process's experts, E_l local experts.
+
+    dispatcher.dispatch(x_td, idx_tk, w_tk) -> Dispatched(x_sd, w_s, counts_e, handle)
+    experts(x_sd, counts_e, w_s)            -> y_sd
+    dispatcher.combine(y_sd, d)             -> out_td
+
+Copies are grouped by local expert (ascending global id); within an expert they keep the
+order of the flattened [T, K] routing table (a stable sort), so every dispatcher produces
+the same grouping. `combine` sums the K rows of each token in float32, in k order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+
+@dataclass
+class Dispatched:
+    x_sd: torch.Tensor  # token copies grouped by local expert
+    w_s: torch.Tensor  # their routing weights, float32
+    counts_e: list[int]  # rows per local expert [E_l]
+    handle: Any  # whatever combine needs
+
+
+@dataclass
+class _LocalHandle:
+    rows_s: torch.Tensor  # position of each grouped row in the flattened [T*K] table
+    t: int
+    k: int
+    dtype: torch.dtype
+
+
+class LocalDispatcher:
+    """Dispatch with no communication.
+
+    With every routed expert local this is the whole MoE. With a subset (`local_experts`),
+    copies routed elsewhere are dropped and `combine` returns this process's partial sum
+    (what the reference code's all-reduce scheme sums across ranks).
+    """
+
+    def __init__(self, local_experts: Iterable[int], n_experts: int):
+        self.local_experts = sorted(int(e) for e in local_experts)
+        self.n_experts = int(n_experts)
+        lut = torch.full((self.n_experts,), -1, dtype=torch.int64)
+        lut[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(len(self.local_experts))
+        self.local_of_e = lut  # global id -> local index, -1 when not held
+
+    def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
+        t, k = idx_tk.shape
+        local_n = self.local_of_e.to(x_td.device)[idx_tk.reshape(-1)]
+        if len(self.local_experts) == self.n_experts:
+            key_n = local_n
+        else:  # drop copies for experts not held: sort them to the end, then cut
+            key_n = torch.where(local_n < 0, len(self.local_experts), local_n)
+        order_n = torch.sort(key_n, stable=True).indices
+        counts = torch.bincount(key_n, minlength=len(self.local_experts) + 1).tolist()
+        counts_e = counts[: len(self.local_experts)]
+        rows_s = order_n[: sum(counts_e)]
+        token_s = torch.div(rows_s, k, rounding_mode="floor")
+        return Dispatched(
+            x_sd=x_td[token_s],
+            w_s=w_tk.reshape(-1)[rows_s].to(torch.float32),
+            counts_e=counts_e,
+            handle=_LocalHandle(rows_s, t, k, x_td.dtype),
+        )
+
+    def combine(self, y_sd: torch.Tensor, d: Dispatched) -> torch.Tensor:
+        h: _LocalHandle = d.handle
+        y_nd = y_sd.new_zeros((h.t * h.k, y_sd.shape[-1]), dtype=torch.float32)
+        y_nd[h.rows_s] = y_sd.to(torch.float32)
+        return y_nd.view(h.t, h.k, y_sd.shape[-1]).sum(1).to(h.dtype)
