@@ -47,8 +47,10 @@ class LocalDispatcher:
     def __init__(self, local_experts: Iterable[int], n_experts: int):
         self.local_experts = sorted(int(e) for e in local_experts)
         self.n_experts = int(n_experts)
-        lut = torch.full((self.n_experts,), -1, dtype=torch.int64)
-        lut[torch.tensor(self.local_experts, dtype=torch.int64)] = torch.arange(len(self.local_experts))
+        cpu = torch.device("cpu")  # explicit: models are built under a meta-device context
+        lut = torch.full((self.n_experts,), -1, dtype=torch.int64, device=cpu)
+        lut[torch.tensor(self.local_experts, dtype=torch.int64, device=cpu)] = \
+            torch.arange(len(self.local_experts), device=cpu)
         self.local_of_e = lut  # global id -> local index, -1 when not held
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:

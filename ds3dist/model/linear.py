@@ -1,0 +1,52 @@
+"""Linear layer without bias, holding either a plain weight or an FP8 weight + block scales."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ds3dist.checkpoint.fp8 import FP8_DTYPE, fp8_linear, weight_dequant
+
+
+class Linear(nn.Module):
+    """y = x @ W^T.
+
+    Plain: `weight` [out, in] in the compute dtype, F.linear.
+    FP8: `weight` [out, in] float8_e4m3fn plus `weight_scale_inv` [ceil(out/b0), ceil(in/b1)]
+    float32; forward quantizes x per token per 128 channels (fp8_linear), output in x's dtype.
+    Buffer names equal the checkpoint's, so a state dict key maps to a tensor name.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fp8: bool = False,
+                 dtype: torch.dtype = torch.bfloat16, block: tuple[int, int] = (128, 128)):
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        if fp8:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8_DTYPE))
+            scale_shape = (math.ceil(out_features / block[0]), math.ceil(in_features / block[1]))
+            self.register_buffer("weight_scale_inv", torch.empty(scale_shape, dtype=torch.float32))
+        else:
+            self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
+            self.register_buffer("weight_scale_inv", None)
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight_scale_inv is not None
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a plain [out, in] tensor (dequantized when FP8)."""
+        if self.is_fp8:
+            return weight_dequant(self.weight, self.weight_scale_inv, self.block, dtype)
+        return self.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_fp8:
+            return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, out_dtype=x.dtype)
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        kind = "fp8" if self.is_fp8 else str(self.weight.dtype).removeprefix("torch.")
+        return f"{self.in_features} -> {self.out_features}, {kind}"

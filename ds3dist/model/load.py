@@ -1,0 +1,134 @@
+"""load_model: build on the meta device, then read exactly the tensors the held parts need.
+
+Tensors are read by name through CheckpointReader one module at a time and assigned in
+place of the meta buffers, so peak memory stays near the final size. In execution 'bf16'
+FP8 weights are dequantized once here into the compute dtype; in 'fp8' they stay FP8.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ds3dist.checkpoint.fp8 import weight_dequant
+from ds3dist.checkpoint.layout import SCALE_SUFFIX
+from ds3dist.model.linear import Linear
+from ds3dist.model.mla import MLA
+from ds3dist.model.options import BuildOptions
+from ds3dist.model.transformer import Transformer, checkpoint_name
+
+
+def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
+               experts: Iterable[int] | None = None, mtp: bool = True, embed: bool | None = None,
+               head: bool | None = None, attn_form: str = "absorbed") -> Transformer:
+    """Load (part of) a checkpoint as a Transformer.
+
+    execution: 'bf16' (weights dequantized into `dtype`, default bfloat16) or 'fp8' (FP8
+    weights with block scales, activations quantized per token; needs an FP8 checkpoint).
+    layers: layer ids to hold (None = all); experts: routed expert ids held in every MoE
+    layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
+    loads the MTP layer when the last layer is held and the checkpoint has it.
+    `checkpoint_dir` may also be an open CheckpointReader.
+    model.load_stats = {"bytes_read", "seconds"}.
+    """
+    from ds3dist.checkpoint.reader import CheckpointReader
+
+    t0 = time.perf_counter()
+    own = not hasattr(checkpoint_dir, "get")
+    reader = CheckpointReader(Path(checkpoint_dir)) if own else checkpoint_dir
+    try:
+        cfg = reader.config
+        if execution == "fp8" and not cfg.is_fp8:
+            raise ValueError(f"execution='fp8' needs an FP8 checkpoint (weights with _scale_inv "
+                             f"block scales); {getattr(reader, 'path', checkpoint_dir)} is a bf16 "
+                             f"checkpoint: use execution='bf16'")
+        dtype = dtype or torch.bfloat16
+        expert_ids = None if experts is None else tuple(sorted({int(e) for e in experts}))
+        if expert_ids is not None and not all(0 <= e < cfg.n_routed_experts for e in expert_ids):
+            raise ValueError(f"expert ids must be in 0..{cfg.n_routed_experts - 1}, got {list(expert_ids)}")
+        held = None if layers is None else sorted({int(i) for i in layers})
+        last_held = held is None or cfg.num_hidden_layers - 1 in held
+        mtp_ids = cfg.mtp_layer_ids
+        with_mtp = bool(mtp and last_held and mtp_ids
+                        and reader.has(f"model.layers.{mtp_ids[0]}.eh_proj.weight"))
+        opts = BuildOptions(cfg, execution, dtype, expert_ids, attn_form)
+        with torch.device("meta"):
+            model = Transformer(opts, held, embed=embed, head=head, mtp=with_mtp)
+        start = reader.bytes_read
+        _fill(model, reader, torch.device(device), dtype)
+        model.load_stats = {"bytes_read": reader.bytes_read - start,
+                            "seconds": time.perf_counter() - t0}
+    finally:
+        if own:
+            reader.close()
+    return model
+
+
+def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace every meta buffer by the checkpoint tensor of the same name."""
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, Linear):
+            _fill_linear(mod, checkpoint_name(prefix + "weight"), reader, device, dtype)
+            continue
+        for buf_name, buf in list(mod._buffers.items()):
+            if buf is None or buf_name not in mod._buffers or buf_name in mod._non_persistent_buffers_set:
+                continue
+            name = checkpoint_name(prefix + buf_name)
+            t = reader.get(name)
+            _check_shape(name, t, buf.shape)
+            mod._buffers[buf_name] = t.to(device=device, dtype=buf.dtype)
+    for mod in model.modules():
+        if isinstance(mod, MLA) and mod.form == "absorbed" and mod.kv_b_proj.is_fp8:
+            mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:
+        raise RuntimeError(f"tensors not loaded: {left[:5]}")
+
+
+def _fill_linear(lin: Linear, name: str, reader, device: torch.device, dtype: torch.dtype) -> None:
+    w = reader.get(name)
+    _check_shape(name, w, lin.weight.shape)
+    scale_name = name + SCALE_SUFFIX
+    scale = reader.get(scale_name) if reader.has(scale_name) else None
+    if lin.is_fp8:  # fp8 execution: keep FP8 + scales
+        if scale is None:
+            raise ValueError(f"{name}: fp8 execution needs {scale_name}, which the checkpoint lacks")
+        _check_shape(scale_name, scale, lin.weight_scale_inv.shape)
+        lin._buffers["weight"] = w.to(device)
+        lin._buffers["weight_scale_inv"] = scale.to(device=device, dtype=torch.float32)
+    elif scale is not None:  # FP8 checkpoint, plain execution: dequantize once
+        lin._buffers["weight"] = weight_dequant(w.to(device), scale.to(device), lin.block, dtype)
+    else:
+        lin._buffers["weight"] = w.to(device=device, dtype=dtype)
+
+
+def _check_shape(name: str, t: torch.Tensor, want) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"{name}: checkpoint shape {list(t.shape)}, model expects {list(want)}")
+
+
+def build_model(opts: BuildOptions, tensors: dict[str, torch.Tensor], layers=None, embed=None,
+                head=None, mtp=None, device: str | torch.device = "cpu") -> Transformer:
+    """A Transformer from an in-memory {checkpoint name: tensor} dict (tests, tools)."""
+
+    class _DictReader:
+        bytes_read = 0
+
+        def get(self, name):
+            return tensors[name]
+
+        def has(self, name):
+            return name in tensors
+
+    with torch.device("meta"):
+        model = Transformer(opts, layers, embed=embed, head=head, mtp=mtp)
+    _fill(model, _DictReader(), torch.device(device), opts.dtype)
+    return model
+
+
+__all__ = ["load_model", "build_model"]

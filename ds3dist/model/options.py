@@ -1,0 +1,40 @@
+"""What a model instance is built with: config, execution mode, compute dtype, held experts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds3dist.config import ModelConfig
+
+EXECUTIONS = ("bf16", "fp8")
+ATTN_FORMS = ("absorbed", "naive")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """cfg; execution 'bf16' (weights dequantized once) or 'fp8' (FP8 weights, fp8_linear);
+    dtype the compute dtype; expert_ids the routed experts held (every MoE layer alike)."""
+
+    cfg: ModelConfig
+    execution: str = "bf16"
+    dtype: torch.dtype = torch.bfloat16
+    expert_ids: tuple[int, ...] | None = None  # None: all
+    attn_form: str = "absorbed"
+
+    def __post_init__(self) -> None:
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.attn_form not in ATTN_FORMS:
+            raise ValueError(f"attn_form must be one of {ATTN_FORMS}, got {self.attn_form!r}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.execution == "fp8"
+
+    @property
+    def experts(self) -> tuple[int, ...]:
+        if self.expert_ids is None:
+            return tuple(range(self.cfg.n_routed_experts))
+        return self.expert_ids
