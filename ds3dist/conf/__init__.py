@@ -1,0 +1,1 @@
+"""Hydra configuration tree for `python -m ds3dist.launch` (YAML files; see config.yaml)."""

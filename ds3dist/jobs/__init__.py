@@ -1,0 +1,5 @@
+"""Offline jobs run by `python -m ds3dist.launch`: the launch schema and batch generation."""
+
+from ds3dist.jobs.batch import JobError, run_batch_job
+
+__all__ = ["JobError", "run_batch_job"]

@@ -1,0 +1,329 @@
+"""The typed schema of the launch configuration, and its resolution into project objects.
+
+The dataclasses below are registered with Hydra's ConfigStore as `ds3dist_schema`, the first
+entry of `conf/config.yaml`'s defaults list, so a key that does not exist (`parallel.epp=2`) or
+a value of the wrong type (`parallel.ep=two`) fails while the config is composed, with an error
+naming the key. Values that are well-typed but impossible for the model (`parallel.ep=3` with
+256 experts) are caught by `validate(cfg)`, which plans the layout against the model config
+(the preset, or the `config.json` in `model.path`) and raises `LaunchConfigError` naming the
+field.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List, Optional
+
+from ds3dist.config import PRESETS, ConfigError, ModelConfig, preset
+from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
+
+SCHEMA_NAME = "ds3dist_schema"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class LaunchConfigError(ValueError):
+    """A launch setting is impossible; the message starts with the setting's full key."""
+
+
+# ---- schema ------------------------------------------------------------------------------
+@dataclass
+class ModelConf:
+    preset: Optional[str] = "tiny"  # tiny | small | deepseek_v3 (null: model.path required)
+    path: Optional[str] = None  # checkpoint dir; null: synthesize `preset` into the cache
+    seed: int = 0  # weights seed when synthesizing into the cache
+
+
+@dataclass
+class ParallelConf:
+    pp: int = 1
+    ep: int = 1
+    stage_boundaries: Optional[List[int]] = None
+    expert_map: Optional[List[int]] = None
+    device: str = "cpu"  # cpu | cuda
+    backend: Optional[str] = None  # gloo | nccl (null: by device)
+
+
+class ExecutionMode(Enum):
+    fp8 = "fp8"
+    bf16 = "bf16"
+
+
+@dataclass
+class ExecutionConf:
+    mode: ExecutionMode = ExecutionMode.bf16
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16 (null: the mode's default)
+
+
+@dataclass
+class SamplingConf:
+    max_new_tokens: int = 64
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    stop: Optional[List[str]] = None
+
+
+class JobFormat(Enum):
+    auto = "auto"
+    native = "native"
+    openai = "openai"
+
+
+@dataclass
+class JobConf:
+    input: Optional[str] = None
+    output: Optional[str] = None
+    errors: Optional[str] = None
+    summary: Optional[str] = None
+    plot: Optional[str] = None
+    batch_size: int = 8
+    max_prompt_tokens: Optional[int] = None
+    format: JobFormat = JobFormat.auto
+    progress: bool = True
+    dry_run: bool = False
+
+
+@dataclass
+class RuntimeConf:
+    address: Optional[str] = None  # Ray address; null: $RAY_ADDRESS, else a new local cluster
+    num_cpus: Optional[int] = None  # logical CPUs of a new local cluster
+    rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
+    collective_timeout_s: float = 120.0
+    startup_timeout_s: float = 600.0  # placement, process groups and weight loading
+    micro_batches: Optional[int] = None  # pipeline micro-batches (null: one per stage)
+
+
+@dataclass
+class LaunchConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    parallel: ParallelConf = field(default_factory=ParallelConf)
+    execution: ExecutionConf = field(default_factory=ExecutionConf)
+    sampling: SamplingConf = field(default_factory=SamplingConf)
+    job: JobConf = field(default_factory=JobConf)
+    runtime: RuntimeConf = field(default_factory=RuntimeConf)
+
+
+def register() -> None:
+    """Register the schema with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=LaunchConf)
+
+
+register()
+
+
+# ---- resolution --------------------------------------------------------------------------
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _enum_value(v: Any) -> Any:
+    return v.value if isinstance(v, Enum) else v
+
+
+def cache_root() -> Path:
+    """$DS3DIST_CACHE, else ~/.cache/ds3dist: where null-path presets are synthesized."""
+    env = os.environ.get("DS3DIST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ds3dist"
+
+
+def cached_checkpoint_dir(preset_name: str, seed: int = 0) -> Path:
+    return cache_root() / f"{preset_name}-seed{seed}"
+
+
+def model_config(cfg: Any) -> ModelConfig:
+    """The model's ModelConfig: `model.path`'s config.json when it exists, else the preset."""
+    path = _get(cfg, "model.path")
+    name = _get(cfg, "model.preset")
+    if name is not None and name not in PRESETS:
+        raise LaunchConfigError(
+            f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}"
+        )
+    if path is not None:
+        p = Path(str(path)).expanduser()
+        if (p / "config.json").is_file():
+            try:
+                return ModelConfig.from_json(p)
+            except ConfigError as e:
+                raise LaunchConfigError(f"model.path: {e}") from None
+        if name is None:
+            raise LaunchConfigError(f"model.path: no config.json in {p}")
+    if name is None:
+        raise LaunchConfigError("model.path: needed when model.preset is null")
+    return preset(name)
+
+
+def parallel_layout(cfg: Any) -> ParallelLayout:
+    p = _get(cfg, "parallel")
+    get = (lambda k: p[k]) if isinstance(p, dict) else (lambda k: getattr(p, k))
+    try:
+        return ParallelLayout(
+            pp=get("pp"),
+            ep=get("ep"),
+            stage_boundaries=None if get("stage_boundaries") is None
+            else [int(x) for x in get("stage_boundaries")],
+            expert_map=None if get("expert_map") is None else [int(x) for x in get("expert_map")],
+            device=get("device"),
+            backend=get("backend"),
+        )
+    except LayoutError as e:
+        raise LaunchConfigError(str(e)) from None
+
+
+def _check_range(problems: list[str], key: str, v: Any, lo: float | None, hi: float | None,
+                 lo_open: bool = False) -> None:
+    if v is None:
+        return
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        problems.append(f"{key}: must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v!r}")
+
+
+@dataclass
+class Resolved:
+    model: ModelConfig
+    layout: ParallelLayout
+    plans: list[RankPlan]
+
+
+def validate(cfg: Any) -> Resolved:
+    """Check every setting that the schema's types cannot; plan the layout for the model.
+
+    Raises LaunchConfigError whose message names the key(s) at fault.
+    """
+    problems: list[str] = []
+    _check_range(problems, "sampling.max_new_tokens", _get(cfg, "sampling.max_new_tokens"), 1, None)
+    _check_range(problems, "sampling.temperature", _get(cfg, "sampling.temperature"), 0, None)
+    _check_range(problems, "sampling.top_p", _get(cfg, "sampling.top_p"), 0, 1, lo_open=True)
+    _check_range(problems, "sampling.top_k", _get(cfg, "sampling.top_k"), 0, None)
+    _check_range(problems, "job.batch_size", _get(cfg, "job.batch_size"), 1, None)
+    _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
+    _check_range(problems, "runtime.collective_timeout_s",
+                 _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
+    _check_range(problems, "runtime.startup_timeout_s",
+                 _get(cfg, "runtime.startup_timeout_s"), 0, None, lo_open=True)
+    _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
+    _check_range(problems, "runtime.num_cpus", _get(cfg, "runtime.num_cpus"), 1, None)
+    _check_range(problems, "runtime.micro_batches", _get(cfg, "runtime.micro_batches"), 1, None)
+    dtype = _get(cfg, "execution.dtype")
+    if dtype is not None and dtype not in DTYPES:
+        problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
+    if problems:
+        raise LaunchConfigError("\n".join(problems))
+
+    mcfg = model_config(cfg)
+    layout = parallel_layout(cfg)
+    try:
+        plans = layout.plan(mcfg)
+    except LayoutError as e:
+        raise LaunchConfigError(str(e)) from None
+    mpt = _get(cfg, "job.max_prompt_tokens")
+    if mpt is not None and mpt > mcfg.max_position_embeddings:
+        raise LaunchConfigError(
+            f"job.max_prompt_tokens: {mpt} exceeds the model's max_position_embeddings "
+            f"({mcfg.max_position_embeddings})"
+        )
+    return Resolved(model=mcfg, layout=layout, plans=plans)
+
+
+def sampling_defaults(cfg: Any) -> dict[str, Any]:
+    s = _get(cfg, "sampling")
+    get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
+    stop = get("stop")
+    return {
+        "max_new_tokens": int(get("max_new_tokens")),
+        "temperature": float(get("temperature")),
+        "top_p": float(get("top_p")),
+        "top_k": int(get("top_k")),
+        "seed": int(get("seed")),
+        "stop": None if stop is None else [str(x) for x in stop],
+    }
+
+
+def execution_mode(cfg: Any) -> str:
+    return str(_enum_value(_get(cfg, "execution.mode")))
+
+
+def job_format(cfg: Any) -> str:
+    return str(_enum_value(_get(cfg, "job.format")))
+
+
+def runtime_options(cfg: Any) -> dict[str, Any]:
+    """Keyword arguments of the Engine taken from `runtime.*` (None: the Engine's default)."""
+    r = _get(cfg, "runtime")
+    get = (lambda k: r[k]) if isinstance(r, dict) else (lambda k: getattr(r, k))
+    opts = {
+        "ray_address": get("address"),
+        "num_cpus": get("num_cpus"),
+        "rendezvous_port": get("rendezvous_port"),
+        "collective_timeout_s": float(get("collective_timeout_s")),
+        "startup_timeout_s": float(get("startup_timeout_s")),
+        "micro_batches": get("micro_batches"),
+    }
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def rank_table(model: ModelConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
+    """Per rank: stage, layers, routed experts and checkpoint weight bytes it holds.
+
+    Bytes are those of the checkpoint's tensors (FP8 weights + scales for an FP8 model) that
+    the rank owns: its stage's layers (shared parts whole, routed experts its own), the
+    embedding on the first stage, final norm + lm_head + MTP layer(s) on the last.
+    """
+    from collections import defaultdict
+
+    from ds3dist.checkpoint.layout import expected_tensors, expert_of, layer_of
+
+    mtp_ids = set(model.mtp_layer_ids)
+    shared: dict[int, int] = defaultdict(int)  # layer -> bytes of its non-expert tensors
+    routed: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # layer, expert
+    embed = head = 0
+    for spec in expected_tensors(model).values():
+        layer = layer_of(spec.name)
+        if layer is None:
+            if spec.name.startswith("model.embed_tokens"):
+                embed += spec.nbytes
+            else:
+                head += spec.nbytes
+            continue
+        e = expert_of(spec.name)
+        if e is None:
+            shared[layer] += spec.nbytes
+        else:
+            routed[layer][e] += spec.nbytes
+    rows = []
+    for plan in layout.plan(model):
+        layers = list(plan.layers) + (sorted(mtp_ids) if plan.mtp else [])
+        experts = set(plan.experts)
+        nbytes = (embed if plan.embed else 0) + (head if plan.head else 0)
+        for layer in layers:
+            nbytes += shared[layer] + sum(b for e, b in routed[layer].items() if e in experts)
+        rows.append({
+            "rank": plan.rank, "stage": plan.stage, "ep_rank": plan.ep_rank,
+            "layers": [plan.layers[0], plan.layers[-1]] if plan.layers else [],
+            "num_layers": len(plan.layers), "mtp": plan.mtp,
+            "num_experts": len(plan.experts), "weight_bytes": nbytes,
+        })
+    return rows
+
+
+def describe(model: ModelConfig, layout: ParallelLayout, name: str = "") -> str:
+    rows = rank_table(model, layout)
+    head = (f"layout {name + ': ' if name else ''}pp={layout.pp} ep={layout.ep} "
+            f"-> {layout.world_size} ranks on {layout.device} ({layout.backend}); "
+            f"{model.num_hidden_layers} layers, {model.n_routed_experts} routed experts")
+    lines = [head, "rank stage ep_rank layers      experts  weights"]
+    for r in rows:
+        lay = f"{r['layers'][0]}-{r['layers'][1]}" + ("+mtp" if r["mtp"] else "")
+        lines.append(f"{r['rank']:>4} {r['stage']:>5} {r['ep_rank']:>7} {lay:<11} "
+                     f"{r['num_experts']:>7}  {r['weight_bytes'] / 1e9:.2f} GB")
+    return "\n".join(lines)
