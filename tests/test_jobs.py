@@ -1,0 +1,381 @@
+"""Batch job logic (ds3dist.jobs.batch) with an injected deterministic stand-in engine.
+
+The stand-in's output for a prompt depends on the whole batch it arrives in, so a resumed job
+only reproduces an uninterrupted one if it feeds the engine exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ds3dist.jobs.batch import JobError, detect_format, run_batch_job
+
+
+@dataclass
+class Result:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+
+
+class FakeEngine:
+    """generate() -> tokens derived from a hash of (batch, prompt, sampling); stats() fixed."""
+
+    def __init__(self, tokenizer, fail_after: int | None = None):
+        self.tok = tokenizer
+        self.calls: list[dict] = []
+        self.fail_after = fail_after
+        self.shut = False
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompts)
+        self.calls.append(dict(prompts=[list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                               stop=stop))
+        batch_h = hashlib.sha256(json.dumps(prompts).encode()).digest()
+        out = []
+        for p in prompts:
+            h = hashlib.sha256(batch_h + json.dumps([p, temperature, seed]).encode()).digest()
+            ids = [1000 + h[i % len(h)] * 7 + i for i in range(max_new_tokens)]
+            reason = "length"
+            if stop and (len(p) % 3 == 0):  # pretend a stop string matched
+                ids, reason = ids[: max(1, max_new_tokens // 2)], "stop"
+            out.append(Result(ids, self.tok.decode(ids), reason, len(p)))
+        return out
+
+    def stats(self):
+        return {"expert_load": {1: [3, 0, 5, 2] * 4, 2: [1, 1, 1, 9] * 4},
+                "stage_seconds": [0.5, 0.25], "ranks": [{"rank": 0}, {"rank": 1}]}
+
+    def shutdown(self):
+        self.shut = True
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_fp8_dir):
+    from ds3dist.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_fp8_dir)
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def native_input(tmp_path: Path) -> Path:
+    """20 lines: 18 valid (prompts, chats, two sampling groups), 2 malformed (lines 6, 13)."""
+    lines: list = []
+    for i in range(20):
+        if i == 5:
+            lines.append('{"id": "bad-json", "prompt": "unterminated')
+        elif i == 12:
+            lines.append({"id": "no-prompt"})
+        elif i % 4 == 1:
+            lines.append({"id": f"c{i}", "messages": [{"role": "user", "content": f"Question {i}?"}]})
+        elif i % 5 == 2:
+            lines.append({"id": f"p{i}", "prompt": f"Prompt number {i}", "temperature": 0.8,
+                          "seed": 3})
+        else:
+            lines.append({"id": i, "prompt": f"Prompt number {i} " * (1 + i % 3)})
+    return write_lines(tmp_path / "in.jsonl", lines)
+
+
+def run(engine, tok, inp, out, **kw):
+    kw.setdefault("sampling", {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0,
+                               "top_k": 0, "seed": 0, "stop": None})
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("progress", False)
+    kw.setdefault("max_position_embeddings", 163840)
+    return run_batch_job(engine, tok, inp, out, **kw)
+
+
+def test_native_job_outputs_errors_summary_plot(tmp_path, tok):
+    inp = native_input(tmp_path)
+    out = tmp_path / "out" / "results.jsonl"
+    eng = FakeEngine(tok)
+    s = run(eng, tok, inp, out)
+
+    recs = read_jsonl(out)
+    assert len(recs) == 18 and len({json.dumps(r["id"]) for r in recs}) == 18
+    for r in recs:
+        assert set(r) == {"id", "text", "token_ids", "finish_reason", "usage"}
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["usage"]["completion_tokens"] == len(r["token_ids"]) == 8
+        assert r["usage"]["prompt_tokens"] > 0
+        assert r["text"] == tok.decode(r["token_ids"])
+    errs = read_jsonl(Path(str(out) + ".errors.jsonl"))
+    assert [e["line"] for e in errs] == [6, 13]
+    assert errs[0]["code"] == "invalid_json_line" and "JSON" in errs[0]["reason"]
+    assert errs[1]["id"] == "no-prompt" and "prompt" in errs[1]["reason"]
+
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert summary == {k: v for k, v in s.items() if k != "summary"}
+    c = summary["counts"]
+    assert (c["lines"], c["valid"], c["errors"], c["generated"], c["already_done"],
+            c["output_records"]) == (20, 18, 2, 18, 0, 18)
+    assert summary["tokens"]["completion"] == 18 * 8
+    assert summary["tokens"]["prompt"] == sum(r["usage"]["prompt_tokens"] for r in recs)
+    assert summary["throughput"]["completion_tokens_per_second"] > 0
+    assert summary["stage_seconds"] == [0.5, 0.25]
+    assert summary["expert_load"]["1"] == [3, 0, 5, 2] * 4
+    png = Path(summary["plot"])
+    assert png == Path(str(out) + ".expert_load.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batches_group_equal_sampling_and_respect_batch_size(tmp_path, tok):
+    inp = native_input(tmp_path)
+    eng = FakeEngine(tok)
+    run(eng, tok, inp, tmp_path / "o.jsonl")
+    assert all(len(c["prompts"]) <= 4 for c in eng.calls)
+    keys = [(c["temperature"], c["seed"]) for c in eng.calls]
+    # two sampling groups: the default (greedy, seed 0) and the per-line override (0.8, seed 3)
+    assert set(keys) == {(0.0, 0), (0.8, 3)}
+    n_override = sum(len(c["prompts"]) for c in eng.calls if c["temperature"] == 0.8)
+    assert n_override == 2  # ids p2 and p7 (line 13 is malformed, 17 is a chat)
+    assert sum(len(c["prompts"]) for c in eng.calls) == 18
+
+
+def test_chat_template_and_prompt_encoding(tmp_path, tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": "c", "messages": msgs},
+                                               {"id": "p", "prompt": "Hello world"}])
+    eng = FakeEngine(tok)
+    run(eng, tok, inp, tmp_path / "o.jsonl", batch_size=1)
+    chat_ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True),
+                          add_special_tokens=False)
+    assert eng.calls[0]["prompts"][0] == chat_ids
+    assert chat_ids[0] == tok.bos_token_id  # the template starts with the BOS text, once
+    from ds3dist.jobs.batch import PromptEncoder
+
+    assert eng.calls[1]["prompts"][0] == PromptEncoder(tok, 1 << 30, "x").prompt("Hello world")
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tok):
+    inp = native_input(tmp_path)
+    ref_out = tmp_path / "ref.jsonl"
+    run(FakeEngine(tok), tok, inp, ref_out)
+    ref = {json.dumps(r["id"]): r for r in read_jsonl(ref_out)}
+
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run(FakeEngine(tok, fail_after=2), tok, inp, out)
+    first = read_jsonl(out)
+    assert 0 < len(first) < 18
+    # a kill while writing leaves a truncated last line; a partly written batch loses a line
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+
+    eng = FakeEngine(tok)
+    s = run(eng, tok, inp, out)
+    got = read_jsonl(out)
+    ids = [json.dumps(r["id"]) for r in got]
+    assert len(ids) == 18 and len(set(ids)) == 18
+    assert {k: (r["text"], r["token_ids"]) for k, r in zip(ids, got)} == \
+        {k: (r["text"], r["token_ids"]) for k, r in ref.items()}
+    assert s["counts"]["already_done"] == len(first) - 1
+    assert s["counts"]["generated"] == 18 - (len(first) - 1)
+    # the errors file is rewritten, not appended to
+    assert len(read_jsonl(Path(str(out) + ".errors.jsonl"))) == 2
+
+    # a third run has nothing left to do and calls the engine not at all
+    eng3 = FakeEngine(tok)
+    s3 = run(eng3, tok, inp, out)
+    assert eng3.calls == [] and s3["counts"]["generated"] == 0
+    assert len(read_jsonl(out)) == 18
+
+
+def test_malformed_lines_each_get_a_reason(tmp_path, tok):
+    inp = write_lines(tmp_path / "in.jsonl", [
+        {"id": 1, "prompt": "ok"},
+        {"id": 1, "prompt": "dup"},
+        {"prompt": "no id"},
+        {"id": 2, "prompt": "word " * 50},
+        {"id": 3, "prompt": "x", "temperature": -1},
+        {"id": 4, "prompt": "x", "top_p": 0},
+        {"id": 5, "prompt": "x", "max_new_tokens": 0},
+        {"id": 6, "prompt": "x", "stop": 5},
+        {"id": 7, "prompt": 42},
+        {"id": 8, "messages": [{"role": "wizard", "content": "hi"}]},
+        {"id": 9, "messages": []},
+        {"id": 10, "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+        {"id": [1], "prompt": "x"},
+        "[1, 2]",
+        "",
+        {"id": 11, "prompt": "fine", "stop": "\n", "top_k": 5},
+    ])
+    eng = FakeEngine(tok)
+    s = run(eng, tok, inp, tmp_path / "o.jsonl", max_prompt_tokens=20)
+    errs = {e["line"]: e for e in read_jsonl(tmp_path / "o.jsonl.errors.jsonl")}
+    assert sorted(errs) == list(range(2, 15))
+    assert "already used on line 1" in errs[2]["reason"]
+    assert "missing id" in errs[3]["reason"]
+    assert errs[4]["code"] == "context_length_exceeded" and "job.max_prompt_tokens=20" in \
+        errs[4]["reason"]
+    assert errs[5]["reason"].startswith("temperature")
+    assert errs[6]["reason"].startswith("top_p")
+    assert errs[7]["reason"].startswith("max_new_tokens")
+    assert errs[8]["reason"].startswith("stop")
+    assert errs[9]["reason"].startswith("prompt")
+    assert "role" in errs[10]["reason"]
+    assert "messages" in errs[11]["reason"]
+    assert "exactly one of prompt or messages" in errs[12]["reason"]
+    assert errs[13]["reason"].startswith("id")
+    assert "JSON object" in errs[14]["reason"]
+    assert s["counts"]["lines"] == 15 and s["counts"]["valid"] == 2
+    assert [c["stop"] for c in eng.calls] == [None, ["\n"]]
+    assert eng.calls[1]["top_k"] == 5
+
+
+def test_prompt_plus_new_tokens_beyond_positions_is_an_error(tmp_path, tok):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a b c d e f"},
+                                               {"id": 2, "prompt": "a", "max_new_tokens": 2}])
+    s = run(FakeEngine(tok), tok, inp, tmp_path / "o.jsonl", max_position_embeddings=8)
+    errs = read_jsonl(tmp_path / "o.jsonl.errors.jsonl")
+    assert [e["line"] for e in errs] == [1] and "max_position_embeddings=8" in errs[0]["reason"]
+    assert s["counts"]["generated"] == 1
+
+
+def openai_input(tmp_path: Path) -> Path:
+    return write_lines(tmp_path / "batch.jsonl", [
+        {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 5, "temperature": 0}},
+        {"custom_id": "req-2", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "deepseek-v3", "prompt": "Once upon a time", "max_tokens": 6,
+                  "temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["\n\n"]}},
+        {"custom_id": "req-3", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "deepseek-chat", "prompt": "chat needs messages"}},
+        '{"custom_id": "req-4", "method": "POST", "url": ',
+        {"custom_id": "req-5", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "system", "content": "Terse."},
+                               {"role": "user", "content": [{"type": "text", "text": "Yo"}]}],
+                  "max_completion_tokens": 4, "temperature": 0}},
+        {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "again"}]}},
+        {"custom_id": "req-6", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "req-7", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "x"}], "n": 2}},
+    ])
+
+
+def test_openai_batch_format(tmp_path, tok):
+    inp = openai_input(tmp_path)
+    assert detect_format(inp.read_text().splitlines()) == "openai"
+    out = tmp_path / "out.jsonl"
+    eng = FakeEngine(tok)
+    s = run(eng, tok, inp, out, model_name="tiny")
+    assert s["format"] == "openai"
+    recs = read_jsonl(out)
+    by = {}
+    for r in recs:
+        assert set(r) == {"id", "custom_id", "response", "error"}
+        key = r["custom_id"] if r["custom_id"] is not None else r["id"]
+        assert key not in by
+        by[key] = r
+    # one line per custom_id; the bad-JSON line (no readable custom_id) is keyed by its line
+    assert set(by) == {"req-1", "req-2", "req-3", "batch_req_line4", "req-5", "req-6", "req-7"}
+
+    chat = by["req-1"]
+    assert chat["error"] is None and chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "deepseek-chat"
+    ch = body["choices"][0]
+    assert ch["message"]["role"] == "assistant" and isinstance(ch["message"]["content"], str)
+    assert ch["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 5
+
+    comp = by["req-2"]["response"]["body"]
+    assert comp["object"] == "text_completion" and isinstance(comp["choices"][0]["text"], str)
+    assert by["req-5"]["response"]["body"]["usage"]["completion_tokens"] == 4
+    assert by["req-5"]["response"]["body"]["model"] == "tiny"
+
+    for k, code in [("req-3", "missing_required_parameter"), ("batch_req_line4",
+                    "invalid_json_line"), ("req-6", "invalid_url"), ("req-7", "invalid_value")]:
+        assert by[k]["response"] is None, k
+        assert by[k]["error"]["code"] == code, (k, by[k]["error"])
+        assert by[k]["error"]["message"]
+    assert "body.n" in by["req-7"]["error"]["message"]
+
+    # sampling reached the engine: req-2's temperature/top_p/seed/stop, req-1's max_tokens
+    c2 = [c for c in eng.calls if c["temperature"] == 0.7][0]
+    assert (c2["top_p"], c2["seed"], c2["stop"], c2["max_new_tokens"]) == (0.9, 1, ["\n\n"], 6)
+    errs = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
+    assert [e["line"] for e in errs] == [3, 4, 6, 7, 8]  # the duplicate is in the errors file only
+
+    # rerun: nothing duplicated, nothing regenerated
+    eng2 = FakeEngine(tok)
+    run(eng2, tok, inp, out)
+    assert eng2.calls == [] and read_jsonl(out) == recs
+
+
+def test_output_locked_by_another_job(tmp_path, tok):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    out = tmp_path / "o.jsonl"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(JobError, match="another job"):
+            run(FakeEngine(tok), tok, inp, out)
+    finally:
+        os.close(fd)
+
+
+def test_explicit_paths_and_missing_input(tmp_path, tok):
+    inp = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x"}])
+    s = run(FakeEngine(tok), tok, inp, tmp_path / "o.jsonl", errors_path=tmp_path / "e.jsonl",
+            summary_path=tmp_path / "s.json", plot_path=tmp_path / "p.png")
+    assert (tmp_path / "e.jsonl").exists() and (tmp_path / "s.json").exists()
+    assert s["plot"] == str(tmp_path / "p.png")
+    with pytest.raises(JobError, match="job.input"):
+        run(FakeEngine(tok), tok, tmp_path / "missing.jsonl", tmp_path / "o2.jsonl")
+
+
+def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_dir):
+    """launch.run: default input (bundled sample), synthesis into the cache, engine shut down."""
+    from hydra import compose, initialize_config_module
+
+    from ds3dist import launch
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DS3DIST_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    engines = []
+
+    def factory(checkpoint, resolved, cfg):
+        assert resolved.layout.world_size == 4
+        engines.append(FakeEngine(tok))
+        return engines[-1]
+
+    with initialize_config_module(config_module="ds3dist.conf", version_base=None):
+        cfg = compose(config_name="config",
+                      overrides=["+parallel=pp2ep2", "sampling.max_new_tokens=4",
+                                 "job.progress=false", "job.batch_size=3"])
+    s = launch.run(cfg, engine_factory=factory)
+    assert (cache / "tiny-seed0" / "config.json").is_file()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left
+    sample = [json.loads(x) for x in launch.bundled_sample().read_text().splitlines() if x]
+    out = Path(s["output"])
+    assert out.parent.parent == Path("outputs") and out.name == "results.jsonl"
+    assert len(read_jsonl(out)) == len(sample) and s["counts"]["errors"] == 0
+    assert engines[0].shut
+    assert s["meta"]["config"]["parallel"]["ep"] == 2
+    # the synthesized cache copy has the weights of the fixture's seed-0 tiny checkpoint
+    assert (cache / "tiny-seed0" / "config.json").read_text() == \
+        (tiny_fp8_dir / "config.json").read_text()
