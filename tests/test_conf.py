@@ -1,0 +1,238 @@
+"""The Hydra config tree: every file composes and resolves to a valid layout for its model.
+
+Nothing is run: configs are composed with Hydra's compose API and planned with
+ParallelLayout.plan against the model config. The launch CLI is run as a subprocess only for
+`--cfg job`, `job.dry_run` and the error paths (which fail before anything starts).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import ds3dist
+from ds3dist.config import preset
+from ds3dist.jobs import schema
+from ds3dist.jobs.schema import LaunchConfigError
+
+CONF = Path(ds3dist.__file__).parent / "conf"
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml"))
+          for g in ("model", "parallel", "execution")}
+LOCAL_LAYOUTS = {"single", "pp2", "ep2", "pp2ep2", "ep4"}
+CLUSTER_LAYOUTS = {"ep8", "ep16", "ep32", "pp2ep8", "pp2ep16", "pp4ep16"}
+# ranks = GPUs needed, layers per stage, routed experts per rank: on the full DeepSeek-V3
+CLUSTER_EXPECT = {
+    "ep8": (8, [61], 32),
+    "ep16": (16, [61], 16),
+    "ep32": (32, [61], 8),
+    "pp2ep8": (16, [33, 28], 32),
+    "pp2ep16": (32, [33, 28], 16),
+    "pp4ep16": (64, [17, 17, 17, 10], 16),
+}
+H200_BYTES = 141e9
+
+
+def compose_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_groups_are_complete():
+    assert GROUPS["model"] == ["deepseek_v3", "small", "tiny"]
+    assert set(GROUPS["parallel"]) == LOCAL_LAYOUTS | CLUSTER_LAYOUTS
+    assert GROUPS["execution"] == ["bf16", "fp8"]
+
+
+def test_default_config_is_tiny_single_process():
+    cfg = compose_cfg()
+    assert cfg.model.preset == "tiny" and cfg.model.path is None
+    r = schema.validate(cfg)
+    assert (r.layout.pp, r.layout.ep, r.layout.device, r.layout.backend) == (1, 1, "cpu", "gloo")
+    assert schema.execution_mode(cfg) == "bf16"
+    assert cfg.job.input is None and cfg.job.output is None
+    defaults = OmegaConf.load(CONF / "config.yaml").defaults
+    assert not any("parallel" in str(d) for d in defaults)  # added with +parallel=<name>
+
+
+@pytest.mark.parametrize("name", GROUPS["model"])
+def test_every_model_file_resolves(name):
+    cfg = compose_cfg(f"model={name}")
+    assert cfg.model.preset == name and cfg.model.path is None
+    r = schema.validate(cfg)
+    assert r.model == preset(name)
+    assert len(r.plans) == 1 and r.plans[0].layers == tuple(range(r.model.num_hidden_layers))
+
+
+@pytest.mark.parametrize("name", GROUPS["execution"])
+def test_every_execution_file_resolves(name):
+    cfg = compose_cfg(f"execution={name}", "execution.dtype=float32")
+    assert schema.execution_mode(cfg) == name
+    schema.validate(cfg)
+
+
+def _check_plan(r, world, layers_per_stage, experts_per_rank):
+    plans = r.plans
+    assert r.layout.world_size == len(plans) == world
+    stages = sorted({p.stage for p in plans})
+    assert [len(next(p for p in plans if p.stage == s).layers) for s in stages] == \
+        layers_per_stage
+    # every layer in exactly one stage, every expert on exactly one rank per stage
+    all_layers = [lay for s in stages for lay in next(p for p in plans if p.stage == s).layers]
+    assert all_layers == list(range(r.model.num_hidden_layers))
+    for s in stages:
+        owned = sorted(e for p in plans if p.stage == s for e in p.experts)
+        assert owned == list(range(r.model.n_routed_experts))
+    assert {len(p.experts) for p in plans} == {experts_per_rank}
+    assert [p.rank for p in plans] == list(range(world))
+    assert all(p.embed == (p.stage == 0) and p.head == (p.stage == stages[-1]) for p in plans)
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTER_LAYOUTS))
+def test_cluster_layouts_against_deepseek_v3(name):
+    cfg = compose_cfg("model=deepseek_v3", f"+parallel={name}")
+    r = schema.validate(cfg)
+    assert r.model == preset("deepseek_v3")
+    assert r.layout.device == "cuda" and r.layout.backend == "nccl"
+    world, layers, experts = CLUSTER_EXPECT[name]
+    _check_plan(r, world, layers, experts)
+    # one GPU per rank: a cluster with one GPU too few is refused, naming the layout
+    r.layout.check_resources({"GPU": float(world), "CPU": 4.0 * world})
+    with pytest.raises(Exception, match="parallel"):
+        r.layout.check_resources({"GPU": float(world - 1), "CPU": 4.0 * world})
+    # the FP8 weights each rank holds fit a 141 GB GPU; staged layouts are balanced
+    rows = schema.rank_table(r.model, r.layout)
+    per_rank = [row["weight_bytes"] for row in rows]
+    assert max(per_rank) < H200_BYTES
+    assert sum(per_rank) >= 688e9  # every tensor is held somewhere (plus replicas)
+    if r.layout.pp > 1:
+        stage_bytes = {row["stage"]: row["weight_bytes"] for row in rows}
+        assert max(stage_bytes.values()) / min(stage_bytes.values()) < 1.1
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_LAYOUTS))
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_local_layouts_against_presets(name, model):
+    cfg = compose_cfg(f"model={model}", f"+parallel={name}")
+    r = schema.validate(cfg)
+    assert r.layout.device == "cpu" and r.layout.backend == "gloo"
+    pp, ep = r.layout.pp, r.layout.ep
+    n = r.model.num_hidden_layers
+    _check_plan(r, pp * ep, [len(range(s * n // pp, (s + 1) * n // pp)) for s in range(pp)],
+                r.model.n_routed_experts // ep)
+
+
+def test_compose_from_the_installed_module_and_the_top_level_conf():
+    with initialize_config_module(config_module="ds3dist.conf", version_base=None):
+        a = compose(config_name="config", overrides=["+parallel=pp2ep2"])
+    top = REPO / "conf"
+    assert top.resolve() == CONF.resolve()
+    with initialize_config_dir(config_dir=str(top), version_base=None):
+        b = compose(config_name="config", overrides=["+parallel=pp2ep2"])
+    assert OmegaConf.to_container(a) == OmegaConf.to_container(b)
+    assert (a.parallel.pp, a.parallel.ep) == (2, 2)
+
+
+def test_overrides_of_single_fields_without_a_layout_file():
+    cfg = compose_cfg("parallel.ep=4", "parallel.stage_boundaries=[0,1,3]", "parallel.pp=2")
+    r = schema.validate(cfg)
+    assert [len(p.experts) for p in r.plans] == [4] * 8
+    assert r.plans[0].layers == (0,) and r.plans[-1].layers == (1, 2)
+
+
+def test_wrong_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("parallel.epp=2")
+    assert "epp" in str(e.value) + str(e.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("+parallel=pp2ep2", "sampling.temprature=0")
+    assert "temprature" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("parallel.ep=3", "parallel.ep"),
+    ("parallel.pp=100", "parallel.pp"),
+    ("parallel.stage_boundaries=[0,10,61]", "parallel.stage_boundaries"),
+    ("parallel.device=tpu", "parallel.device"),
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
+    ("job.batch_size=0", "job.batch_size"),
+    ("execution.dtype=float8", "execution.dtype"),
+    ("model.preset=huge", "model.preset"),
+])
+def test_bad_values_fail_naming_the_key(override, key):
+    cfg = compose_cfg("model=deepseek_v3", override)
+    with pytest.raises(LaunchConfigError) as e:
+        schema.validate(cfg)
+    assert str(e.value).startswith(key + ":"), str(e.value)
+
+
+def test_model_path_config_json_is_used(tmp_path):
+    small = preset("small")
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(small.to_json_dict()))
+    cfg = compose_cfg(f"model.path={tmp_path}", "model.preset=null", "parallel.ep=64")
+    r = schema.validate(cfg)
+    assert r.model == small and len(r.plans) == 64
+    with pytest.raises(LaunchConfigError, match="^model.path: no config.json"):
+        schema.validate(compose_cfg(f"model.path={tmp_path / 'nowhere'}", "model.preset=null"))
+
+
+# ---- the launch CLI as a subprocess (nothing is started: --cfg, dry run, errors) ------------
+def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HYDRA_FULL_ERROR="0")
+    env.pop("RAY_ADDRESS", None)
+    pkg_root = str(Path(ds3dist.__file__).resolve().parents[1])  # importable from any cwd
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [x for x in [env.get("PYTHONPATH")] if x])
+    return subprocess.run([sys.executable, "-m", "ds3dist.launch", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_cfg_job_shows_resolved_config(tmp_path):
+    p = launch("+parallel=ep16", "model=deepseek_v3", "--cfg", "job", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    cfg = OmegaConf.create(p.stdout)
+    assert cfg.model.preset == "deepseek_v3"
+    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.device) == (1, 16, "cuda")
+    assert cfg.parallel.backend == "nccl" and cfg.execution.mode == "bf16"
+    assert set(cfg.keys()) == {"model", "parallel", "execution", "sampling", "job", "runtime"}
+
+
+def test_cli_dry_run_prints_the_rank_plan(tmp_path):
+    p = launch("+parallel=pp2ep8", "model=deepseek_v3", "execution=fp8", "job.dry_run=true",
+               cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert "pp=2 ep=8 -> 16 ranks on cuda (nccl)" in lines[0]
+    assert len(lines) == 2 + 16
+    assert lines[2].split()[:5] == ["0", "0", "0", "0-32", "32"]
+    assert lines[-1].split()[:5] == ["15", "1", "7", "33-60+mtp", "32"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["parallel.epp=2"], "epp"),
+    (["model=deepseek_v3", "parallel.ep=3"], "parallel.ep"),
+    (["+parallel=ep2", "parallel.ep=3"], "parallel.ep"),
+    (["parallel.ep=two"], "parallel.ep"),
+    (["execution.mode=fp9"], "execution.mode"),
+    (["model=deepseek_v3"], "model.path"),  # the release is never synthesized
+    (["job.input=/nonexistent/in.jsonl"], "job.input"),
+])
+def test_cli_errors_name_the_setting(tmp_path, args, needle, monkeypatch):
+    monkeypatch.setenv("DS3DIST_CACHE", str(tmp_path / "cache"))
+    if args == ["job.input=/nonexistent/in.jsonl"]:  # fails after the cache check: pre-fill it
+        (tmp_path / "cache" / "tiny-seed0").mkdir(parents=True)
+        (tmp_path / "cache" / "tiny-seed0" / "config.json").write_text("{}")
+    p = launch(*args, cwd=tmp_path)
+    assert p.returncode != 0
+    assert needle in p.stdout + p.stderr, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "cache").exists() or args[0].startswith("job.input")
