@@ -23,7 +23,7 @@ def route(scores_te: torch.Tensor, bias_e: torch.Tensor, n_group: int, topk_grou
     group_tg = biased_te.view(t, n_group, e // n_group).topk(2, dim=-1).values.sum(-1)
     keep_tg = torch.zeros_like(group_tg, dtype=torch.bool)
     keep_tg.scatter_(1, group_tg.topk(topk_group, dim=-1).indices, True)
-    masked_te = biased_te.view(t, n_group, -1).masked_fill(~keep_tg[..., None], float("-inf")).view(t, e)
+    masked_te = biased_te.view(t, n_group, e // n_group).masked_fill(~keep_tg[..., None], float("-inf")).view(t, e)
     idx_tk = masked_te.topk(top_k, dim=-1).indices
     w_tk = scores_te.gather(1, idx_tk)
     w_tk = w_tk / w_tk.sum(-1, keepdim=True) * scaling

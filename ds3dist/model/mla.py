@@ -53,6 +53,8 @@ class MLA(nn.Module):
 
     def forward(self, x_btd: torch.Tensor, ab: AttnBatch, cache: LatentCache | None) -> torch.Tensor:
         b, t, _ = x_btd.shape
+        if b * t == 0:
+            return x_btd.new_zeros(b, t, self.o_proj.out_features)
         q_bthq = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd))).view(b, t, self.h, -1)
         q_nope, q_rope = q_bthq.split([self.n, self.p], dim=-1)
         q_rope = apply_rope(q_rope, ab.cos_btf[:, :, None], ab.sin_btf[:, :, None])
@@ -64,8 +66,6 @@ class MLA(nn.Module):
             kv_bsc = cache.read(self.layer_id, ab.n_keys)
         else:
             kv_bsc = kv_btc
-        if b * t == 0 or ab.n_keys == 0:
-            return x_btd.new_zeros(b, t, self.o_proj.out_features)
         if self.form == "naive":
             o_bthv = self._naive(q_nope, q_rope, kv_bsc, ab)
         else:
