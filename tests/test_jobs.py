@@ -379,3 +379,67 @@ def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_di
     # the synthesized cache copy has the weights of the fixture's seed-0 tiny checkpoint
     assert (cache / "tiny-seed0" / "config.json").read_text() == \
         (tiny_fp8_dir / "config.json").read_text()
+
+
+class LocalEngine:
+    """Stand-in engine: the single-process model and `ds3dist.generate` (no Ray)."""
+
+    def __init__(self, checkpoint, dtype=None):
+        import torch
+
+        import ds3dist
+        from ds3dist.tokenizer import load_tokenizer
+
+        self.model = ds3dist.load_model(checkpoint, execution="bf16",
+                                        dtype=dtype or torch.float32)
+        self.tok = load_tokenizer(checkpoint)
+        self.calls = 0
+
+    def generate(self, prompts, **sampling):
+        import ds3dist
+
+        self.calls += 1
+        return ds3dist.generate(self.model, self.tok, prompts, **sampling)
+
+    def shutdown(self):
+        pass
+
+
+def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, tok):
+    """The whole launch path on the real tiny model: job outputs equal direct generate()."""
+    import ds3dist
+    from hydra import compose, initialize_config_module
+
+    from ds3dist import launch
+
+    monkeypatch.chdir(tmp_path)
+    inp = write_lines(tmp_path / "in.jsonl", [
+        {"id": "a", "prompt": "The capital of France is"},
+        {"id": "b", "messages": [{"role": "user", "content": "Hello!"}]},
+        {"id": "c", "prompt": "def fibonacci(n):", "max_new_tokens": 3},
+    ])
+    made = []
+
+    def factory(checkpoint, resolved, cfg):
+        made.append(LocalEngine(checkpoint))
+        return made[-1]
+
+    with initialize_config_module(config_module="ds3dist.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            f"model.path={tiny_fp8_dir}", f"job.input={inp}", "job.output=o/out.jsonl",
+            "sampling.temperature=0", "sampling.max_new_tokens=6", "job.batch_size=1",
+            "job.progress=false"])
+    s = launch.run(cfg, engine_factory=factory)
+    recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "out.jsonl")}
+    assert set(recs) == {"a", "b", "c"} and made[0].calls == 3
+    model = made[0].model
+    for rid, prompt, n in [("a", "The capital of France is", 6),
+                           ("b", tok.apply_chat_template([{"role": "user", "content": "Hello!"}]),
+                            6),
+                           ("c", "def fibonacci(n):", 3)]:
+        want = ds3dist.generate(model, tok, [prompt], max_new_tokens=n, temperature=0.0)[0]
+        assert recs[rid]["token_ids"] == want.token_ids
+        assert recs[rid]["text"] == want.text
+        assert recs[rid]["finish_reason"] == want.finish_reason
+        assert recs[rid]["usage"]["prompt_tokens"] == want.prompt_tokens
+    assert s["tokens"]["completion"] == sum(len(r["token_ids"]) for r in recs.values())

@@ -1,0 +1,216 @@
+"""End to end: `python -m ds3dist.launch` as a subprocess on the tiny model and the real Engine.
+
+Each launch starts its own local Ray cluster (RAY_ADDRESS is removed from the environment)
+and synthesizes the tiny checkpoint into a per-session cache dir ($DS3DIST_CACHE) on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import ds3dist
+
+pytestmark = pytest.mark.slow
+
+try:  # until the Engine lands these tests are reported as skipped (see -ra), never silently
+    from ds3dist.runtime.engine import Engine  # noqa: F401
+except ImportError as e:  # pragma: no cover
+    pytest.skip(f"the distributed Engine is not importable yet: {e}", allow_module_level=True)
+
+PKG_ROOT = str(Path(ds3dist.__file__).resolve().parents[1])
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ds3dist-cache")
+
+
+def env_for(cache_dir: Path) -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", DS3DIST_CACHE=str(cache_dir))
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [x for x in [env.get("PYTHONPATH")] if x])
+    return env
+
+
+def launch(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600):
+    return subprocess.run([sys.executable, "-m", "ds3dist.launch", *args], cwd=cwd,
+                          env=env_for(cache_dir), capture_output=True, text=True,
+                          timeout=timeout, start_new_session=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def twenty_lines(path: Path) -> Path:
+    """20 lines, 18 valid (prompts and chats), line 7 bad JSON, line 15 without a prompt."""
+    lines = []
+    for i in range(20):
+        if i == 6:
+            lines.append('{"id": "broken", "prompt": "no closing quote}')
+        elif i == 14:
+            lines.append(json.dumps({"id": "empty"}))
+        elif i % 3 == 0:
+            lines.append(json.dumps({"id": f"chat-{i}", "messages": [
+                {"role": "user", "content": f"Tell me fact number {i} about the sea."}]}))
+        else:
+            lines.append(json.dumps({"id": i, "prompt": f"Item {i}: the quick brown fox " * (1 + i % 4)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_args(inp: Path, out: Path) -> list[str]:
+    return ["model=tiny", "+parallel=pp2ep2", f"job.input={inp}", f"job.output={out}",
+            "sampling.temperature=0", f"sampling.max_new_tokens={NEW_TOKENS}",
+            "job.batch_size=4"]
+
+
+def test_default_command_runs_bundled_sample(tmp_path, cache_dir):
+    """`python -m ds3dist.launch` with no arguments (the README's main command)."""
+    p = launch([], cwd=tmp_path, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    assert (cache_dir / "tiny-seed0" / "config.json").is_file()
+    out_line = [x for x in p.stdout.splitlines() if x.startswith("outputs:")]
+    assert out_line, p.stdout
+    out = Path(out_line[0].split()[1])
+    assert out.parent.parent == (tmp_path / "outputs").resolve()
+    from ds3dist.launch import bundled_sample
+
+    n_sample = len([x for x in bundled_sample().read_text().splitlines() if x.strip()])
+    recs = read_jsonl(out)
+    assert len(recs) == n_sample
+    assert all(r["finish_reason"] in ("stop", "length") and r["token_ids"] for r in recs)
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert summary["counts"]["generated"] == n_sample and summary["counts"]["errors"] == 0
+    assert len(summary["stage_seconds"]) == 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    d = tmp_path_factory.mktemp("e2e-ref")
+    inp = twenty_lines(d / "in.jsonl")
+    out = d / "ref.jsonl"
+    t0 = time.perf_counter()
+    p = launch(run_args(inp, out), cwd=d, cache_dir=cache_dir)
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    print(f"uninterrupted pp2ep2 run: {wall:.1f} s wall")
+    return inp, out
+
+
+def test_pp2ep2_outputs_errors_summary(uninterrupted):
+    inp, out = uninterrupted
+    recs = read_jsonl(out)
+    assert len(recs) == 18 and len({json.dumps(r["id"]) for r in recs}) == 18
+    for r in recs:
+        assert set(r) == {"id", "text", "token_ids", "finish_reason", "usage"}
+        assert r["usage"]["completion_tokens"] == len(r["token_ids"]) <= NEW_TOKENS
+    errs = read_jsonl(Path(str(out) + ".errors.jsonl"))
+    assert [e["line"] for e in errs] == [7, 15]
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert summary["counts"]["valid"] == 18 and summary["counts"]["errors"] == 2
+    assert len(summary["stage_seconds"]) == 2
+    assert summary["expert_load"], "ep=2 ranks report routed-token counts"
+    assert all(len(row) == 16 for row in summary["expert_load"].values())
+    assert Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert summary["throughput"]["completion_tokens_per_second"] > 0
+    print("pp2ep2 throughput:", summary["throughput"], "stage_seconds:",
+          summary["stage_seconds"])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir):
+    inp, ref_out = uninterrupted
+    out = tmp_path / "resumed.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "ds3dist.launch", *run_args(inp, out)],
+                            cwd=tmp_path, env=env_for(cache_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 1:  # first batch written
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "processes of the killed job are still running"
+    partial = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
+    assert 1 <= len(partial) < 18, len(partial)
+
+    p = launch(run_args(inp, out), cwd=tmp_path, cache_dir=cache_dir)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    got = read_jsonl(out)
+    ids = [json.dumps(r["id"]) for r in got]
+    assert len(ids) == 18 and len(set(ids)) == 18
+    ref = {json.dumps(r["id"]): r for r in read_jsonl(ref_out)}
+    assert {k: r["text"] for k, r in zip(ids, got)} == {k: r["text"] for k, r in ref.items()}
+    assert {k: r["token_ids"] for k, r in zip(ids, got)} == \
+        {k: r["token_ids"] for k, r in ref.items()}
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert summary["counts"]["already_done"] >= len(partial)
+    assert summary["counts"]["generated"] == 18 - summary["counts"]["already_done"]
+    assert len(read_jsonl(Path(str(out) + ".errors.jsonl"))) == 2
+
+
+def test_openai_batch_file_runs_unchanged(tmp_path, cache_dir):
+    reqs = [
+        {"custom_id": "task-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "deepseek-chat", "messages": [
+             {"role": "system", "content": "You are helpful."},
+             {"role": "user", "content": "Name a prime number."}], "max_tokens": 6,
+             "temperature": 0}},
+        {"custom_id": "task-2", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "deepseek-chat", "prompt": "Roses are red,", "max_tokens": 5,
+                  "temperature": 0.8, "top_p": 0.9, "seed": 3, "stop": ["\n"]}},
+        {"custom_id": "task-3", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "deepseek-chat", "max_tokens": 4}},  # malformed: no messages
+        {"custom_id": "task-4", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 6, "temperature": 0}},
+    ]
+    inp = tmp_path / "batch_input.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    out = tmp_path / "batch_output.jsonl"
+    p = launch(["+parallel=ep2", f"job.input={inp}", f"job.output={out}"], cwd=tmp_path,
+               cache_dir=cache_dir)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    recs = read_jsonl(out)
+    assert sorted(r["custom_id"] for r in recs) == ["task-1", "task-2", "task-3", "task-4"]
+    by = {r["custom_id"]: r for r in recs}
+    for cid in ("task-1", "task-4"):
+        r = by[cid]
+        assert r["error"] is None and r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        assert body["object"] == "chat.completion" and body["model"] == "deepseek-chat"
+        assert isinstance(body["choices"][0]["message"]["content"], str)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        assert 0 < body["usage"]["completion_tokens"] <= 6
+    comp = by["task-2"]["response"]["body"]
+    assert comp["object"] == "text_completion" and isinstance(comp["choices"][0]["text"], str)
+    assert by["task-3"]["response"] is None
+    assert by["task-3"]["error"]["code"] == "missing_required_parameter"
+    assert "messages" in by["task-3"]["error"]["message"]
