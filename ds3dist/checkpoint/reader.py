@@ -404,13 +404,13 @@ def validate(path: str | Path) -> list[Problem]:
                 add("not_in_index", shards[0], n, f"tensor is in shard {shards[0]} but not in "
                     f"{INDEX_NAME}")
 
-    # total_size: sum of the data bytes of the indexed tensors
+    # total_size: data bytes of every tensor stored in the indexed shards (each tensor once)
     if weight_map is not None and isinstance(total_size, int) and not bad_shards:
-        actual = sum(headers[s].entries[n].nbytes for n, s in weight_map.items()
-                     if n in headers[s].entries)
+        actual = sum(headers[shards[0]].entries[n].nbytes for n, shards in found.items()
+                     if shards[0] in index_shards)
         if actual != total_size:
             add("total_size", INDEX_NAME, None, f"metadata.total_size is {total_size} but the "
-                f"indexed tensors hold {actual} bytes")
+                f"shards hold {actual} bytes of tensor data")
     elif total_size is not None and not isinstance(total_size, int):
         add("total_size", INDEX_NAME, None, f"metadata.total_size is not an integer: {total_size!r}")
 
