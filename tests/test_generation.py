@@ -1,0 +1,135 @@
+"""Sampling, stop rules and generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ds3dist.generation import (GenerationResult, SamplingParams, Sequence, StopRule, generate,
+                                right_pad, sample_next)
+from ds3dist.model.load import load_model
+
+torch.set_num_threads(2)
+
+
+# ---- sample_next ---------------------------------------------------------------------------
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next(logits, SamplingParams()), logits.argmax(-1))
+
+
+def test_sampling_is_reproducible_per_seed():
+    logits = torch.randn(3, 1000)
+    p = SamplingParams(temperature=0.8, top_p=0.9, top_k=100, seed=4)
+    a = [sample_next(logits, p, g) for g in [p.generator()] for _ in range(5)]
+    b = [sample_next(logits, p, g) for g in [p.generator()] for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _freq(logits, params, n=20000):
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits.expand(n, -1), params, g)
+    return torch.bincount(draws, minlength=logits.shape[-1]).float() / n
+
+
+def test_top_k_then_top_p_distribution():
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    # top_k=3 keeps {1, 3, 4} -> 0.4/0.85, 0.3/0.85, 0.15/0.85
+    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3))
+    torch.testing.assert_close(f, torch.tensor([0, 0.4, 0, 0.3, 0.15]) / 0.85, atol=0.015, rtol=0)
+    # then top_p=0.8 of those (0.47, 0.35, 0.18): keeps 1 and 3
+    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.8))
+    torch.testing.assert_close(f, torch.tensor([0, 0.4, 0, 0.3, 0]) / 0.7, atol=0.015, rtol=0)
+    # tiny top_p is greedy; temperature sharpens
+    assert (_freq(logits, SamplingParams(temperature=1.0, top_p=1e-6), 100)[1] == 1).item()
+    f = _freq(logits, SamplingParams(temperature=0.5))
+    want = torch.softmax(logits[0] / 0.5, -1)
+    torch.testing.assert_close(f, want, atol=0.015, rtol=0)
+
+
+# ---- stop rules ----------------------------------------------------------------------------
+class CharTokenizer:
+    """id i <-> chr(ord('a') + i); id 0 is EOS (special, dropped from text)."""
+
+    eos_token_id = 0
+    bos_token_id = None
+
+    def encode(self, text):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_stop_rules():
+    tok, rule = CharTokenizer(), StopRule(0, stop=["cd", 7])
+    s = Sequence([1], max_new_tokens=10)
+    assert not s.append(1, rule, tok) and not s.append(2, rule, tok)
+    assert s.append(3, rule, tok)  # "bcd" contains "cd"
+    r = s.finish(rule, tok)
+    assert r == GenerationResult([1, 2, 3], "b", "stop", 1)
+    s = Sequence([1], 10)
+    s.append(5, rule, tok), s.append(7, rule, tok)  # stop token id 7
+    assert s.finish(rule, tok) == GenerationResult([5, 7], "f", "stop", 1)
+    s = Sequence([1], 10)
+    s.append(4, rule, tok), s.append(0, rule, tok)  # EOS
+    assert s.finish(rule, tok) == GenerationResult([4, 0], "e", "stop", 1)
+    s = Sequence([1], 2)
+    s.append(4, rule, tok), s.append(5, rule, tok)
+    assert s.finish(rule, tok) == GenerationResult([4, 5], "ef", "length", 1)
+
+
+# ---- generate --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tiny_bf16_dir):
+    return load_model(tiny_bf16_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bf16_dir):
+    from ds3dist.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_bf16_dir)
+
+
+def _greedy_by_recompute(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_generate_matches_recompute_for_a_padded_batch(model):
+    prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [42] * 5]
+    res = generate(model, None, prompts, max_new_tokens=12)
+    for p, r in zip(prompts, res):
+        assert r.token_ids == _greedy_by_recompute(model, p, 12)
+        assert r.finish_reason == "length" and r.prompt_tokens == len(p) and r.text == ""
+
+
+def test_stop_token_ends_one_sequence_early(model):
+    prompts = [[5, 6, 7], [100, 200, 300, 400]]
+    full = generate(model, None, prompts, max_new_tokens=10)
+    stop_tok = full[0].token_ids[3]
+    res = generate(model, None, prompts, max_new_tokens=10, stop=[stop_tok])
+    first = full[0].token_ids.index(stop_tok)
+    assert res[0].token_ids == full[0].token_ids[: first + 1] and res[0].finish_reason == "stop"
+    other = full[1].token_ids
+    cut = other.index(stop_tok) + 1 if stop_tok in other else len(other)
+    assert res[1].token_ids == other[:cut]  # unaffected by its neighbour leaving the batch
+
+
+def test_text_prompts_and_seeded_sampling(model, tokenizer):
+    prompts = ["Hello world", "The quick brown fox jumps over"]
+    a = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert a[0].prompt_tokens == len(tokenizer.encode("Hello world")) + 1  # BOS prepended
+    assert a[0].text == tokenizer.decode(a[0].token_ids) or a[0].finish_reason == "stop"
+    g = generate(model, tokenizer, prompts, max_new_tokens=8)
+    assert len(g[1].token_ids) == 8 or g[1].finish_reason == "stop"
+
+
+def test_right_pad():
+    toks, lens = right_pad([[1, 2], [3]])
+    assert toks.tolist() == [[1, 2], [3, 0]] and lens.tolist() == [2, 1]
