@@ -183,8 +183,9 @@ def _messages(v: Any, where: str) -> list[dict[str, str]]:
 class PromptEncoder:
     """Turns a prompt string or chat messages into token ids and checks their length.
 
-    A plain prompt is `[bos] + encode(text)`; chat messages are rendered with the tokenizer's
-    chat template (which starts with the BOS text) and encoded without special tokens.
+    Text is encoded exactly as `ds3dist.generation` encodes a string prompt (BOS prepended
+    unless the text already starts with it); chat messages are first rendered with the
+    tokenizer's chat template (which starts with the BOS text, so BOS appears once).
     """
 
     def __init__(self, tokenizer: Any, limit: int, limit_name: str,
@@ -195,21 +196,20 @@ class PromptEncoder:
         self.max_pos = max_position_embeddings
         self.bos = getattr(tokenizer, "bos_token_id", None)
 
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        ids = [int(t) for t in ids]
-        if self.bos is not None and ids[:1] != [self.bos]:
-            ids = [int(self.bos)] + ids
-        return ids
-
     def prompt(self, text: str) -> list[int]:
-        return self._with_bos(self.tok.encode(text, add_special_tokens=False))
+        from ds3dist.generation import encode_prompt
+
+        try:
+            return encode_prompt(self.tok, text, self.bos)
+        except ValueError as e:  # an empty prompt without a BOS token
+            raise _Bad("invalid_value", f"prompt: {e}") from None
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as e:  # template errors (e.g. roles out of order)
             raise _Bad("invalid_value", f"messages: the chat template failed: {e}") from None
-        return self._with_bos(self.tok.encode(text, add_special_tokens=False))
+        return self.prompt(text)
 
     def check(self, ids: list[int], max_new_tokens: int) -> None:
         if len(ids) > self.limit:
