@@ -6,11 +6,14 @@ and synthesizes the tiny checkpoint into a per-session cache dir ($DS3DIST_CACHE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,16 +37,57 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ds3dist-cache")
 
 
-def env_for(cache_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", DS3DIST_CACHE=str(cache_dir))
+def _ray_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions `marker` (the Ray temp dir of our launches)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@contextlib.contextmanager
+def ray_tmp():
+    """A short RAY_TMPDIR (Ray's socket paths must stay short) for launches; afterwards no
+    process of their Ray clusters may be left running."""
+    d = tempfile.mkdtemp(prefix="ds3r", dir="/tmp")
+    try:
+        yield d
+    finally:
+        deadline = time.monotonic() + 30
+        while _ray_processes(d) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _ray_processes(d)
+        for pid in left:  # ours: started by these launches
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"Ray processes left running after the launch: {left}"
+
+
+@pytest.fixture
+def ray_dir():
+    with ray_tmp() as d:
+        yield d
+
+
+def env_for(cache_dir: Path, ray_dir: str) -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", DS3DIST_CACHE=str(cache_dir),
+               RAY_TMPDIR=ray_dir)
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [x for x in [env.get("PYTHONPATH")] if x])
     return env
 
 
-def launch(args: list[str], cwd: Path, cache_dir: Path, timeout: float = 600):
+def launch(args: list[str], cwd: Path, cache_dir: Path, ray_dir: str, timeout: float = 600):
     return subprocess.run([sys.executable, "-m", "ds3dist.launch", *args], cwd=cwd,
-                          env=env_for(cache_dir), capture_output=True, text=True,
+                          env=env_for(cache_dir, ray_dir), capture_output=True, text=True,
                           timeout=timeout, start_new_session=True)
 
 
@@ -74,9 +118,9 @@ def run_args(inp: Path, out: Path) -> list[str]:
             "job.batch_size=4"]
 
 
-def test_default_command_runs_bundled_sample(tmp_path, cache_dir):
+def test_default_command_runs_bundled_sample(tmp_path, cache_dir, ray_dir):
     """`python -m ds3dist.launch` with no arguments (the README's main command)."""
-    p = launch([], cwd=tmp_path, cache_dir=cache_dir)
+    p = launch([], cwd=tmp_path, cache_dir=cache_dir, ray_dir=ray_dir)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     assert (cache_dir / "tiny-seed0" / "config.json").is_file()
     out_line = [x for x in p.stdout.splitlines() if x.startswith("outputs:")]
@@ -100,7 +144,8 @@ def uninterrupted(tmp_path_factory, cache_dir):
     inp = twenty_lines(d / "in.jsonl")
     out = d / "ref.jsonl"
     t0 = time.perf_counter()
-    p = launch(run_args(inp, out), cwd=d, cache_dir=cache_dir)
+    with ray_tmp() as rd:
+        p = launch(run_args(inp, out), cwd=d, cache_dir=cache_dir, ray_dir=rd)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     print(f"uninterrupted pp2ep2 run: {wall:.1f} s wall")
@@ -135,12 +180,13 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir):
+def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir, ray_dir):
     inp, ref_out = uninterrupted
     out = tmp_path / "resumed.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "ds3dist.launch", *run_args(inp, out)],
-                            cwd=tmp_path, env=env_for(cache_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=tmp_path, env=env_for(cache_dir, ray_dir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
@@ -155,13 +201,14 @@ def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while (_group_alive(proc.pid) or _ray_processes(ray_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(proc.pid), "processes of the killed job are still running"
+    assert not _ray_processes(ray_dir), "the killed job's Ray processes are still running"
     partial = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
     assert 1 <= len(partial) < 18, len(partial)
 
-    p = launch(run_args(inp, out), cwd=tmp_path, cache_dir=cache_dir)
+    p = launch(run_args(inp, out), cwd=tmp_path, cache_dir=cache_dir, ray_dir=ray_dir)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     got = read_jsonl(out)
     ids = [json.dumps(r["id"]) for r in got]
@@ -176,7 +223,7 @@ def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir):
     assert len(read_jsonl(Path(str(out) + ".errors.jsonl"))) == 2
 
 
-def test_openai_batch_file_runs_unchanged(tmp_path, cache_dir):
+def test_openai_batch_file_runs_unchanged(tmp_path, cache_dir, ray_dir):
     reqs = [
         {"custom_id": "task-1", "method": "POST", "url": "/v1/chat/completions",
          "body": {"model": "deepseek-chat", "messages": [
@@ -196,7 +243,7 @@ def test_openai_batch_file_runs_unchanged(tmp_path, cache_dir):
     inp.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     out = tmp_path / "batch_output.jsonl"
     p = launch(["+parallel=ep2", f"job.input={inp}", f"job.output={out}"], cwd=tmp_path,
-               cache_dir=cache_dir)
+               cache_dir=cache_dir, ray_dir=ray_dir)
     assert p.returncode == 0, p.stdout + p.stderr[-4000:]
     recs = read_jsonl(out)
     assert sorted(r["custom_id"] for r in recs) == ["task-1", "task-2", "task-3", "task-4"]
