@@ -236,3 +236,18 @@ def test_cli_errors_name_the_setting(tmp_path, args, needle, monkeypatch):
     assert needle in p.stdout + p.stderr, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "cache").exists() or args[0].startswith("job.input")
+
+
+# ---- cluster scripts: valid bash (they are run end to end in test_launch_e2e.py) -----------
+@pytest.mark.parametrize("script", ["slurm/run.sh", "launch/start_head.sh",
+                                    "launch/start_worker.sh"])
+def test_cluster_scripts_are_valid_bash(script):
+    path = REPO / script
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    p = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    if script == "slurm/run.sh":
+        text = path.read_text()
+        for opt in ("--nodes", "--gpus-per-node", "--ntasks-per-node=1"):
+            assert f"#SBATCH {opt}" in text
+        assert 'python -m ds3dist.launch "$@"' in text and "ray stop" not in text

@@ -261,3 +261,60 @@ def test_openai_batch_file_runs_unchanged(tmp_path, cache_dir, ray_dir):
     assert by["task-3"]["response"] is None
     assert by["task-3"]["error"]["code"] == "missing_required_parameter"
     assert "messages" in by["task-3"]["error"]["message"]
+
+
+SRUN_STUB = r'''#!/usr/bin/env bash
+# stand-in for srun: the command once per node of --nodelist, in the background, FAKE_NODE set
+nodelist=""
+while [[ $# -gt 0 && "$1" == --* ]]; do
+    case "$1" in --nodelist=*) nodelist=${1#--nodelist=};; esac
+    shift
+done
+IFS=, read -ra ns <<< "$nodelist"
+pids=()
+for n in "${ns[@]}"; do FAKE_NODE=$n "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+wait
+wait
+'''
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def test_slurm_script_with_stub_srun(tmp_path, cache_dir, ray_dir, uninterrupted):
+    """slurm/run.sh on two simulated nodes of this machine (stub srun/scontrol/hostname), two
+    CPUs each: head + worker start and register, the pp2ep2 job's 4 ranks span both nodes
+    through RAY_ADDRESS, and the script stops its Ray processes (checked by ray_dir)."""
+    inp, ref_out = uninterrupted
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real_hostname = shutil.which("hostname")
+    (bin_dir / "srun").write_text(SRUN_STUB)
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf '%s\\n' node1 node2\n")
+    (bin_dir / "hostname").write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [[ "$1" == -s ]]; then echo "${{FAKE_NODE:-node1}}"; else exec {real_hostname} "$@"; fi\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = env_for(cache_dir, ray_dir)
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
+                    f"{env['PATH']}",
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[1-2]", SLURMD_NODENAME="node1",
+               SLURM_GPUS_PER_NODE="0", SLURM_CPUS_PER_TASK="2", RAY_PORT=str(_free_port()),
+               RAY_TMP_ROOT=ray_dir, RAY_WAIT_S="120")
+    out = tmp_path / "slurm.jsonl"
+    p = subprocess.run(["bash", str(Path(PKG_ROOT) / "slurm" / "run.sh"), *run_args(inp, out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                       start_new_session=True)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "2/2 Ray nodes registered" in p.stdout
+    assert "stopping the Ray nodes started by this job" in p.stdout
+    got = {json.dumps(r["id"]): r["text"] for r in read_jsonl(out)}
+    assert got == {json.dumps(r["id"]): r["text"] for r in read_jsonl(ref_out)}
+    assert len(read_jsonl(Path(str(out) + ".errors.jsonl"))) == 2
