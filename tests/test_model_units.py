@@ -276,3 +276,24 @@ def test_attn_batch_mask_and_writes():
     assert allowed[1, 0].tolist() == [True, False, False]  # padded keys hidden
     assert ab.write_b.tolist() == [0, 0, 0, 1] and ab.write_pos.tolist() == [0, 1, 2, 0]
     assert ab.end_b.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("form", ["absorbed", "naive"])
+def test_attention_in_query_chunks_equals_one_pass(monkeypatch, form):
+    import ds3dist.model.mla as mla
+
+    m = tiny_model(form)
+    toks = torch.randint(0, 1000, (2, 12))
+    lens = torch.tensor([12, 7])
+    whole = m(toks, lens)
+    monkeypatch.setattr(mla, "SCORE_ELEMS", 2 * m.cfg.num_attention_heads * 12 * 5)  # 5 queries
+    chunked = m(toks, lens)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_step_of_only_padding_with_cache():
+    m = tiny_model()
+    cache = m.new_cache(2, 8)
+    out = m.forward_layers(torch.zeros(2, 3, m.cfg.hidden_size), torch.zeros(2, 3, dtype=torch.long),
+                           cache, torch.zeros(2, dtype=torch.long))
+    assert out.shape == (2, 3, m.cfg.hidden_size) and cache.lens.tolist() == [0, 0]

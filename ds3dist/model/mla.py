@@ -21,6 +21,8 @@ from ds3dist.model.norm import RMSNorm
 from ds3dist.model.options import BuildOptions
 from ds3dist.model.rope import apply_rope
 
+SCORE_ELEMS = 1 << 26  # attention scores held at once (256 MB in float32)
+
 
 class MLA(nn.Module):
     def __init__(self, opts: BuildOptions, layer_id: int):
@@ -66,32 +68,43 @@ class MLA(nn.Module):
             kv_bsc = cache.read(self.layer_id, ab.n_keys)
         else:
             kv_bsc = kv_btc
+        if ab.n_keys == 0:  # only padding in this step
+            return x_btd.new_zeros(b, t, self.o_proj.out_features)
         if self.form == "naive":
-            o_bthv = self._naive(q_nope, q_rope, kv_bsc, ab)
+            k_bhcs, v_bhsv = self._naive_kv(kv_bsc)
+            attend = lambda qn, qr, m: self._naive(qn, qr, k_bhcs, v_bhsv, m)  # noqa: E731
         else:
-            o_bthv = self._absorbed(q_nope, q_rope, kv_bsc, ab)
+            attend = lambda qn, qr, m: self._absorbed(qn, qr, kv_bsc, m)  # noqa: E731
+        # bound the float32 score tensor [b, chunk, h, s] by attending in query chunks
+        step = max(1, SCORE_ELEMS // (b * self.h * ab.n_keys))
+        o_bthv = torch.cat([attend(q_nope[:, i:i + step], q_rope[:, i:i + step], ab.mask_bts[:, i:i + step])
+                            for i in range(0, t, step)], 1) if t > step else \
+            attend(q_nope, q_rope, ab.mask_bts)
         return self.o_proj(o_bthv.flatten(2))
 
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (scores.float() * self.scale + mask).softmax(dim=-1).to(dtype)
 
-    def _naive(self, q_nope, q_rope, kv_bsc, ab):
-        b, t, s = q_nope.shape[0], q_nope.shape[1], kv_bsc.shape[1]
+    def _naive_kv(self, kv_bsc):
+        """Per-head keys [b, h, n+p, s] and values [b, h, s, v] from the latent rows."""
+        b, s = kv_bsc.shape[:2]
         kvb_bshe = self.kv_b_proj(kv_bsc[..., : self.r]).view(b, s, self.h, self.n + self.v)
         k_nope, v_bshv = kvb_bshe.split([self.n, self.v], dim=-1)
         k_rope = kv_bsc[..., self.r:].unsqueeze(2).expand(b, s, self.h, self.p)
-        k_hsq = torch.cat((k_nope, k_rope), -1).permute(0, 2, 3, 1)  # [b, h, n+p, s]
-        q_htq = torch.cat((q_nope, q_rope), -1).transpose(1, 2)  # [b, h, t, n+p]
-        probs = self._softmax(q_htq @ k_hsq, ab.mask_bts[:, None], v_bshv.dtype)  # [b, h, t, s]
-        return (probs @ v_bshv.transpose(1, 2)).transpose(1, 2)  # [b, t, h, v]
+        return torch.cat((k_nope, k_rope), -1).permute(0, 2, 3, 1), v_bshv.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_rope, kv_bsc, ab):
-        b, t = q_nope.shape[:2]
+    def _naive(self, q_nope, q_rope, k_bhcs, v_bhsv, mask_bts):
+        q_bhtc = torch.cat((q_nope, q_rope), -1).transpose(1, 2)
+        probs = self._softmax(q_bhtc @ k_bhcs, mask_bts[:, None], v_bhsv.dtype)  # [b, h, t, s]
+        return (probs @ v_bhsv).transpose(1, 2)  # [b, t, h, v]
+
+    def _absorbed(self, q_nope, q_rope, kv_bsc, mask_bts):
+        b, t, s = q_nope.shape[0], q_nope.shape[1], kv_bsc.shape[1]
         w = self.wkv_b(q_nope.dtype)
         w_k, w_v = w[:, : self.n], w[:, self.n:]  # [h, n, r], [h, v, r]
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_k)
         q_bxc = torch.cat((q_lat, q_rope), -1).view(b, t * self.h, self.r + self.p)
-        scores = (q_bxc @ kv_bsc.transpose(1, 2)).view(b, t, self.h, -1)
-        probs = self._softmax(scores, ab.mask_bts[:, :, None], kv_bsc.dtype)
-        o_lat = probs.view(b, t * self.h, -1) @ kv_bsc[..., : self.r]  # [b, t*h, r]
+        scores = (q_bxc @ kv_bsc.transpose(1, 2)).view(b, t, self.h, s)
+        probs = self._softmax(scores, mask_bts[:, :, None], kv_bsc.dtype)
+        o_lat = probs.view(b, t * self.h, s) @ kv_bsc[..., : self.r]  # [b, t*h, r]
         return torch.einsum("bthr,hvr->bthv", o_lat.view(b, t, self.h, self.r), w_v)
