@@ -133,6 +133,23 @@ def test_reader_spec_reads_no_data(tiny_fp8_dir):
         assert r.bytes_read == 0
 
 
+def test_single_file_checkpoint_without_index(tmp_path):
+    from ds3dist.checkpoint.synthesize import synthesize
+
+    cfg = preset("tiny").replace(vocab_size=1024)
+    d = synthesize(tmp_path / "one", preset=cfg, shards=1, progress=False)
+    (d / "model-00001-of-00001.safetensors").rename(d / "model.safetensors")
+    (d / INDEX).unlink()
+    assert validate(d) == []
+    with CheckpointReader(d) as r:
+        assert r.shard_of("lm_head.weight") == "model.safetensors"
+        assert r.get("lm_head.weight").shape == (1024, 192)
+    (d / "model.safetensors").unlink()
+    assert "index" in {p.kind for p in validate(d)}
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        CheckpointReader(d)
+
+
 # ---- corruption helpers ---------------------------------------------------------------------
 def _linked_copy(src: Path, dst: Path) -> Path:
     """A copy whose shards and tokenizer are symlinks to src; _rewrite replaces links, never

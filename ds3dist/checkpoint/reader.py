@@ -375,7 +375,7 @@ def validate(path: str | Path) -> list[Problem]:
         except HeaderError as e:
             add(e.kind, shard, e.tensor, str(e))
             bad_shards.add(shard)
-    if weight_map is None and not problems and SINGLE_FILE in headers:
+    if weight_map is None and not ip.is_file() and SINGLE_FILE in headers:
         weight_map = {n: SINGLE_FILE for n in headers[SINGLE_FILE].entries}
 
     # where each tensor actually is
