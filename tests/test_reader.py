@@ -470,7 +470,8 @@ def test_validate_full_release_layout_reads_headers_only(tmp_path, monkeypatch):
     assert elapsed < 20, elapsed
     s = summary(tmp_path)
     assert s["tensors"] == 91991 and s["total_bytes"] == total
-    assert 670e9 < s["total_params"] - s["components"]["mtp"]["params"] < 672e9
+    assert 670e9 < s["total_params"] - s["components"]["mtp"]["params"] == s["main_params"] < 672e9
+    assert 11.4e9 < s["mtp_unique_params"] < 11.7e9
 
 
 # ---- summary and the inspect CLI -----------------------------------------------------------
@@ -488,6 +489,7 @@ def test_summary_components(tiny_fp8_dir):
     assert s["total_bytes"] == sum(t.nbytes for t in table.values())
     assert s["dtypes"]["F8_E4M3"]["tensors"] == sum(t.dtype == "F8_E4M3" for t in table.values())
     assert sum(v["params"] for v in c.values()) == s["total_params"]
+    assert s["mtp_unique_params"] == c["mtp"]["params"] - 2 * cfg.vocab_size * cfg.hidden_size
 
 
 def _inspect(path) -> subprocess.CompletedProcess:

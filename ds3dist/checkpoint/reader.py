@@ -523,8 +523,11 @@ def summary(path: str | Path) -> dict[str, Any]:
     comps = {c: {"params": 0, "bytes": 0, "tensors": 0} for c in COMPONENTS}
     dtypes: Counter = Counter()
     dtype_bytes: Counter = Counter()
+    mtp_copies = 0  # the MTP layer's second copies of the embedding and head
     for n, (dt, shape) in specs.items():
         c = component_of(n, cfg)
+        if c == "mtp" and n.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
+            mtp_copies += math.prod(shape)
         comps.setdefault(c, {"params": 0, "bytes": 0, "tensors": 0})
         nb = math.prod(shape) * DTYPE_BYTES.get(dt, 0)
         comps[c]["bytes"] += nb
@@ -549,6 +552,8 @@ def summary(path: str | Path) -> dict[str, Any]:
         "dtypes": {d: {"tensors": dtypes[d], "bytes": dtype_bytes[d]} for d in sorted(dtypes)},
         "components": comps,
         "total_params": sum(c["params"] for c in comps.values()),
+        "main_params": sum(v["params"] for c, v in comps.items() if c != "mtp"),
+        "mtp_unique_params": comps["mtp"]["params"] - mtp_copies,
         "total_bytes": sum(c["bytes"] for c in comps.values()),
     }
 
@@ -583,4 +588,6 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"{c:<16}{_fmt_n(v['params']):>12}{_fmt_n(v['bytes']):>12}{v['tensors']:>9}")
     lines.append(f"{'total':<16}{_fmt_n(s['total_params']):>12}{_fmt_n(s['total_bytes']):>12}"
                  f"{s['tensors']:>9}")
+    lines.append(f"main model {_fmt_n(s['main_params'])} params; MTP adds "
+                 f"{_fmt_n(s['mtp_unique_params'])} unique (its embedding and head are copies)")
     return "\n".join(lines)
