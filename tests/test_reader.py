@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ds3dist.checkpoint import reader as reader_mod
-from ds3dist.checkpoint.layout import DTYPE_BYTES, expected_tensors
+from ds3dist.checkpoint.layout import expected_tensors
 from ds3dist.checkpoint.reader import (
     CheckpointError,
     CheckpointReader,

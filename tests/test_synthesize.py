@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from ds3dist.checkpoint import synthesize as synthesize_from_package
 from ds3dist.checkpoint.fp8 import weight_dequant

@@ -18,7 +18,6 @@ CLI: python -m ds3dist.checkpoint.convert --to bf16|fp8 SRC DST [--force]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -39,13 +38,8 @@ from ds3dist.checkpoint.reader import (
     validate,
 )
 from ds3dist.checkpoint.synthesize import write_json, write_shard
+from ds3dist.config import preset
 
-DEFAULT_FP8 = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [128, 128],
-}
 
 
 def _plan(src_specs: list[TensorSpec], to: str, dst_table: dict[str, TensorSpec]) -> list[TensorSpec]:
@@ -124,7 +118,7 @@ def convert(
         block = cfg.block_size
         new_cfg = cfg.replace(quantization_config=None)
     else:
-        new_cfg = cfg.replace(quantization_config=json.loads(json.dumps(DEFAULT_FP8)))
+        new_cfg = cfg.replace(quantization_config=preset("deepseek_v3").quantization_config)
         block = new_cfg.block_size
     dst_table = expected_tensors(new_cfg, mtp=True)
 

@@ -33,7 +33,7 @@ import shutil
 import struct
 import sys
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
