@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds3dist.generation import (GenerationResult, SamplingParams, Sequence, StopRule, generate,
-                                right_pad, sample_next)
+from ds3dist.generation import (GenerationResult, SamplingParams, StopChecker, encode_prompts,
+                                generate, right_pad, sample_next, sequence_generator)
 from ds3dist.model.load import load_model
 
 torch.set_num_threads(2)
@@ -18,12 +18,22 @@ def test_greedy_is_argmax():
     assert torch.equal(sample_next(logits, SamplingParams()), logits.argmax(-1))
 
 
-def test_sampling_is_reproducible_per_seed():
+def test_sampling_is_reproducible_per_seed_and_per_sequence():
     logits = torch.randn(3, 1000)
     p = SamplingParams(temperature=0.8, top_p=0.9, top_k=100, seed=4)
-    a = [sample_next(logits, p, g) for g in [p.generator()] for _ in range(5)]
-    b = [sample_next(logits, p, g) for g in [p.generator()] for _ in range(5)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    def draws(rows):
+        gens = [sequence_generator(4, i) for i in rows]
+        return torch.stack([sample_next(logits[rows], p, gens) for _ in range(6)], 1)
+
+    a = draws([0, 1, 2])
+    assert torch.equal(a, draws([0, 1, 2]))
+    # a sequence draws the same tokens whatever batch it is in (per-sequence generators)
+    assert torch.equal(draws([2])[0], a[2]) and torch.equal(draws([1, 2])[0], a[1])
+    # dict params (as sent to remote workers) and one shared generator work too
+    g = torch.Generator().manual_seed(1)
+    assert sample_next(logits, p.as_dict(), g).shape == (3,)
+    assert sequence_generator(None, 0) is None
 
 
 def _freq(logits, params, n=20000):
@@ -62,21 +72,31 @@ class CharTokenizer:
 
 
 def test_stop_rules():
-    tok, rule = CharTokenizer(), StopRule(0, stop=["cd", 7])
-    s = Sequence([1], max_new_tokens=10)
-    assert not s.append(1, rule, tok) and not s.append(2, rule, tok)
-    assert s.append(3, rule, tok)  # "bcd" contains "cd"
-    r = s.finish(rule, tok)
-    assert r == GenerationResult([1, 2, 3], "b", "stop", 1)
-    s = Sequence([1], 10)
-    s.append(5, rule, tok), s.append(7, rule, tok)  # stop token id 7
-    assert s.finish(rule, tok) == GenerationResult([5, 7], "f", "stop", 1)
-    s = Sequence([1], 10)
-    s.append(4, rule, tok), s.append(0, rule, tok)  # EOS
-    assert s.finish(rule, tok) == GenerationResult([4, 0], "e", "stop", 1)
-    s = Sequence([1], 2)
-    s.append(4, rule, tok), s.append(5, rule, tok)
-    assert s.finish(rule, tok) == GenerationResult([4, 5], "ef", "length", 1)
+    tok = CharTokenizer()
+
+    def run(tokens, max_new=10):
+        c = StopChecker(tok, stop=["cd", 7], max_new_tokens=max_new)
+        out = []
+        for t in tokens:
+            assert not c.done
+            out.append(t)
+            c.update(out)
+        assert c.done
+        return c.result([1], out)
+
+    assert run([1, 2, 3]) == GenerationResult([1, 2, 3], "b", "stop", 1)  # "bcd" holds "cd"
+    assert run([5, 7]) == GenerationResult([5, 7], "f", "stop", 1)  # stop token id 7
+    assert run([4, 0]) == GenerationResult([4, 0], "e", "stop", 1)  # EOS (the tokenizer's)
+    assert run([4, 5], max_new=2) == GenerationResult([4, 5], "ef", "length", 1)
+    assert StopChecker(tok, None, 0).done
+
+
+def test_encode_prompts_prepends_bos_once():
+    tok = CharTokenizer()
+    assert encode_prompts(tok, ["bc", [3, 4]], bos_token_id=9) == [[9, 1, 2], [3, 4]]
+    assert encode_prompts(tok, ["jbc"], bos_token_id=9) == [[9, 1, 2]]  # 'j' is id 9
+    with pytest.raises(ValueError, match="empty"):
+        encode_prompts(tok, [""])
 
 
 # ---- generate --------------------------------------------------------------------------------

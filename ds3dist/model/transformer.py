@@ -62,6 +62,11 @@ class Transformer(nn.Module):
 
     # ---- properties ---------------------------------------------------------------------
     @property
+    def config(self):
+        """The ModelConfig (same object as `cfg`)."""
+        return self.cfg
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.opts.dtype
 
