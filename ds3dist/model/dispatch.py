@@ -52,10 +52,16 @@ class LocalDispatcher:
         lut[torch.tensor(self.local_experts, dtype=torch.int64, device=cpu)] = \
             torch.arange(len(self.local_experts), device=cpu)
         self.local_of_e = lut  # global id -> local index, -1 when not held
+        self._lut_on: dict[torch.device, torch.Tensor] = {cpu: lut}
+
+    def _lut(self, device: torch.device) -> torch.Tensor:
+        if device not in self._lut_on:
+            self._lut_on[device] = self.local_of_e.to(device)
+        return self._lut_on[device]
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         t, k = idx_tk.shape
-        local_n = self.local_of_e.to(x_td.device)[idx_tk.reshape(-1)]
+        local_n = self._lut(x_td.device)[idx_tk.reshape(-1)]
         if len(self.local_experts) == self.n_experts:
             key_n = local_n
         else:  # drop copies for experts not held: sort them to the end, then cut
