@@ -4,6 +4,7 @@ Session-scoped checkpoints (built once per test run, read-only for tests; copy b
 modifying):
   tiny_fp8_dir   the `tiny` preset synthesized with seed 0 in 4 shards (release format, FP8)
   tiny_bf16_dir  the same checkpoint converted to bf16 (scales dropped)
+  ray_cluster    one local Ray cluster (num_cpus=8) shared by the session's tests
 """
 
 from __future__ import annotations
@@ -29,3 +30,20 @@ def tiny_bf16_dir(tiny_fp8_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny-bf16"
     convert(tiny_fp8_dir, out, to="bf16", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (more logical CPUs than cores)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("DS3DIST_TORCH_THREADS", "1")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
