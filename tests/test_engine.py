@@ -58,15 +58,14 @@ def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp,
             assert (got_l - want_l).abs().max().item() <= 1e-4
         stats = engine.stats()
         assert len(stats["ranks"]) == pp * ep
-        if ep > 1:  # every routed copy of every MoE layer is counted once, at its owner
-            cfg = ModelConfig.from_json(tiny_fp8_dir)
-            main = {i: sum(row) for i, row in stats["expert_load"].items()
-                    if i < cfg.num_hidden_layers}
-            assert set(main) == {i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
-            # each main MoE layer saw the same tokens, K copies each
-            assert len(set(main.values())) == 1
-            assert next(iter(main.values())) % cfg.num_experts_per_tok == 0
-            assert next(iter(main.values())) > 0
+        # every routed copy of every MoE layer is counted once, at its owner
+        cfg = ModelConfig.from_json(tiny_fp8_dir)
+        main = {i: sum(row) for i, row in stats["expert_load"].items() if i < cfg.num_hidden_layers}
+        assert set(main) == {i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
+        # each main MoE layer saw the same tokens, K copies each
+        assert len(set(main.values())) == 1
+        assert next(iter(main.values())) % cfg.num_experts_per_tok == 0
+        assert next(iter(main.values())) > 0
 
 
 def _ideal_bytes(cfg, plan) -> int:

@@ -53,6 +53,7 @@ class LocalDispatcher:
             torch.arange(len(self.local_experts), device=cpu)
         self.local_of_e = lut  # global id -> local index, -1 when not held
         self._lut_on: dict[torch.device, torch.Tensor] = {cpu: lut}
+        self.received_e = torch.zeros(self.n_experts, dtype=torch.int64, device=cpu)
 
     def _lut(self, device: torch.device) -> torch.Tensor:
         if device not in self._lut_on:
@@ -69,6 +70,7 @@ class LocalDispatcher:
         order_n = torch.sort(key_n, stable=True).indices
         counts = torch.bincount(key_n, minlength=len(self.local_experts) + 1).tolist()
         counts_e = counts[: len(self.local_experts)]
+        self.received_e[self.local_experts] += torch.tensor(counts_e, dtype=torch.int64)
         rows_s = order_n[: sum(counts_e)]
         token_s = torch.div(rows_s, k, rounding_mode="floor")
         return Dispatched(
@@ -83,3 +85,7 @@ class LocalDispatcher:
         y_nd = y_sd.new_zeros((h.t * h.k, y_sd.shape[-1]), dtype=torch.float32)
         y_nd[h.rows_s] = y_sd.to(torch.float32)
         return y_nd.view(h.t, h.k, y_sd.shape[-1]).sum(1).to(h.dtype)
+
+    def stats(self) -> dict:
+        """Token copies received per (global) expert so far; same keys as AllToAllDispatcher."""
+        return {"received_per_expert": self.received_e.tolist()}
