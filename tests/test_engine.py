@@ -41,7 +41,7 @@ def reference(tiny_fp8_dir):
 
 @pytest.mark.parametrize("pp,ep", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
 def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep):
-    from ds3dist.runtime.engine import Engine
+    from ds3dist import Engine
 
     ref_results, ref_logits = reference
     with Engine(tiny_fp8_dir, ParallelLayout(pp=pp, ep=ep), execution="bf16",
@@ -86,7 +86,7 @@ def _ideal_bytes(cfg, plan) -> int:
 
 
 def test_each_rank_reads_its_share(ray_cluster, tiny_fp8_dir):
-    from ds3dist.runtime.engine import Engine
+    from ds3dist import Engine
 
     cfg = ModelConfig.from_json(tiny_fp8_dir)
     layout = ParallelLayout(pp=2, ep=2)
@@ -129,3 +129,23 @@ def test_killed_actor_raises_named_error(ray_cluster, tiny_fp8_dir):
     msg = str(err)
     assert "rank 1" in msg and "stage 1" in msg and victim["node_ip"] in msg
     assert engine.actors == []  # resources released
+
+
+def test_fp8_execution_with_fp8_dispatch_payload(ray_cluster, tiny_fp8_dir):
+    """fp8 execution sends FP8 + scales through the all-to-all; results track one process."""
+    import ds3dist
+    from ds3dist.generation import encode_prompts
+    from ds3dist import Engine
+    from ds3dist.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_fp8_dir)
+    model = ds3dist.load_model(tiny_fp8_dir, execution="fp8")
+    want = ds3dist.generate(model, tok, PROMPTS[:4], max_new_tokens=8)
+    with Engine(tiny_fp8_dir, ParallelLayout(pp=1, ep=2), execution="fp8") as engine:
+        got = engine.generate(PROMPTS[:4], max_new_tokens=8)
+        scores = engine.score(PROMPTS[:4])
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for s, ids in zip(scores, encode_prompts(tok, PROMPTS[:4])):
+        full = model(torch.tensor([ids]))[0]
+        cos = torch.nn.functional.cosine_similarity(s.flatten(), full.flatten(), dim=0).item()
+        assert cos >= 0.999, cos
