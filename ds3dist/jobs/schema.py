@@ -95,6 +95,7 @@ class RuntimeConf:
     collective_timeout_s: float = 120.0
     startup_timeout_s: float = 600.0  # placement, process groups and weight loading
     micro_batches: Optional[int] = None  # pipeline micro-batches (null: one per stage)
+    transfer: str = "ray"  # stage hand-off: "ray" (object store) | "p2p" (torch.distributed)
 
 
 @dataclass
@@ -214,6 +215,9 @@ def validate(cfg: Any) -> Resolved:
     _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
     _check_range(problems, "runtime.num_cpus", _get(cfg, "runtime.num_cpus"), 1, None)
     _check_range(problems, "runtime.micro_batches", _get(cfg, "runtime.micro_batches"), 1, None)
+    transfer = _get(cfg, "runtime.transfer")
+    if transfer not in ("ray", "p2p"):
+        problems.append(f"runtime.transfer: must be 'ray' or 'p2p', got {transfer!r}")
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
@@ -268,6 +272,7 @@ def runtime_options(cfg: Any) -> dict[str, Any]:
         "collective_timeout_s": float(get("collective_timeout_s")),
         "startup_timeout_s": float(get("startup_timeout_s")),
         "micro_batches": get("micro_batches"),
+        "transfer": get("transfer"),
     }
     return {k: v for k, v in opts.items() if v is not None}
 
