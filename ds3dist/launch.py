@@ -158,6 +158,7 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
             fmt=schema.job_format(cfg),
             model_name=model_name,
             progress=progress,
+            mtp_layers=resolved.model.mtp_layer_ids,
             meta={"checkpoint": str(checkpoint),
                   "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
                   if isinstance(cfg, DictConfig) else None},

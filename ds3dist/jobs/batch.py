@@ -520,7 +520,7 @@ def write_errors(path: Path, errors: list[LineError]) -> None:
 
 
 def plot_expert_load(expert_load: dict[Any, Sequence[float]], path: Path,
-                     title: str = "expert load") -> Path | None:
+                     title: str = "expert load", mtp_layers: Sequence[int] = ()) -> Path | None:
     """Heatmap (MoE layers x global experts) of tokens routed; None when there is no data."""
     rows = sorted(((int(k), list(v)) for k, v in expert_load.items() if len(v)),
                   key=lambda kv: kv[0])
@@ -544,7 +544,9 @@ def plot_expert_load(expert_load: dict[Any, Sequence[float]], path: Path,
     ax.set_ylabel("layer")
     step = max(1, len(rows) // 20)
     ax.set_yticks(range(0, len(rows), step))
-    ax.set_yticklabels([str(rows[i][0]) for i in range(0, len(rows), step)])
+    mtp = {int(x) for x in mtp_layers}
+    ax.set_yticklabels([f"{rows[i][0]} (MTP)" if rows[i][0] in mtp else str(rows[i][0])
+                        for i in range(0, len(rows), step)])
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="tokens routed")
     fig.tight_layout()
@@ -610,6 +612,7 @@ def run_batch_job(
     model_name: str = "ds3dist",
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    mtp_layers: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Run (or resume) a batch job; return the summary (also written to the summary path)."""
     t_start = time.perf_counter()
@@ -703,7 +706,8 @@ def run_batch_job(
 
     stats = _stats(engine)
     expert_load = {str(k): list(v) for k, v in (stats.get("expert_load") or {}).items()}
-    plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}")
+    plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}",
+                            mtp_layers=mtp_layers)
     summary = {
         "input": str(in_path),
         "output": str(out_path),
