@@ -271,6 +271,10 @@ def openai_input(tmp_path: Path) -> Path:
         {"custom_id": "req-6", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
         {"custom_id": "req-7", "method": "POST", "url": "/v1/chat/completions",
          "body": {"messages": [{"role": "user", "content": "x"}], "n": 2}},
+        {"custom_id": "req-8", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": [0, 5, 7], "max_tokens": 3}},
+        {"custom_id": "req-9", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": [0, 10**9], "max_tokens": 3}},
     ])
 
 
@@ -289,7 +293,8 @@ def test_openai_batch_format(tmp_path, tok):
         assert key not in by
         by[key] = r
     # one line per custom_id; the bad-JSON line (no readable custom_id) is keyed by its line
-    assert set(by) == {"req-1", "req-2", "req-3", "batch_req_line4", "req-5", "req-6", "req-7"}
+    assert set(by) == {"req-1", "req-2", "req-3", "batch_req_line4", "req-5", "req-6", "req-7",
+                       "req-8", "req-9"}
 
     chat = by["req-1"]
     assert chat["error"] is None and chat["response"]["status_code"] == 200
@@ -307,7 +312,8 @@ def test_openai_batch_format(tmp_path, tok):
     assert by["req-5"]["response"]["body"]["model"] == "tiny"
 
     for k, code in [("req-3", "missing_required_parameter"), ("batch_req_line4",
-                    "invalid_json_line"), ("req-6", "invalid_url"), ("req-7", "invalid_value")]:
+                    "invalid_json_line"), ("req-6", "invalid_url"), ("req-7", "invalid_value"),
+                    ("req-9", "invalid_value")]:
         assert by[k]["response"] is None, k
         assert by[k]["error"]["code"] == code, (k, by[k]["error"])
         assert by[k]["error"]["message"]
@@ -317,7 +323,8 @@ def test_openai_batch_format(tmp_path, tok):
     c2 = [c for c in eng.calls if c["temperature"] == 0.7][0]
     assert (c2["top_p"], c2["seed"], c2["stop"], c2["max_new_tokens"]) == (0.9, 1, ["\n\n"], 6)
     errs = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
-    assert [e["line"] for e in errs] == [3, 4, 6, 7, 8]  # the duplicate is in the errors file only
+    assert [e["line"] for e in errs] == [3, 4, 6, 7, 8, 10]  # duplicate: errors file only
+    assert [0, 5, 7] in [p for c in eng.calls for p in c["prompts"]]  # token-id prompt as is
 
     # rerun: nothing duplicated, nothing regenerated
     eng2 = FakeEngine(tok)

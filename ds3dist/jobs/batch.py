@@ -307,6 +307,9 @@ def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
             p = p[0]
         if isinstance(p, list) and p and all(_is_int(t) for t in p):
+            vocab = getattr(enc.tok, "vocab_size", None)
+            if any(t < 0 or (vocab is not None and t >= vocab) for t in p):
+                raise _Bad("invalid_value", f"body.prompt: token ids must be in [0, {vocab})")
             ids = [int(t) for t in p]  # a prompt given as token ids is used as is
         elif isinstance(p, str):
             ids = enc.prompt(p)
