@@ -206,6 +206,14 @@ def test_cli_cfg_job_shows_resolved_config(tmp_path):
     assert set(cfg.keys()) == {"model", "parallel", "execution", "sampling", "job", "runtime"}
 
 
+def test_cli_help_lists_groups(tmp_path):
+    p = launch("--help", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "python -m ds3dist.launch" in p.stdout
+    for group, options in GROUPS.items():
+        assert f"{group}: {', '.join(sorted(options))}" in p.stdout
+
+
 def test_cli_dry_run_prints_the_rank_plan(tmp_path):
     p = launch("+parallel=pp2ep8", "model=deepseek_v3", "execution=fp8", "job.dry_run=true",
                cwd=tmp_path)
