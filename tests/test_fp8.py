@@ -191,7 +191,9 @@ def test_emulated_linear_batched_leading_dims():
     w_q, w_s = weight_quant(torch.randn(64, 192, generator=g))
     y = fp8_linear_emulated(x, w_q, w_s)
     assert y.shape == (2, 3, 64)
-    assert torch.allclose(y[1, 2], fp8_linear_emulated(x[1, 2:3], w_q, w_s)[0])
+    # same math per token; only the float32 summation order of the GEMM may differ
+    torch.testing.assert_close(y[1, 2], fp8_linear_emulated(x[1, 2:3], w_q, w_s)[0],
+                               rtol=1e-5, atol=1e-4)
 
 
 # ---- GPU ------------------------------------------------------------------------------------
