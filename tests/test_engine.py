@@ -149,3 +149,29 @@ def test_fp8_execution_with_fp8_dispatch_payload(ray_cluster, tiny_fp8_dir):
         full = model(torch.tensor([ids]))[0]
         cos = torch.nn.functional.cosine_similarity(s.flatten(), full.flatten(), dim=0).item()
         assert cos >= 0.999, cos
+
+
+def test_early_stops_and_seeded_sampling_match_single_process(ray_cluster, tiny_fp8_dir, reference):
+    """Sequences leaving the batch at different steps, and seeded sampling, on pp2 x ep2."""
+    import ds3dist
+    from ds3dist import Engine
+    from ds3dist.tokenizer import load_tokenizer
+
+    ref_results, _ = reference
+    stop_ids = [ref_results[0].token_ids[2], ref_results[2].token_ids[6]]
+    model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
+    tok = load_tokenizer(tiny_fp8_dir)
+    want_stop = ds3dist.generate(model, tok, PROMPTS, max_new_tokens=NEW_TOKENS, stop=stop_ids)
+    want_sampled = ds3dist.generate(model, tok, PROMPTS, max_new_tokens=8, temperature=0.8,
+                                    top_p=0.9, top_k=50, seed=3)
+    assert "stop" in {w.finish_reason for w in want_stop}
+    assert len({len(w.token_ids) for w in want_stop}) > 1
+    with Engine(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), execution="bf16",
+                dtype=torch.float32) as engine:
+        got_stop = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop=stop_ids)
+        got_sampled = engine.generate(PROMPTS, max_new_tokens=8, temperature=0.8, top_p=0.9,
+                                      top_k=50, seed=3)
+    assert [(g.token_ids, g.finish_reason, g.text) for g in got_stop] == \
+        [(w.token_ids, w.finish_reason, w.text) for w in want_stop]
+    assert [g.token_ids for g in got_sampled] == [w.token_ids for w in want_sampled]
+    assert [g.token_ids for g in got_sampled] != [r.token_ids[:8] for r in ref_results]

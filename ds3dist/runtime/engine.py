@@ -128,9 +128,10 @@ class Engine:
         ep = self.layout.ep
         owner = self._open(ids, max_new_tokens, sampling.as_dict())
         m_count = len(owner)
+        active = [[list(row) for row in owner_m] for owner_m in owner]  # cache rows, per (m, r)
         pending: dict = {}
         for m in range(m_count):
-            pending.update(self._submit(m, owner[m], lambda i: ids[i]))
+            pending.update(self._submit(m, active[m], lambda i: ids[i]))
         waiting = {m: ep for m in range(m_count)}
         got: dict[int, dict[int, list[int]]] = {m: {} for m in range(m_count)}
         while pending:
@@ -149,17 +150,19 @@ class Engine:
             waiting[m] -= 1
             if waiting[m]:
                 continue
+            keep = []  # per ep rank: cache rows of the sequences still running
             for r2 in range(ep):
-                for i, tok in zip(owner[m][r2], got[m][r2]):
-                    if not checkers[i].done:
-                        out_ids[i].append(tok)
-                        checkers[i].update(out_ids[i])
-            if all(checkers[i].done for row in owner[m] for i in row):
+                for i, tok in zip(active[m][r2], got[m][r2]):
+                    out_ids[i].append(tok)
+                    checkers[i].update(out_ids[i])
+                keep.append([k for k, i in enumerate(active[m][r2]) if not checkers[i].done])
+                active[m][r2] = [active[m][r2][k] for k in keep[-1]]
+            if not any(active[m]):
                 self._close(m)
                 continue
             waiting[m] = ep
             got[m] = {}
-            pending.update(self._submit(m, owner[m], lambda i: [out_ids[i][-1]]))
+            pending.update(self._submit(m, active[m], lambda i: [out_ids[i][-1]], keep=keep))
         return [checkers[i].result(ids[i], out_ids[i]) for i in range(n)]
 
     def score(self, prompts) -> list:
@@ -200,8 +203,10 @@ class Engine:
         self._get(refs, self.step_timeout_s, "generation set-up")
         return owner
 
-    def _submit(self, m: int, owner_m: list[list[int]], payload_of, want: str = "sample") -> dict:
-        """Queue one step of micro-batch m on every rank.
+    def _submit(self, m: int, owner_m: list[list[int]], payload_of, want: str = "sample",
+                keep: list[list[int]] | None = None) -> dict:
+        """Queue one step of micro-batch m on every rank; keep[r]: the cache rows that stay
+        (finished sequences leave every stage's cache before the step).
 
         Returns ref -> (m, r, is_last_stage): the last stage's results, and with p2p
         transfer the earlier stages' refs too, so that a failure anywhere is seen at once."""
@@ -209,13 +214,14 @@ class Engine:
         for r, seqs in enumerate(owner_m):
             payload = [payload_of(i) for i in seqs]
             new_lens = [len(p) for p in payload]
-            ref = self._stage(0, r).step.remote(m, payload, new_lens, want)
+            rows = keep[r] if keep is not None else None
+            ref = self._stage(0, r).step.remote(m, payload, new_lens, want, rows)
             for s in range(1, self.layout.pp):
                 if self.transfer == "p2p":  # sent by torch.distributed; watch for failures
                     last[ref] = (m, r, False)
-                    ref = self._stage(s, r).step.remote(m, None, new_lens, want)
+                    ref = self._stage(s, r).step.remote(m, None, new_lens, want, rows)
                 else:
-                    ref = self._stage(s, r).step.remote(m, ref, new_lens, want)
+                    ref = self._stage(s, r).step.remote(m, ref, new_lens, want, rows)
             last[ref] = (m, r, True)
         return last
 

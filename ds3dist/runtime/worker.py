@@ -110,16 +110,22 @@ class StageWorker:
         self.subs[mb] = _SubBatch(list(seq_ids), self.model.new_cache(len(seq_ids), max_len),
                                   dict(sampling), gens)
 
-    def step(self, mb: int, payload, new_lens: list[int], want: str = "sample"):
+    def step(self, mb: int, payload, new_lens: list[int], want: str = "sample",
+             keep: list[int] | None = None):
         """One forward of micro-batch `mb` through this stage.
 
         payload: first stage, token ids per sequence (prompt on prefill, one token on
         decode); later stages, the previous stage's hidden states [b, t, D] (right-padded).
         new_lens: tokens each sequence adds in this step. Returns the hidden states, or on
         the last stage the sampled token id per sequence (want="sample") or the float32
-        logits of each sequence's new positions (want="logits")."""
+        logits of each sequence's new positions (want="logits"). keep: the cache rows that
+        stay (finished sequences leave first)."""
         t0 = time.perf_counter()
         sub = self.subs[mb]
+        if keep is not None and len(keep) < sub.cache.batch:
+            sub.cache.select(keep)
+            sub.seq_ids = [sub.seq_ids[k] for k in keep]
+            sub.generators = [sub.generators[k] for k in keep] if sub.generators else []
         with torch.inference_mode():
             if self.plan.embed:
                 h_btd = self.model.embed(_pad(payload, self.device))
