@@ -15,7 +15,6 @@ batch job (ds3dist.jobs.batch), print where the outputs are, shut the Engine dow
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
@@ -31,7 +30,6 @@ from ds3dist.jobs import schema
 from ds3dist.jobs.batch import JobError, default_paths, run_batch_job
 from ds3dist.jobs.schema import LaunchConfigError
 
-log = logging.getLogger("ds3dist.launch")
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 EngineFactory = Callable[..., Any]
@@ -90,19 +88,12 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
 
 def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
     """The distributed Engine for this config (Ray cluster started or joined by the Engine)."""
-    import inspect
-
     import torch
 
     from ds3dist.runtime.engine import Engine
 
     dtype = cfg.execution.dtype
     opts = schema.runtime_options(cfg)
-    accepted = inspect.signature(Engine).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        for k in [k for k in opts if k not in accepted]:
-            log.warning("runtime option %s is not supported by this Engine; ignored", k)
-            opts.pop(k)
     return Engine(
         checkpoint,
         resolved.layout,
@@ -121,12 +112,11 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
     if cfg.job.dry_run:
         print(schema.describe(resolved.model, resolved.layout))
         return None
-    progress = bool(cfg.job.progress)
-    checkpoint = resolve_checkpoint(cfg, progress=progress)
-
     input_path = Path(cfg.job.input) if cfg.job.input is not None else bundled_sample()
     if not input_path.is_file():
         raise LaunchConfigError(f"job.input: no such file {input_path}")
+    progress = bool(cfg.job.progress)
+    checkpoint = resolve_checkpoint(cfg, progress=progress)
     output = Path(cfg.job.output) if cfg.job.output is not None else _run_dir() / "results.jsonl"
     out_path, err_path, sum_path, png_path = default_paths(
         output, cfg.job.errors, cfg.job.summary, cfg.job.plot)
