@@ -19,21 +19,7 @@
 #                  this node, which stops every Ray process of this user here).
 set -euo pipefail
 
-node_ip() {
-    if [[ -n "${NODE_IP:-}" ]]; then
-        echo "$NODE_IP"
-    elif [[ -n "${RAY_NET_IFACE:-}" ]]; then
-        ip -4 -o addr show dev "$RAY_NET_IFACE" | awk '{split($4, a, "/"); print a[1]; exit}'
-    else
-        hostname -I | awk '{print $1}'
-    fi
-}
-
-ip_addr=$(node_ip)
-if [[ -z "$ip_addr" ]]; then
-    echo "start_head.sh: cannot determine this node's IP address; set NODE_IP" >&2
-    exit 1
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/node_ip.sh"
 port=${RAY_PORT:-6379}
 temp_dir=${RAY_TEMP_DIR:-/tmp/ray-ds3dist-$(hostname -s)}
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}

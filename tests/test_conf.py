@@ -244,7 +244,7 @@ def test_cli_errors_name_the_setting(tmp_path, args, needle, monkeypatch):
 
 
 # ---- cluster scripts: valid bash (they are run end to end in test_launch_e2e.py) -----------
-@pytest.mark.parametrize("script", ["slurm/run.sh", "launch/start_head.sh",
+@pytest.mark.parametrize("script", ["slurm/run.sh", "launch/start_head.sh", "launch/node_ip.sh",
                                     "launch/start_worker.sh"])
 def test_cluster_scripts_are_valid_bash(script):
     path = REPO / script
