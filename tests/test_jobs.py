@@ -1,4 +1,4 @@
-"""Batch job logic (ds3dist.jobs.batch) with an injected deterministic stand-in engine.
+"""Batch job logic (ds3dist.jobs) with an injected deterministic stand-in engine.
 
 The stand-in's output for a prompt depends on the whole batch it arrives in, so a resumed job
 only reproduces an uninterrupted one if it feeds the engine exactly the same batches.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ds3dist.jobs.batch import JobError, detect_format, run_batch_job
+from ds3dist.jobs.batch import JobError, run_batch_job
+from ds3dist.jobs.requests import PromptEncoder, detect_format
 
 
 @dataclass
@@ -161,8 +162,6 @@ def test_chat_template_and_prompt_encoding(tmp_path, tok):
                           add_special_tokens=False)
     assert eng.calls[0]["prompts"][0] == chat_ids
     assert chat_ids[0] == tok.bos_token_id  # the template starts with the BOS text, once
-    from ds3dist.jobs.batch import PromptEncoder
-
     assert eng.calls[1]["prompts"][0] == PromptEncoder(tok, 1 << 30, "x").prompt("Hello world")
 
 

@@ -1,0 +1,172 @@
+"""The output side of a batch job: result records, the output file, the errors file.
+
+native  one line per request: `{"id", "text", "token_ids", "finish_reason", "usage":
+        {"prompt_tokens", "completion_tokens"}}`. A malformed input line goes only to the
+        errors file.
+openai  the OpenAI batch-output format: `{"id", "custom_id", "response": {"status_code": 200,
+        "request_id", "body": <chat.completion or text_completion>}, "error": null}`; a
+        malformed request gets an output line with `"response": null, "error": {"code",
+        "message"}` (and an errors-file entry).
+
+Records are appended with one write and fsync'd (`append_records`); `scan_output` finds the
+requests an earlier run already wrote (cutting off a truncated last line left by a kill).
+Whole files (the errors file, the job summary) are replaced atomically (`write_atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ds3dist.jobs.requests import LineError, Request, id_key
+
+log = logging.getLogger(__name__)
+
+
+def _req_hash(*parts: Any) -> str:
+    return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def output_key(rec: Any, fmt: str) -> str | None:
+    """Identity of an output line (the same as the Request/LineError key), None if unknown."""
+    if not isinstance(rec, dict):
+        return None
+    if fmt == "openai":
+        cid = rec.get("custom_id")
+        if isinstance(cid, str) and cid:
+            return id_key(cid)
+        rid = rec.get("id")
+        if isinstance(rid, str) and rid.startswith("batch_req_line"):
+            return "line:" + rid[len("batch_req_line"):]
+        return None
+    return id_key(rec["id"]) if "id" in rec else None
+
+
+def scan_output(fd: int, fmt: str) -> tuple[set[str], int]:
+    """Identities already in the output open at fd; cut a truncated last line off the file.
+
+    Returns (keys, number of complete records).
+    """
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0) if size else b""
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        log.warning("output: dropping a truncated last line (%d bytes) left by an interrupted run",
+                    len(data) - end)
+        os.ftruncate(fd, end)
+        os.fsync(fd)
+    keys: set[str] = set()
+    n = 0
+    for j, raw in enumerate(data[:end].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            log.warning("output line %d is not valid JSON; ignored", j)
+            continue
+        k = output_key(rec, fmt)
+        if k is not None:
+            keys.add(k)
+            n += 1
+    return keys, n
+
+
+def append_records(fd: int, records: list[dict]) -> None:
+    """Append records as JSON lines with one write, then fsync."""
+    if not records:
+        return
+    buf = _jsonl(records).encode()
+    view = memoryview(buf)
+    while view:
+        k = os.write(fd, view)
+        view = view[k:]
+    os.fsync(fd)
+
+
+def native_record(req: Request, res: Any, prompt_tokens: int) -> dict:
+    ids = [int(t) for t in res.token_ids]
+    return {
+        "id": req.id,
+        "text": res.text,
+        "token_ids": ids,
+        "finish_reason": res.finish_reason,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids)},
+    }
+
+
+def openai_record(req: Request, res: Any, prompt_tokens: int, model_name: str,
+                  created: int) -> dict:
+    h = _req_hash("req", req.id)
+    n_out = len(res.token_ids)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_out,
+             "total_tokens": prompt_tokens + n_out}
+    model = req.model or model_name
+    if req.endpoint == "chat":
+        body = {
+            "id": "chatcmpl-" + h,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": res.text},
+                "logprobs": None,
+                "finish_reason": res.finish_reason,
+            }],
+            "usage": usage,
+        }
+    else:
+        body = {
+            "id": "cmpl-" + h,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "text": res.text,
+                "logprobs": None,
+                "finish_reason": res.finish_reason,
+            }],
+            "usage": usage,
+        }
+    return {
+        "id": "batch_req_" + h,
+        "custom_id": req.id,
+        "response": {"status_code": 200, "request_id": _req_hash("rid", req.id), "body": body},
+        "error": None,
+    }
+
+
+def openai_error_record(err: LineError) -> dict:
+    assert err.key is not None
+    if err.key.startswith("line:"):
+        rid, cid = "batch_req_line" + err.key[5:], None
+    else:
+        rid, cid = "batch_req_" + _req_hash("req", err.id), err.id
+    return {"id": rid, "custom_id": cid, "response": None,
+            "error": {"code": err.code, "message": f"line {err.line}: {err.message}"}}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace the file at path with text (written to a temporary file, fsync'd, renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_errors(path: Path, errors: list[LineError]) -> None:
+    write_atomic(path, _jsonl([{"line": e.line, "id": e.id, "code": e.code, "reason": e.message,
+                                "raw": e.raw} for e in errors]))
