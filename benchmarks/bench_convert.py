@@ -62,7 +62,8 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="work in this directory and keep it")
     a = ap.parse_args()
 
-    from ds3dist.checkpoint.reader import read_header, validate
+    from ds3dist.checkpoint.reader import read_header
+    from ds3dist.checkpoint.validation import validate
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-convert-"))
     src, dst = work / f"{a.preset}-fp8", work / f"{a.preset}-bf16"

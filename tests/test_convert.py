@@ -13,7 +13,8 @@ from ds3dist.checkpoint import convert as convert_mod
 from ds3dist.checkpoint.convert import convert
 from ds3dist.checkpoint.fp8 import weight_dequant, weight_quant
 from ds3dist.checkpoint.layout import expected_tensors, layer_of
-from ds3dist.checkpoint.reader import CheckpointError, CheckpointReader, read_header, validate
+from ds3dist.checkpoint.reader import CheckpointError, CheckpointReader, read_header
+from ds3dist.checkpoint.validation import validate
 from ds3dist.config import ModelConfig, preset
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")

@@ -16,14 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ds3dist.checkpoint.layout import expected_tensors
-from ds3dist.checkpoint.reader import (
-    CheckpointError,
-    CheckpointReader,
-    Problem,
-    read_header,
-    summary,
-    validate,
-)
+from ds3dist.checkpoint.reader import CheckpointError, CheckpointReader, read_header
+from ds3dist.checkpoint.summary import summary
+from ds3dist.checkpoint.validation import Problem, validate
 from ds3dist.config import preset
 
 INDEX = "model.safetensors.index.json"

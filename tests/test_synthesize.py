@@ -14,8 +14,9 @@ import torch
 from ds3dist.checkpoint import synthesize as synthesize_from_package
 from ds3dist.checkpoint.fp8 import weight_dequant
 from ds3dist.checkpoint.layout import TensorSpec, expected_tensors
-from ds3dist.checkpoint.reader import CheckpointReader, validate
+from ds3dist.checkpoint.reader import CheckpointReader
 from ds3dist.checkpoint.synthesize import plan_shards, shard_name, synthesize
+from ds3dist.checkpoint.validation import validate
 from ds3dist.config import ModelConfig, preset
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 

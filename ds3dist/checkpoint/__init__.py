@@ -16,6 +16,8 @@ def __getattr__(name: str):
     # Lazy, so that importing one submodule does not import them all.
     if name in ("synthesize", "convert"):
         return importlib.import_module(f"{__name__}.{name}")
-    if name in ("CheckpointReader", "CheckpointError", "validate"):
+    if name in ("CheckpointReader", "CheckpointError"):
         return getattr(importlib.import_module(f"{__name__}.reader"), name)
+    if name == "validate":
+        return importlib.import_module(f"{__name__}.validation").validate
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,9 +35,9 @@ from ds3dist.checkpoint.reader import (
     CheckpointError,
     CheckpointReader,
     read_header,
-    validate,
 )
 from ds3dist.checkpoint.synthesize import write_json, write_shard
+from ds3dist.checkpoint.validation import validate
 from ds3dist.config import preset
 
 

@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ds3dist.checkpoint.reader import format_summary, summary, validate
+from ds3dist.checkpoint.summary import format_summary, summary
+from ds3dist.checkpoint.validation import validate
 from ds3dist.config import ConfigError
 
 

@@ -1,0 +1,217 @@
+"""Validating a checkpoint against the expected-tensor table of its config.
+
+`validate(path)` reports every problem at once as `Problem(kind, file, tensor, message)` (the
+kinds are listed in `KINDS`). It reads only the config, the index and the shard headers
+(8-byte little-endian length + JSON), never tensor data, so the 688 GB release validates in
+seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ds3dist.checkpoint.layout import SCALE_SUFFIX, expected_tensors
+from ds3dist.checkpoint.reader import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_FILE,
+    HeaderEntry,
+    HeaderError,
+    ShardHeader,
+    read_header,
+)
+from ds3dist.config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint. kind is a short tag (see KINDS)."""
+
+    kind: str
+    file: str | None
+    tensor: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file or "<checkpoint>"
+        if self.tensor:
+            where += f": tensor {self.tensor}"
+        return f"[{self.kind}] {where}: {self.message}"
+
+
+KINDS = {
+    "no_directory": "the path is not a directory",
+    "config": "config.json missing or invalid",
+    "index": "model.safetensors.index.json missing or invalid",
+    "missing_shard": "the index points at a shard file that does not exist",
+    "corrupt_header": "a shard header is truncated or not valid safetensors",
+    "truncated_shard": "a shard is shorter than its header's data_offsets say",
+    "not_in_index": "a tensor is in a shard but not in the index",
+    "wrong_shard": "the index names one shard but the tensor is in another",
+    "not_in_shard": "the index names a shard that does not hold the tensor",
+    "duplicate_tensor": "a tensor is stored in more than one shard",
+    "total_size": "metadata.total_size differs from the tensor data bytes",
+    "missing_tensor": "an expected tensor is absent",
+    "unexpected_tensor": "a tensor the config does not expect",
+    "wrong_shape": "a tensor has the wrong shape",
+    "wrong_dtype": "a tensor has the wrong dtype",
+    "missing_scale": "an FP8 weight without its _scale_inv",
+    "orphan_scale": "a _scale_inv without its weight",
+}
+
+
+def validate(path: str | Path) -> list[Problem]:
+    """Every problem of the checkpoint at `path` (empty list: valid). Reads headers only."""
+    path = Path(path)
+    if not path.is_dir():
+        return [Problem("no_directory", str(path), None, "no such checkpoint directory")]
+    problems: list[Problem] = []
+
+    def add(kind: str, file: str | None, tensor: str | None, message: str) -> None:
+        problems.append(Problem(kind, file, tensor, message))
+
+    # config
+    cfg: ModelConfig | None = None
+    try:
+        cfg = ModelConfig.from_json(path / CONFIG_NAME)
+    except ConfigError as e:
+        add("config", CONFIG_NAME, None, str(e))
+
+    # index
+    weight_map: dict[str, str] | None = None
+    total_size = None
+    ip = path / INDEX_NAME
+    if ip.is_file():
+        try:
+            d = json.loads(ip.read_text())
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            add("index", INDEX_NAME, None, f"not valid JSON ({e})")
+        else:
+            wm = d.get("weight_map")
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                add("index", INDEX_NAME, None, "no weight_map mapping tensor names to shard files")
+            else:
+                weight_map = wm
+            total_size = (d.get("metadata") or {}).get("total_size")
+            if total_size is None:
+                add("total_size", INDEX_NAME, None, "metadata.total_size is missing")
+    elif (path / SINGLE_FILE).is_file():
+        weight_map = None  # single-file checkpoint: the header is the map
+    else:
+        add("index", INDEX_NAME, None, "missing: no index and no model.safetensors")
+
+    # shard headers: every shard the index names, plus any other *.safetensors in the directory
+    index_shards = list(dict.fromkeys(weight_map.values())) if weight_map else []
+    on_disk = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+    headers: dict[str, ShardHeader] = {}
+    bad_shards: set[str] = set()
+    for shard in index_shards + [s for s in on_disk if s not in index_shards]:
+        p = path / shard
+        if not p.is_file():
+            names = [n for n, s in weight_map.items() if s == shard] if weight_map else []
+            add("missing_shard", shard, names[0] if names else None,
+                f"shard file is missing; the index maps {len(names)} tensors to it "
+                f"(first: {', '.join(names[:3])})")
+            bad_shards.add(shard)
+            continue
+        try:
+            headers[shard] = read_header(p)
+        except HeaderError as e:
+            add(e.kind, shard, e.tensor, str(e))
+            bad_shards.add(shard)
+    if weight_map is None and not ip.is_file() and SINGLE_FILE in headers:
+        weight_map = {n: SINGLE_FILE for n in headers[SINGLE_FILE].entries}
+
+    # where each tensor actually is
+    found: dict[str, list[str]] = defaultdict(list)
+    for shard, h in headers.items():
+        for n in h.entries:
+            found[n].append(shard)
+    for n, shards in found.items():
+        if len(shards) > 1:
+            add("duplicate_tensor", shards[1], n, f"stored in {len(shards)} shards: "
+                f"{', '.join(shards)}")
+    if weight_map is not None:
+        for n, shard in weight_map.items():
+            if shard in bad_shards:
+                continue  # already reported for the whole shard
+            if n in headers[shard].entries:
+                continue
+            if found.get(n):
+                add("wrong_shard", shard, n, f"the index says {shard} but the tensor is in "
+                    f"{', '.join(found[n])}")
+            else:
+                add("not_in_shard", shard, n, f"the index says {shard} but that shard does not "
+                    f"hold the tensor")
+        for n, shards in found.items():
+            if n not in weight_map:
+                add("not_in_index", shards[0], n, f"tensor is in shard {shards[0]} but not in "
+                    f"{INDEX_NAME}")
+
+    # total_size: data bytes of every tensor stored in the indexed shards (each tensor once)
+    if weight_map is not None and isinstance(total_size, int) and not bad_shards:
+        actual = sum(headers[shards[0]].entries[n].nbytes for n, shards in found.items()
+                     if shards[0] in index_shards)
+        if actual != total_size:
+            add("total_size", INDEX_NAME, None, f"metadata.total_size is {total_size} but the "
+                f"shards hold {actual} bytes of tensor data")
+    elif total_size is not None and not isinstance(total_size, int):
+        add("total_size", INDEX_NAME, None, f"metadata.total_size is not an integer: {total_size!r}")
+
+    # what the checkpoint holds: index names (with header info where readable)
+    present: dict[str, HeaderEntry | None] = {}
+    file_of: dict[str, str] = {}
+    for n, shards in found.items():
+        present[n] = headers[shards[0]].entries[n]
+        file_of[n] = shards[0]
+    if weight_map is not None:
+        for n, s in weight_map.items():
+            if n not in present:
+                present[n] = None  # its shard is missing or unreadable: presence only
+                file_of[n] = s
+            elif s in headers and n in headers[s].entries:
+                present[n] = headers[s].entries[n]
+                file_of[n] = s
+
+    # FP8 pairing (the release's rule, independent of the config)
+    paired: set[str] = set()
+    for n, e in present.items():
+        if n.endswith(SCALE_SUFFIX):
+            w = n[: -len(SCALE_SUFFIX)]
+            if w not in present:
+                add("orphan_scale", file_of[n], n, f"scale without its weight {w}")
+                paired.add(w)
+        elif e is not None and e.dtype == "F8_E4M3" and n + SCALE_SUFFIX not in present:
+            add("missing_scale", file_of[n], n, f"FP8 weight without its scale {n + SCALE_SUFFIX}")
+            paired.add(n + SCALE_SUFFIX)
+
+    # against the expected table
+    if cfg is not None:
+        expected = expected_tensors(cfg, mtp=cfg.num_nextn_predict_layers > 0)
+        missing = [n for n in expected if n not in present and n not in paired]
+        for n in missing:
+            add("missing_tensor", INDEX_NAME, n, f"expected {expected[n].dtype} {list(expected[n].shape)} "
+                f"is in no shard and not in the index")
+        for n, e in present.items():
+            spec = expected.get(n)
+            if spec is None:
+                if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] not in present:
+                    continue  # reported as orphan_scale
+                why = "the config does not expect this tensor"
+                if n.endswith(SCALE_SUFFIX) and not cfg.is_fp8:
+                    why += " (config.json has no quantization_config: a bf16 checkpoint)"
+                add("unexpected_tensor", file_of[n], n, why)
+                continue
+            if e is None:
+                continue
+            if e.shape != spec.shape:
+                add("wrong_shape", file_of[n], n, f"shape {list(e.shape)}, expected "
+                    f"{list(spec.shape)}")
+            if e.dtype != spec.dtype:
+                add("wrong_dtype", file_of[n], n, f"dtype {e.dtype}, expected {spec.dtype}")
+    return problems
