@@ -50,6 +50,7 @@ class StageWorker:
         self.busy_s = 0.0
         self.steps = 0
         self.load_info: dict = {}
+        self.net: dict = {}
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -79,7 +80,11 @@ class StageWorker:
             group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if stage == self.plan.stage:
                 self.ep_group = group
-        return {"ifname": env, "node_ip": ip}
+        self.net = {"node_ip": ip, "rendezvous": f"{addr}:{port}",
+                    "socket_ifname": {v: os.environ.get(v) for v in
+                                      ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")},
+                    "ifname_set_here": env}
+        return self.net
 
     def load(self) -> dict:
         from ds3dist.model.load import load_model
@@ -183,7 +188,7 @@ class StageWorker:
                 s = getattr(moe.dispatcher, "stats", None)
                 if s is not None:
                     load[layer_id] = s()
-        return {**self.node_info(), **self.load_info, "rss_bytes": _rss_bytes(),
+        return {**self.node_info(), **self.load_info, "net": self.net, "rss_bytes": _rss_bytes(),
                 "busy_seconds": self.busy_s, "steps": self.steps, "dispatch": load}
 
     def shutdown(self) -> None:

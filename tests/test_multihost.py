@@ -1,0 +1,162 @@
+"""Two Ray hosts in network namespaces: rendezvous on the IPs Ray knows, interfaces derived.
+
+Each host is a network namespace with one veth end (198.18.0.1 and .2, the benchmarking
+range); the Ray head, the worker node and the driver all run inside the namespaces, so no
+traffic leaves them. Needs root and iproute2; skipped otherwise.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+H1_IP, H2_IP, PORT = "198.18.0.1", "198.18.0.2", 6391
+PROMPTS = ["The capital of France is", "Hello", "1 2 3 4 5 6", "def f(x):"]
+
+
+def _netns_possible() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    probe = f"ds3p{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True)
+    if r.returncode:
+        return f"cannot create network namespaces: {r.stderr.decode().strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def _sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+def _in_ns(ns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *args]
+
+
+def _kill_namespace_processes(ns: str) -> None:
+    """SIGTERM then SIGKILL every process this test started inside namespace `ns`."""
+    def pids():
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def two_hosts():
+    why = _netns_possible()
+    if why:
+        pytest.skip(why)
+    tag = str(os.getpid())[-5:]
+    h1, h2, v1, v2 = f"ds3a{tag}", f"ds3b{tag}", f"d3a{tag}", f"d3b{tag}"
+    _sh("ip", "netns", "add", h1)
+    _sh("ip", "netns", "add", h2)
+    try:
+        _sh("ip", "link", "add", v1, "type", "veth", "peer", "name", v2)
+        _sh("ip", "link", "set", v1, "netns", h1)
+        _sh("ip", "link", "set", v2, "netns", h2)
+        for ns, dev, ip in ((h1, v1, H1_IP), (h2, v2, H2_IP)):
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield {"h1": h1, "h2": h2, "if1": v1, "if2": v2}
+    finally:
+        for ns in (h1, h2):
+            _kill_namespace_processes(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _wait_port(ns: str, ip: str, port: int, timeout: float) -> None:
+    probe = (f"import socket,sys\ns=socket.socket()\ns.settimeout(1)\n"
+             f"sys.exit(s.connect_ex(('{ip}', {port})))")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(_in_ns(ns, sys.executable, "-c", probe), capture_output=True).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on {ip}:{port} in {ns} after {timeout} s")
+
+
+DRIVER = r"""
+import json, sys, time, torch, ray
+ray.init(address=sys.argv[2], log_to_driver=False)
+deadline = time.monotonic() + 90
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    if time.monotonic() > deadline:
+        sys.exit("the second Ray node never registered")
+    time.sleep(0.5)
+from ds3dist import Engine, ParallelLayout
+prompts = json.loads(sys.argv[3])
+with Engine(sys.argv[1], ParallelLayout(pp=1, ep=2), execution="bf16", dtype=torch.float32,
+            collective_timeout_s=60) as engine:
+    results = engine.generate(prompts, max_new_tokens=8)
+    stats = engine.stats()
+print("RESULT " + json.dumps({"tokens": [r.token_ids for r in results],
+                             "ranks": [{"node_ip": s["node_ip"], "net": s["net"]}
+                                       for s in stats["ranks"]]}))
+"""
+
+
+def test_engine_across_two_hosts(two_hosts, tiny_fp8_dir, tmp_path):
+    import ds3dist
+    from ds3dist.tokenizer import load_tokenizer
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "DS3DIST_TORCH_THREADS": "1"}
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RAY_ADDRESS"):
+        env.pop(var, None)
+    t1, t2 = (tempfile.mkdtemp(prefix="r", dir="/tmp") for _ in range(2))  # short socket paths
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    logs = [open(tmp_path / f"{n}.log", "w") for n in ("head", "worker")]
+    try:
+        subprocess.Popen(_in_ns(two_hosts["h1"], ray_bin, "start", "--head", f"--port={PORT}",
+                                f"--node-ip-address={H1_IP}", f"--temp-dir={t1}",
+                                "--include-dashboard=false", *common),
+                         env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_port(two_hosts["h1"], H1_IP, PORT, 90)
+        subprocess.Popen(_in_ns(two_hosts["h2"], ray_bin, "start", f"--address={H1_IP}:{PORT}",
+                                f"--node-ip-address={H2_IP}", f"--temp-dir={t2}", *common),
+                         env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.run(
+            _in_ns(two_hosts["h1"], sys.executable, "-c", DRIVER, str(tiny_fp8_dir),
+                   f"{H1_IP}:{PORT}", json.dumps(PROMPTS)),
+            env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        for f in logs:
+            f.close()
+    line = [ln for ln in driver.stdout.splitlines() if ln.startswith("RESULT ")]
+    node_logs = {n: (tmp_path / f"{n}.log").read_text()[-2000:] for n in ("head", "worker")}
+    assert driver.returncode == 0 and line, (driver.stdout[-3000:], driver.stderr[-3000:], node_logs)
+    got = json.loads(line[0][len("RESULT "):])
+
+    # one rank per host; each joined the group on its own address and interface
+    ips = sorted(r["node_ip"] for r in got["ranks"])
+    assert ips == [H1_IP, H2_IP]
+    for r in got["ranks"]:
+        want_if = two_hosts["if1"] if r["node_ip"] == H1_IP else two_hosts["if2"]
+        assert r["net"]["socket_ifname"]["GLOO_SOCKET_IFNAME"] == want_if
+        assert r["net"]["rendezvous"].startswith(H1_IP + ":")
+
+    model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
+    want = ds3dist.generate(model, load_tokenizer(tiny_fp8_dir), PROMPTS, max_new_tokens=8)
+    assert got["tokens"] == [w.token_ids for w in want]
+    for t in (t1, t2):
+        shutil.rmtree(t, ignore_errors=True)
