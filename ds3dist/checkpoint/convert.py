@@ -22,12 +22,12 @@ import os
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import torch
 
 from ds3dist.checkpoint import fp8
+from ds3dist.checkpoint._callable import make_module_callable
 from ds3dist.checkpoint.layout import SCALE_SUFFIX, TensorSpec, expected_tensors
 from ds3dist.checkpoint.reader import (
     CONFIG_NAME,
@@ -189,14 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """`ds3dist.checkpoint.convert` is both this module and its function: calling it calls convert()."""
-
-    def __call__(self, *args, **kwargs):
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, convert)
 
 if __name__ == "__main__":
     sys.exit(main())

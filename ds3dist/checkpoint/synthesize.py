@@ -32,13 +32,13 @@ import math
 import shutil
 import struct
 import sys
-import types
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ds3dist.checkpoint import fp8
+from ds3dist.checkpoint._callable import make_module_callable
 from ds3dist.checkpoint.layout import (
     SCALE_SUFFIX,
     TORCH_TO_ST,
@@ -330,14 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """`ds3dist.checkpoint.synthesize` is both this module and its function: calling it calls synthesize()."""
-
-    def __call__(self, *args, **kwargs):
-        return synthesize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_module_callable(__name__, synthesize)
 
 if __name__ == "__main__":
     sys.exit(main())
