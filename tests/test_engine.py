@@ -175,3 +175,14 @@ def test_early_stops_and_seeded_sampling_match_single_process(ray_cluster, tiny_
         [(w.token_ids, w.finish_reason, w.text) for w in want_stop]
     assert [g.token_ids for g in got_sampled] == [w.token_ids for w in want_sampled]
     assert [g.token_ids for g in got_sampled] != [r.token_ids[:8] for r in ref_results]
+
+
+def test_more_ranks_than_the_cluster_has(ray_cluster, tiny_fp8_dir):
+    from ds3dist import Engine
+    from ds3dist.parallel.layout import LayoutError
+
+    with pytest.raises(LayoutError) as e:
+        Engine(tiny_fp8_dir, ParallelLayout(pp=3, ep=4), execution="bf16")
+    assert "needs 12 ranks" in str(e.value) and "Ray reports" in str(e.value)
+    assert ray_cluster.util.placement_group_table() == {} or all(
+        pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
