@@ -12,7 +12,6 @@ from ds3dist.checkpoint.layout import expected_tensors
 from ds3dist.config import ModelConfig, preset
 from ds3dist.model.cache import AttnBatch
 from ds3dist.model.dispatch import LocalDispatcher
-from ds3dist.model.experts import Experts
 from ds3dist.model.gate import Gate, route
 from ds3dist.model.linear import Linear
 from ds3dist.model.load import build_model

@@ -157,7 +157,7 @@ def convert(
 
         problems = validate(tmp)
         if problems:
-            raise CheckpointError(f"converted checkpoint failed validation:\n  "
+            raise CheckpointError("converted checkpoint failed validation:\n  "
                                   + "\n  ".join(map(str, problems)))
         if dst.exists():
             _check_dst(dst, force)  # re-check: something may have appeared meanwhile

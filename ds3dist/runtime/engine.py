@@ -8,17 +8,13 @@ object; the last stage samples and only token ids come back to feed the first st
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from pathlib import Path
 
 from ds3dist.config import ModelConfig
 from ds3dist.generation import GenerationResult, SamplingParams, StopChecker, encode_prompts
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.worker import StageWorker
-
-log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
