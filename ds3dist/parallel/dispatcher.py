@@ -56,9 +56,6 @@ class AllToAllDispatcher:
         self.sent_e = torch.zeros(self.n_experts, dtype=torch.int64)
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64)
 
-    def _device(self, x: torch.Tensor) -> torch.device:
-        return x.device
-
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         dev = x_td.device
         t, k = idx_tk.shape
@@ -72,10 +69,11 @@ class AllToAllDispatcher:
         counts_e = torch.bincount(idx_n, minlength=self.n_experts).cpu()
         self.sent_e += counts_e
 
-        # 2. everyone's per-expert counts
-        gathered = [torch.empty_like(counts_e) for _ in range(self.world)]
-        dist.all_gather(gathered, counts_e, group=self.group)
-        counts_re = torch.stack(gathered)  # [R, E]
+        # 2. everyone's per-expert counts (on the payload's device: NCCL needs CUDA tensors)
+        counts_dev = counts_e.to(dev)
+        gathered = [torch.empty_like(counts_dev) for _ in range(self.world)]
+        dist.all_gather(gathered, counts_dev, group=self.group)
+        counts_re = torch.stack(gathered).cpu()  # [R, E]
         owner_cpu = self.owner_e
         send_splits = [int(counts_e[owner_cpu == r].sum()) for r in range(self.world)]
         mine = torch.tensor(self.local_experts, dtype=torch.int64)
