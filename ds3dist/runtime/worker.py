@@ -42,7 +42,6 @@ class StageWorker:
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.attn_form = attn_form
         self.transfer = transfer  # stage-to-stage hidden states: "ray" objects or "p2p"
-        self.act_dtype = self.dtype or torch.bfloat16
         self.device = torch.device("cuda", 0) if layout.device == "cuda" else torch.device("cpu")
         self.model = None
         self.ep_group = None
@@ -158,7 +157,7 @@ class StageWorker:
     def _recv(self, new_lens: list[int]) -> torch.Tensor:
         src = self.layout.rank_of(self.plan.stage - 1, self.plan.ep_rank)
         h_btd = torch.empty(len(new_lens), max(new_lens, default=1),
-                            self.model.config.hidden_size, dtype=self.act_dtype, device=self.device)
+                            self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
         if h_btd.numel():
             dist.recv(h_btd, src=src)
         return h_btd
