@@ -39,13 +39,14 @@ def reference(tiny_fp8_dir):
     return results, logits
 
 
-@pytest.mark.parametrize("pp,ep", [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)])
-def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep):
+@pytest.mark.parametrize("pp,ep,transfer", [(1, 1, "ray"), (2, 1, "ray"), (1, 2, "ray"),
+                                             (2, 2, "ray"), (1, 4, "ray"), (2, 2, "p2p")])
+def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep, transfer):
     from ds3dist import Engine
 
     ref_results, ref_logits = reference
     with Engine(tiny_fp8_dir, ParallelLayout(pp=pp, ep=ep), execution="bf16",
-                dtype=torch.float32) as engine:
+                dtype=torch.float32, transfer=transfer) as engine:
         got = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
         for g, r in zip(got, ref_results):
             assert g.token_ids == r.token_ids
