@@ -113,8 +113,6 @@ class Engine:
             return []
         limit = self.config.max_position_embeddings
         for i, p in enumerate(ids):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
             if len(p) + max_new_tokens > limit:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} "
                                  f"exceed max_position_embeddings {limit}")
