@@ -79,11 +79,13 @@ def _is_num(v: Any) -> bool:
             and math.isfinite(float(v)))
 
 
-def _check_sampling(over: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> dict:
-    """Merge per-request overrides into the defaults; raise _Bad naming a bad key."""
+def _check_sampling(over: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
+                    names: dict[str, str] | None = None) -> dict:
+    """Merge per-request overrides into the defaults; raise _Bad naming a bad key as the line
+    spelt it (names: our key -> the line's key, e.g. max_new_tokens -> max_tokens)."""
     s = dict(defaults)
     for k, v in over.items():
-        name = prefix + k
+        name = prefix + (names or {}).get(k, k)
         if k == "max_new_tokens":
             if not is_int(v) or v < 1:
                 raise _Bad("invalid_value", f"{name}: must be an integer >= 1, got {v!r}")
@@ -226,9 +228,10 @@ def _parse_native(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
         raise _Bad("missing_required_parameter" if not has_p else "invalid_request",
                    "needs exactly one of prompt or messages")
     over = {k: obj[k] for k in SAMPLING_KEYS if k in obj}
+    mt_name = "max_new_tokens"
     if "max_tokens" in obj and "max_new_tokens" not in obj:
-        over["max_new_tokens"] = obj["max_tokens"]
-    sampling = _check_sampling(over, defaults)
+        over["max_new_tokens"], mt_name = obj["max_tokens"], "max_tokens"
+    sampling = _check_sampling(over, defaults, names={"max_new_tokens": mt_name})
     if has_p:
         if not isinstance(obj["prompt"], str):
             raise _Bad("invalid_value", f"prompt: must be a string, got "
@@ -270,10 +273,8 @@ def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
             break
     else:
         mt_name = "max_tokens"
-    try:
-        sampling = _check_sampling(over, defaults, prefix="body.")
-    except _Bad as e:
-        raise _Bad(e.code, e.message.replace("body.max_new_tokens", f"body.{mt_name}")) from None
+    sampling = _check_sampling(over, defaults, prefix="body.",
+                               names={"max_new_tokens": mt_name})
     if endpoint == "chat":
         if "messages" not in body:
             raise _Bad("missing_required_parameter", "body.messages: required for " + url)
@@ -301,22 +302,27 @@ def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
 
 
 def parse_input(lines: Sequence[str], fmt: str, enc: PromptEncoder,
-                defaults: dict[str, Any]) -> ParsedInput:
+                defaults: dict[str, Any], bad_lines: dict[int, str] | None = None) -> ParsedInput:
     """Parse every line: valid requests (first occurrence of an id wins) and per-line errors.
 
-    fmt is 'native' or 'openai' (the caller resolves 'auto' with `detect_format`).
+    fmt is 'native' or 'openai' (the caller resolves 'auto' with `detect_format`); bad_lines:
+    1-based line -> why it could not be decoded (`ds3dist.jobs.input_text`).
     """
     parse = _parse_openai if fmt == "openai" else _parse_native
+    bad_lines = bad_lines or {}
     out = ParsedInput()
     seen: dict[str, int] = {}
     for i, raw in enumerate(lines, start=1):
         text = raw.strip()
-        if not text:
+        if not text and i not in bad_lines:
             continue
         out.lines += 1
         rid: Any = None
         err_key: str | None = None
         try:
+            if i in bad_lines:
+                err_key = "line:" + str(i) if fmt == "openai" else None
+                raise _Bad("invalid_encoding", bad_lines[i])
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
