@@ -8,31 +8,25 @@ openai  the OpenAI batch-output format: `{"id", "custom_id", "response": {"statu
         malformed request gets an output line with `"response": null, "error": {"code",
         "message"}` (and an errors-file entry).
 
-Records are appended with one write and fsync'd (`append_records`); `scan_output` finds the
-requests an earlier run already wrote (cutting off a truncated last line left by a kill).
-Whole files (the errors file, the job summary) are replaced atomically (`write_atomic`).
+The output file itself (lock, append, resume scan) is `ds3dist.jobs.output_file`. Whole files
+(the errors file, the job summary) are replaced atomically (`write_atomic`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from ds3dist.jobs.errors import JobError
+from ds3dist.jobs.output_file import jsonl
 from ds3dist.jobs.requests import LineError, Request, id_key
-
-log = logging.getLogger(__name__)
 
 
 def _req_hash(*parts: Any) -> str:
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:24]
-
-
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def output_key(rec: Any, fmt: str) -> str | None:
@@ -48,48 +42,6 @@ def output_key(rec: Any, fmt: str) -> str | None:
             return "line:" + rid[len("batch_req_line"):]
         return None
     return id_key(rec["id"]) if "id" in rec else None
-
-
-def scan_output(fd: int, fmt: str) -> tuple[set[str], int]:
-    """Identities already in the output open at fd; cut a truncated last line off the file.
-
-    Returns (keys, number of complete records).
-    """
-    size = os.fstat(fd).st_size
-    data = os.pread(fd, size, 0) if size else b""
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        log.warning("output: dropping a truncated last line (%d bytes) left by an interrupted run",
-                    len(data) - end)
-        os.ftruncate(fd, end)
-        os.fsync(fd)
-    keys: set[str] = set()
-    n = 0
-    for j, raw in enumerate(data[:end].splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError:
-            log.warning("output line %d is not valid JSON; ignored", j)
-            continue
-        k = output_key(rec, fmt)
-        if k is not None:
-            keys.add(k)
-            n += 1
-    return keys, n
-
-
-def append_records(fd: int, records: list[dict]) -> None:
-    """Append records as JSON lines with one write, then fsync."""
-    if not records:
-        return
-    buf = _jsonl(records).encode()
-    view = memoryview(buf)
-    while view:
-        k = os.write(fd, view)
-        view = view[k:]
-    os.fsync(fd)
 
 
 def native_record(req: Request, res: Any, prompt_tokens: int) -> dict:
@@ -156,17 +108,23 @@ def openai_error_record(err: LineError) -> dict:
             "error": {"code": err.code, "message": f"line {err.line}: {err.message}"}}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace the file at path with text (written to a temporary file, fsync'd, renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_atomic(path: Path, text: str, key: str) -> None:
+    """Replace the file at path with text (a temporary file beside it, fsync'd, renamed);
+    JobError naming `key` and `path` if that fails (the old file is then left as it was)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise JobError(f"{key}: cannot write {path}: {e.strerror}") from None
 
 
 def write_errors(path: Path, errors: list[LineError]) -> None:
-    write_atomic(path, _jsonl([{"line": e.line, "id": e.id, "code": e.code, "reason": e.message,
-                                "raw": e.raw} for e in errors]))
+    write_atomic(path, jsonl([{"line": e.line, "id": e.id, "code": e.code, "reason": e.message,
+                                "raw": e.raw} for e in errors]), "job.errors")

@@ -61,11 +61,16 @@ def plot_expert_load(expert_load: dict[Any, Sequence[float]], path: Path,
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="tokens routed")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as e:  # the plot is a report: the job's records are already safe
+        log.warning("job.plot: cannot write %s: %s; no plot", path, e.strerror)
+        return None
+    finally:
+        plt.close(fig)
     return path
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n", "job.summary")
