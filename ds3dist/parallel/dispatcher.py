@@ -26,6 +26,18 @@ from ds3dist.model.dispatch import Dispatched
 
 
 @dataclass
+class CollectiveLog:
+    """A rank's collectives so far, shared by its dispatchers: when one hangs, the rank can
+    say which it was in, and the engine which rank is behind."""
+    entered: int = 0
+    last: str = ""
+
+    def enter(self, what: str) -> None:
+        self.entered += 1
+        self.last = what
+
+
+@dataclass
 class _Handle:
     order_n: torch.Tensor  # sort permutation of the N copies (send order)
     send_splits: list[int]  # rows sent to each rank
@@ -43,6 +55,7 @@ class AllToAllDispatcher:
         expert_to_rank: list[int],
         fp8_payload: bool = False,
         layer_id: int | None = None,
+        log: CollectiveLog | None = None,
     ):
         self.group = group
         self.rank = dist.get_rank(group)
@@ -52,6 +65,7 @@ class AllToAllDispatcher:
         self.local_experts = [j for j, r in enumerate(expert_to_rank) if r == self.rank]
         self.fp8_payload = fp8_payload
         self.layer_id = layer_id
+        self.log = log or CollectiveLog()
         # statistics: copies this rank sent per (global) expert, received per local expert
         self.sent_e = torch.zeros(self.n_experts, dtype=torch.int64)
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64)
@@ -72,6 +86,7 @@ class AllToAllDispatcher:
         # 2. everyone's per-expert counts (on the payload's device: NCCL needs CUDA tensors)
         counts_dev = counts_e.to(dev)
         gathered = [torch.empty_like(counts_dev) for _ in range(self.world)]
+        self.log.enter(f"all_gather of expert counts, layer {self.layer_id}")
         dist.all_gather(gathered, counts_dev, group=self.group)
         counts_re = torch.stack(gathered).cpu()  # [R, E]
         owner_cpu = self.owner_e
@@ -113,6 +128,7 @@ class AllToAllDispatcher:
 
     def _a2a(self, src: torch.Tensor, recv_splits: list[int], send_splits: list[int]) -> torch.Tensor:
         out = src.new_empty((sum(recv_splits), *src.shape[1:]))
+        self.log.enter(f"all_to_all, layer {self.layer_id}")
         dist.all_to_all_single(
             out, src.contiguous(), recv_splits, send_splits, group=self.group
         )

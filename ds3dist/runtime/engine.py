@@ -11,10 +11,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from ds3dist.config import ModelConfig
 from ds3dist.generation import GenerationResult, SamplingParams, StopChecker, encode_prompts
 from ds3dist.parallel.layout import ParallelLayout
+from ds3dist.runtime import cluster
 from ds3dist.runtime.worker import StageWorker
+from ds3dist.tokenizer import load_tokenizer
+
+PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
 
 
 class EngineError(RuntimeError):
@@ -37,9 +45,8 @@ class Engine:
         startup_timeout_s: float = 600.0,
         ray_address: str | None = None,
         num_cpus: int | None = None,
+        connect_timeout_s: float = 30.0,
     ):
-        import ray
-
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
         self.config = ModelConfig.from_json(self.checkpoint)
@@ -53,24 +60,18 @@ class Engine:
         self.actors: list = []
         self.infos: list[dict] = []
         self.pg = None
-        self._ray = ray
-        _ensure_ray(ray_address, num_cpus or max(8, self.layout.world_size))
+        self._calls: dict[int, dict] = {}  # micro-batch -> {ref: (rank, what)} in flight
+        cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size), connect_timeout_s)
         self.layout.check_resources(ray.available_resources())
         try:
             self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
-        from ds3dist.tokenizer import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.checkpoint)
 
     # ---- start-up ---------------------------------------------------------------------
     def _start(self, attn_form, execution, dtype, port, timeout):
-        ray = self._ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         gpu = self.layout.device == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.pg = placement_group([dict(bundle) for _ in self.plans], strategy="PACK")
@@ -94,7 +95,7 @@ class Engine:
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
-                               "rendezvous")[0]
+                               "rendezvous", ranks=[0])[0]
         self.rendezvous = (addr, port)
         self._get([a.init_distributed.remote(addr, port, self.collective_timeout_s)
                    for a in self.actors], timeout, "process-group set-up")
@@ -129,15 +130,16 @@ class Engine:
         waiting = {m: ep for m in range(m_count)}
         got: dict[int, dict[int, list[int]]] = {m: {} for m in range(m_count)}
         while pending:
-            ready, _ = self._ray.wait(list(pending), num_returns=1, timeout=self.step_timeout_s)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.step_timeout_s)
             if not ready:
-                raise self._failure(f"no step finished within {self.step_timeout_s:.0f} s")
+                raise self._failure(f"no step finished within {self.step_timeout_s:.0f} s",
+                                    calls=self._in_flight())
             ref = ready[0]
             m, r, is_last = pending.pop(ref)
             try:
-                value = self._ray.get(ref)
+                value = ray.get(ref)
             except Exception as e:  # an actor died or raised
-                raise self._failure(f"micro-batch {m} failed", e) from e
+                raise self._failure(f"micro-batch {m} failed", e, self._in_flight()) from e
             if not is_last:
                 continue
             got[m][r] = value
@@ -166,7 +168,9 @@ class Engine:
         refs = {}
         for m in range(len(owner)):
             refs.update(self._submit(m, owner[m], lambda i: ids[i], want="logits"))
-        values = self._get(list(refs), self.step_timeout_s, "scoring")
+        flight = self._in_flight()
+        values = self._get(list(refs), self.step_timeout_s, "scoring",
+                           ranks=[flight[ref][0] for ref in refs])
         out = [None] * len(ids)
         for (m, r, is_last), value in zip(refs.values(), values):
             if is_last:
@@ -205,34 +209,42 @@ class Engine:
         Returns ref -> (m, r, is_last_stage): the last stage's results, and with p2p
         transfer the earlier stages' refs too, so that a failure anywhere is seen at once."""
         last = {}
+        calls = self._calls[m] = {}  # the refs of this round's calls, for failure reports
         for r, seqs in enumerate(owner_m):
             payload = [payload_of(i) for i in seqs]
             new_lens = [len(p) for p in payload]
             rows = keep[r] if keep is not None else None
             ref = self._stage(0, r).step.remote(m, payload, new_lens, want, rows)
+            calls[ref] = (self.layout.rank_of(0, r), f"a step of micro-batch {m}")
             for s in range(1, self.layout.pp):
                 if self.transfer == "p2p":  # sent by torch.distributed; watch for failures
                     last[ref] = (m, r, False)
                     ref = self._stage(s, r).step.remote(m, None, new_lens, want, rows)
                 else:
                     ref = self._stage(s, r).step.remote(m, ref, new_lens, want, rows)
+                calls[ref] = (self.layout.rank_of(s, r), f"a step of micro-batch {m}")
             last[ref] = (m, r, True)
         return last
 
+    def _in_flight(self) -> dict:
+        return {ref: who for calls in self._calls.values() for ref, who in calls.items()}
+
     def _close(self, m: int) -> None:
+        self._calls.pop(m, None)
         for a in self.actors:
             a.end.remote(m)
 
     # ---- failure, stats, shutdown -----------------------------------------------------
-    def _get(self, refs, timeout, what):
-        ray = self._ray
+    def _get(self, refs, timeout, what, ranks=None):
+        """ray.get of one call per rank (ranks[i] made refs[i]; default: rank i), bounded."""
+        calls = {ref: (rank, what) for ref, rank in zip(refs, ranks or range(len(refs)))}
         ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         try:
             out = ray.get(ready)
         except Exception as e:
-            raise self._failure(f"{what} failed", e) from e
+            raise self._failure(f"{what} failed", e, calls) from e
         if not_ready:
-            raise self._failure(f"{what} did not finish within {timeout:.0f} s")
+            raise self._failure(f"{what} did not finish within {timeout:.0f} s", calls=calls)
         return out
 
     def _describe(self, rank: int) -> str:
@@ -240,21 +252,39 @@ class Engine:
         node = self.infos[rank]["node_ip"] if rank < len(self.infos) else "unknown node"
         return f"rank {rank} (stage {p.stage}, ep rank {p.ep_rank}) on node {node}"
 
-    def _failure(self, what: str, cause: BaseException | None = None) -> EngineError:
-        """Find the dead ranks, release everything, and build the error naming them."""
-        ray = self._ray
-        dead = []
+    def _failure(self, what: str, cause: BaseException | None = None,
+                 calls: dict | None = None) -> EngineError:
+        """Name every rank's part in a failure (its error whole, dead, or stopped and behind),
+        release everything, and return the EngineError to raise."""
+        lines = _call_reports(calls or {})
+        first = _cause_text(cause) if cause is not None else None
+        if first is not None and not any(first in text for text in lines.values()):
+            lines.setdefault(-1, first)
+        for rank, state in self._ping().items():
+            if state == "dead":
+                lines[rank] = "died (its actor is gone)"
+            elif state == "silent":
+                note = f"did not answer a ping within {PING_TIMEOUT_S:.0f} s"
+                lines[rank] = f"{lines[rank]}; {note}" if rank in lines else note
+        self.shutdown()
+        if not lines:
+            return EngineError(f"{what}; every rank answers, none reported an error")
+        body = "\n".join(f"  {self._describe(r) if r >= 0 else 'cause'}: {text}"
+                         for r, text in sorted(lines.items()))
+        return EngineError(f"{what}:\n{body}")
+
+    def _ping(self) -> dict[int, str]:
+        """rank -> 'ok', 'dead' (actor gone) or 'silent' (no answer: stopped, hung, or busy)."""
         pings = {a.node_info.remote(): i for i, a in enumerate(self.actors)}
-        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=10)
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
+        state = {i: "silent" for i in pings.values()}
         for ref in ready:
             try:
                 ray.get(ref)
+                state[pings[ref]] = "ok"
             except Exception:
-                dead.append(pings[ref])
-        who = "; ".join(self._describe(i) + " died" for i in sorted(dead)) or "no rank died"
-        detail = f": {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}" if cause else ""
-        self.shutdown()
-        return EngineError(f"{what}; {who}{detail}")
+                state[pings[ref]] = "dead"
+        return state
 
     def stats(self) -> dict:
         ranks = self._get([a.stats.remote() for a in self.actors], self.step_timeout_s, "stats")
@@ -271,7 +301,6 @@ class Engine:
                 "stage_seconds": stage_s}
 
     def shutdown(self) -> None:
-        ray = self._ray
         for a in self.actors:
             try:
                 ray.kill(a)
@@ -280,8 +309,6 @@ class Engine:
         self.actors = []
         if self.pg is not None:
             try:
-                from ray.util.placement_group import remove_placement_group
-
                 remove_placement_group(self.pg)
             except Exception:
                 pass
@@ -294,14 +321,33 @@ class Engine:
         self.shutdown()
 
 
-def _ensure_ray(address: str | None, num_cpus: int) -> None:
-    import ray
+def _cause_text(e: BaseException) -> str:
+    """The exception raised on a rank, type and message whole (Ray's wrapper removed)."""
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "died (its actor is gone)"
+    return f"{type(e).__name__}: {e}".rstrip()
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+def _call_reports(calls: dict) -> dict[int, str]:
+    """rank -> what became of its calls: its error, or that it has not finished one."""
+    if not calls:
+        return {}
+    done, running = ray.wait(list(calls), num_returns=len(calls), timeout=0)
+    out: dict[int, str] = {}
+    first_with: dict[str, int] = {}  # a later stage fails with its input's error: say so
+    for ref in sorted(done, key=lambda ref: calls[ref][0]):
+        try:
+            ray.get(ref)
+        except Exception as e:
+            rank, text = calls[ref][0], _cause_text(e)
+            if rank in out:
+                continue
+            src = first_with.setdefault(text, rank)
+            out[rank] = text if src == rank else f"the same error as rank {src} (an input)"
+    for ref in running:
+        rank, what = calls[ref]
+        out.setdefault(rank, f"has not finished {what}: behind the other ranks (stopped, hung "
+                             f"or waiting on an earlier stage)")
+    return out

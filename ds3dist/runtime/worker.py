@@ -17,8 +17,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import rendezvous
+
+
+class RankStepError(RuntimeError):
+    """A step failed on this rank; the message says where (step, last collective) and keeps
+    the original exception's type and message whole."""
 
 
 @dataclass
@@ -50,6 +56,7 @@ class StageWorker:
         self.steps = 0
         self.load_info: dict = {}
         self.net: dict = {}
+        self.collectives = CollectiveLog()
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -87,7 +94,6 @@ class StageWorker:
 
     def load(self) -> dict:
         from ds3dist.model.load import load_model
-        from ds3dist.parallel.dispatcher import AllToAllDispatcher
 
         t0 = time.perf_counter()
         self.model = load_model(
@@ -99,8 +105,8 @@ class StageWorker:
             owner = self.layout.expert_to_rank(self.model.config)
             for layer_id, moe in self.model.moe_layers().items():
                 moe.dispatcher = AllToAllDispatcher(
-                    self.ep_group, owner, fp8_payload=(self.execution == "fp8"), layer_id=layer_id
-                )
+                    self.ep_group, owner, fp8_payload=(self.execution == "fp8"),
+                    layer_id=layer_id, log=self.collectives)
         self.load_info = {"bytes_read": self.model.load_stats["bytes_read"],
                           "load_seconds": time.perf_counter() - t0, "rss_bytes": _rss_bytes()}
         return self.load_info
@@ -125,6 +131,20 @@ class StageWorker:
         logits of each sequence's new positions (want="logits"). keep: the cache rows that
         stay (finished sequences leave first)."""
         t0 = time.perf_counter()
+        entered = self.collectives.entered
+        try:
+            out = self._step(mb, payload, new_lens, want, keep)
+        except Exception as e:
+            log = self.collectives
+            where = (f", in collective #{log.entered} ({log.last})" if log.entered > entered
+                     else "")
+            raise RankStepError(f"step {self.steps + 1} (micro-batch {mb}){where}: "
+                                f"{type(e).__name__}: {e}") from e
+        self.busy_s += time.perf_counter() - t0
+        self.steps += 1
+        return out
+
+    def _step(self, mb: int, payload, new_lens: list[int], want: str, keep: list[int] | None):
         sub = self.subs[mb]
         if keep is not None and len(keep) < sub.cache.batch:
             sub.cache.select(keep)
@@ -150,8 +170,6 @@ class StageWorker:
                 out = [logits_btv[i, :n] for i, n in enumerate(new_lens)]
             else:
                 out = self._sample(sub, h_btd, new_lens)
-        self.busy_s += time.perf_counter() - t0
-        self.steps += 1
         return out
 
     def _recv(self, new_lens: list[int]) -> torch.Tensor:
@@ -159,12 +177,15 @@ class StageWorker:
         h_btd = torch.empty(len(new_lens), max(new_lens, default=1),
                             self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
         if h_btd.numel():
+            self.collectives.enter(f"recv of hidden states from rank {src}")
             dist.recv(h_btd, src=src)
         return h_btd
 
     def _send(self, h_btd: torch.Tensor) -> None:
         if h_btd.numel():
-            dist.send(h_btd.contiguous(), dst=self.layout.rank_of(self.plan.stage + 1, self.plan.ep_rank))
+            dst = self.layout.rank_of(self.plan.stage + 1, self.plan.ep_rank)
+            self.collectives.enter(f"send of hidden states to rank {dst}")
+            dist.send(h_btd.contiguous(), dst=dst)
 
     def _sample(self, sub: _SubBatch, h_btd: torch.Tensor, new_lens: list[int]) -> list[int]:
         from ds3dist.generation import sample_next
