@@ -7,45 +7,63 @@
     python -m ds3dist.launch +parallel=ep16 model=deepseek_v3 --cfg job   # show the config
     python -m ds3dist.launch +parallel=pp4ep16 model=deepseek_v3 job.dry_run=true  # rank plan
 
-Steps: validate the config (layout planned against the model: a bad value fails naming it),
-synthesize the preset into the cache when `model.path` is null and the cache lacks it, start
-the Engine (a new local Ray cluster, or the one at runtime.address / $RAY_ADDRESS), run the
-batch job (ds3dist.jobs.batch), print where the outputs are, shut the Engine down.
+Steps: validate the config (layout planned against the model: a bad value fails naming it);
+preflight, before any Ray cluster starts: read the input (encoding named, binary refused, an
+empty input ends here with a warning), lock the output and check the files beside it, reach
+the Ray address within runtime.connect_timeout_s, synthesize the preset into the cache when
+`model.path` is null and the cache lacks it, validate the checkpoint's headers (and with
+model.verify its data); then start the Engine, run the batch job (ds3dist.jobs.batch), print
+where the outputs are, shut the Engine down. A failure prints one line naming its cause; the
+traceback goes to the run's log file, whose path is printed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Callable
 
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ds3dist.checkpoint.synthesize import synthesize
+from ds3dist.config import ConfigError
 from ds3dist.jobs import schema
-from ds3dist.jobs.batch import JobError, default_paths, run_batch_job
+from ds3dist.jobs.batch import default_paths, run_batch_job
+from ds3dist.jobs.errors import JobError
+from ds3dist.jobs.input_text import InputText, read_input
+from ds3dist.jobs.output_file import OutputFile
+from ds3dist.jobs.preflight import check_checkpoint, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
+from ds3dist.parallel.layout import LayoutError
+from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
+from ds3dist.runtime.engine import Engine, EngineError
+from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
+REAL_WEIGHTS_COMMAND = ("python -m ds3dist.launch model=deepseek_v3 model.path=/path/to/DeepSeek-V3 "
+                        "+parallel=ep8 execution=fp8 job.input=prompts.jsonl")
 EngineFactory = Callable[..., Any]
 
 
 def bundled_sample() -> Path:
     """The sample prompts shipped with the package (ds3dist/data/sample_prompts.jsonl)."""
-    from importlib.resources import files
-
     return Path(str(files("ds3dist") / "data" / SAMPLE_PROMPTS))
 
 
 def _run_dir() -> Path:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # not under @hydra.main (compose API, tests)
         return Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -69,8 +87,6 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
     target = schema.cached_checkpoint_dir(name, seed)
     if (target / "config.json").is_file():
         return target
-    from ds3dist.checkpoint.synthesize import synthesize
-
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"synthesizing the {name} checkpoint (seed {seed}) into {target}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -88,19 +104,46 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
 
 def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
     """The distributed Engine for this config (Ray cluster started or joined by the Engine)."""
-    import torch
-
-    from ds3dist.runtime.engine import Engine
-
     dtype = cfg.execution.dtype
-    opts = schema.runtime_options(cfg)
     return Engine(
         checkpoint,
         resolved.layout,
         execution=schema.execution_mode(cfg),
         dtype=None if dtype is None else getattr(torch, dtype),
-        **opts,
+        **schema.runtime_options(cfg),
     )
+
+
+@dataclass
+class _Prepared:
+    """What the preflight checks produced: nothing of it needs a Ray cluster."""
+    input: InputText
+    output: OutputFile  # locked
+    paths: tuple[Path, Path, Path, Path]  # output, errors, summary, plot
+    checkpoint: Path
+
+
+def preflight(cfg: Any, progress: bool) -> _Prepared | None:
+    """Every check that needs no cluster, cheapest first; None for an empty input."""
+    input_path = Path(cfg.job.input) if cfg.job.input is not None else bundled_sample()
+    inp = read_input(input_path)
+    if inp.nonblank == 0:
+        print(f"warning: job.input: {input_path} holds no requests; nothing to do",
+              file=sys.stderr, flush=True)
+        return None
+    output = Path(cfg.job.output) if cfg.job.output is not None else _run_dir() / "results.jsonl"
+    paths = default_paths(output, cfg.job.errors, cfg.job.summary, cfg.job.plot)
+    out = OutputFile.open(paths[0])
+    try:
+        check_side_files({"job.errors": paths[1], "job.summary": paths[2], "job.plot": paths[3]})
+        address, source = ray_address(cfg.runtime.address)
+        check_address(address, source, float(cfg.runtime.connect_timeout_s))
+        checkpoint = resolve_checkpoint(cfg, progress=progress)
+        check_checkpoint(checkpoint, verify=bool(cfg.model.verify), progress=progress)
+    except BaseException:
+        out.close()
+        raise
+    return _Prepared(inp, out, paths, checkpoint)
 
 
 def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any] | None:
@@ -112,80 +155,91 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
     if cfg.job.dry_run:
         print(schema.describe(resolved.model, resolved.layout))
         return None
-    input_path = Path(cfg.job.input) if cfg.job.input is not None else bundled_sample()
-    if not input_path.is_file():
-        raise LaunchConfigError(f"job.input: no such file {input_path}")
     progress = bool(cfg.job.progress)
-    checkpoint = resolve_checkpoint(cfg, progress=progress)
-    output = Path(cfg.job.output) if cfg.job.output is not None else _run_dir() / "results.jsonl"
-    out_path, err_path, sum_path, png_path = default_paths(
-        output, cfg.job.errors, cfg.job.summary, cfg.job.plot)
-
-    from ds3dist.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(checkpoint)
+    prep = preflight(cfg, progress)
+    if prep is None:
+        return None
+    checkpoint = prep.checkpoint
     model_name = cfg.model.preset or checkpoint.name
-    print(f"model {model_name} from {checkpoint}; layout pp={resolved.layout.pp} "
-          f"ep={resolved.layout.ep} ({resolved.layout.world_size} ranks, "
-          f"{resolved.layout.device}); execution {schema.execution_mode(cfg)}", flush=True)
-    print(f"input {input_path}", flush=True)
+    with prep.output as out:
+        tokenizer = load_tokenizer(checkpoint)
+        print(f"model {model_name} from {checkpoint}; layout pp={resolved.layout.pp} "
+              f"ep={resolved.layout.ep} ({resolved.layout.world_size} ranks, "
+              f"{resolved.layout.device}); execution {schema.execution_mode(cfg)}", flush=True)
+        print(f"input {prep.input.path}", flush=True)
+        engine = (engine_factory or make_engine)(checkpoint, resolved, cfg)
+        try:
+            summary = run_batch_job(
+                engine, tokenizer, prep.input, out,
+                sampling=schema.sampling_defaults(cfg),
+                batch_size=int(cfg.job.batch_size),
+                errors_path=prep.paths[1], summary_path=prep.paths[2], plot_path=prep.paths[3],
+                max_prompt_tokens=cfg.job.max_prompt_tokens,
+                max_position_embeddings=resolved.model.max_position_embeddings,
+                fmt=schema.job_format(cfg), model_name=model_name, progress=progress,
+                mtp_layers=resolved.model.mtp_layer_ids,
+                meta={"checkpoint": str(checkpoint),
+                      "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+                      if isinstance(cfg, DictConfig) else None},
+            )
+        finally:
+            shutdown = getattr(engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+    _print_closing(summary, prep.paths, synthesized=cfg.model.path is None, model=model_name)
+    return summary
 
-    factory = engine_factory or make_engine
-    engine = factory(checkpoint, resolved, cfg)
-    try:
-        summary = run_batch_job(
-            engine,
-            tokenizer,
-            input_path,
-            out_path,
-            sampling=schema.sampling_defaults(cfg),
-            batch_size=int(cfg.job.batch_size),
-            errors_path=err_path,
-            summary_path=sum_path,
-            plot_path=png_path,
-            max_prompt_tokens=cfg.job.max_prompt_tokens,
-            max_position_embeddings=resolved.model.max_position_embeddings,
-            fmt=schema.job_format(cfg),
-            model_name=model_name,
-            progress=progress,
-            mtp_layers=resolved.model.mtp_layer_ids,
-            meta={"checkpoint": str(checkpoint),
-                  "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-                  if isinstance(cfg, DictConfig) else None},
-        )
-    finally:
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
 
+def _print_closing(summary: dict[str, Any], paths: tuple[Path, ...], synthesized: bool,
+                   model: str) -> None:
     c, t = summary["counts"], summary["throughput"]
-    print(f"outputs: {out_path.resolve()} ({c['output_records']} records; {c['generated']} "
+    print(f"outputs: {paths[0].resolve()} ({c['output_records']} records; {c['generated']} "
           f"generated now, {c['already_done']} already done)")
-    print(f"errors:  {err_path.resolve()} ({c['errors']} malformed lines)")
-    print(f"summary: {sum_path.resolve()}")
+    print(f"errors:  {paths[1].resolve()} ({c['errors']} malformed lines)")
+    print(f"summary: {paths[2].resolve()}")
     if summary.get("plot"):
         print(f"plot:    {Path(summary['plot']).resolve()}")
     if t["completion_tokens_per_second"] is not None:
         print(f"throughput: {t['sequences_per_second']:.2f} seq/s, "
               f"{t['completion_tokens_per_second']:.1f} completion tok/s")
-    return summary
+    if synthesized:
+        print(f"note: the {model} model was synthesized with random weights, so its text is "
+              f"noise by design; the figures above are real. With real weights:\n"
+              f"  {REAL_WEIGHTS_COMMAND}")
+
+
+def _log_file() -> Path:
+    """Hydra's log file of this run, else launch.log in the run dir."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            return Path(h.baseFilename)
+    return _run_dir() / "launch.log"
+
+
+def _fail(e: BaseException, code: int, prefix: str = "") -> None:
+    """Print a short message; keep the traceback in the log file and print its path."""
+    path = _log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        where = f"\n(traceback in {path})"
+    except OSError:
+        where = ""
+    print(f"error: {prefix}{e}{where}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from ds3dist.config import ConfigError
-
     try:
         run(cfg)
-    except (LaunchConfigError, JobError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Exception as e:
-        # Engine failures (a rank died or timed out) carry a message naming rank and node.
-        if type(e).__name__ in ("EngineError", "LayoutError", "TokenizerError"):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(1)
-        raise
+    except (LaunchConfigError, JobError, ConfigError, ClusterError) as e:
+        _fail(e, 2)
+    except (EngineError, LayoutError, TokenizerError) as e:
+        _fail(e, 1)
+    except Exception as e:  # a bug: still a short message, the traceback in the log
+        _fail(e, 1, prefix=f"unexpected {type(e).__name__}: ")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class ModelConf:
     preset: Optional[str] = "tiny"  # tiny | small | deepseek_v3 (null: model.path required)
     path: Optional[str] = None  # checkpoint dir; null: synthesize `preset` into the cache
     seed: int = 0  # weights seed when synthesizing into the cache
+    verify: bool = False  # before starting: stream every shard (checksums, NaN/Inf, scales)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class JobConf:
 class RuntimeConf:
     address: Optional[str] = None  # Ray address; null: $RAY_ADDRESS, else a new local cluster
     num_cpus: Optional[int] = None  # logical CPUs of a new local cluster
+    connect_timeout_s: float = 30.0  # reaching an existing Ray cluster
     rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
     collective_timeout_s: float = 120.0
     startup_timeout_s: float = 600.0  # placement, process groups and weight loading
@@ -210,6 +212,8 @@ def validate(cfg: Any) -> Resolved:
     _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
     _check_range(problems, "runtime.collective_timeout_s",
                  _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
+    _check_range(problems, "runtime.connect_timeout_s",
+                 _get(cfg, "runtime.connect_timeout_s"), 0, None, lo_open=True)
     _check_range(problems, "runtime.startup_timeout_s",
                  _get(cfg, "runtime.startup_timeout_s"), 0, None, lo_open=True)
     _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
@@ -270,6 +274,7 @@ def runtime_options(cfg: Any) -> dict[str, Any]:
         "num_cpus": get("num_cpus"),
         "rendezvous_port": get("rendezvous_port"),
         "collective_timeout_s": float(get("collective_timeout_s")),
+        "connect_timeout_s": float(get("connect_timeout_s")),
         "startup_timeout_s": float(get("startup_timeout_s")),
         "micro_batches": get("micro_batches"),
         "transfer": get("transfer"),
