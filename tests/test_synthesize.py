@@ -36,7 +36,7 @@ def _header(path) -> dict:
 def test_files_like_the_release(tiny_fp8_dir):
     names = sorted(p.name for p in tiny_fp8_dir.iterdir())
     assert names == sorted(["config.json", "generation_config.json", "model.safetensors.index.json",
-                            "tokenizer.json", "tokenizer_config.json", *SHARDS])
+                            "tokenizer.json", "tokenizer_config.json", "SHA256SUMS", *SHARDS])
     assert shard_name(1, 163) == "model-00001-of-00163.safetensors"
     cfg = json.loads((tiny_fp8_dir / "config.json").read_text())
     assert cfg == preset("tiny").to_json_dict()

@@ -6,7 +6,8 @@ weights the layout says are FP8 with `fp8.weight_quant` and adds their scales ri
 in the same shard. Each source shard becomes the output shard of the same name: its header is
 computed from the source header, then tensors are read, converted and written one at a time,
 so peak memory is about one tensor (at most one shard). The index is rewritten with the new
-total_size; tokenizer files, generation_config.json and any other side files are copied.
+total_size; tokenizer files, generation_config.json and any other side files are copied, and
+a new `SHA256SUMS` lists every output file (shards hashed as they are written).
 
 The source is validated first. The output is written into a temporary directory beside DST and
 renamed into place at the end, so a failed conversion leaves nothing half-written. A non-empty
@@ -18,6 +19,7 @@ CLI: python -m ds3dist.checkpoint.convert --to bf16|fp8 SRC DST [--force]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -38,6 +40,7 @@ from ds3dist.checkpoint.reader import (
 )
 from ds3dist.checkpoint.synthesize import write_json, write_shard
 from ds3dist.checkpoint.validation import validate
+from ds3dist.checkpoint.verify import MANIFEST, sha256_file, write_manifest
 from ds3dist.config import preset
 
 
@@ -138,12 +141,16 @@ def convert(
 
         show = len(shards) > 1 if progress is None else progress
         weight_map: dict[str, str] = {}
+        digests: dict[str, str] = {}
         total = 0
         with tqdm(total=total_in, unit="B", unit_scale=True, desc=f"convert to {to}",
                   disable=not show) as bar:
             for shard in shards:
                 specs = _plan(src_specs[shard], to, dst_table)
-                total += write_shard(tmp / shard, specs, _produce(reader, specs, to, block))
+                h = hashlib.sha256()
+                total += write_shard(tmp / shard, specs, _produce(reader, specs, to, block),
+                                     hasher=h)
+                digests[shard] = h.hexdigest()
                 reader._close_shard(shard)
                 weight_map.update({s.name: shard for s in specs})
                 bar.update(sum(s.nbytes for s in src_specs[shard]))
@@ -152,8 +159,13 @@ def convert(
         write_json(tmp / CONFIG_NAME, new_cfg.to_json_dict())
         write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
         for p in sorted(src.iterdir()):
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in (CONFIG_NAME, INDEX_NAME):
+            if p.is_file() and p.suffix != ".safetensors" and p.name not in (CONFIG_NAME, INDEX_NAME,
+                                                                              MANIFEST):
                 shutil.copy2(p, tmp / p.name)
+        for p in tmp.iterdir():
+            if p.name not in digests:
+                digests[p.name] = sha256_file(p)
+        write_manifest(tmp, digests)
 
         problems = validate(tmp)
         if problems:

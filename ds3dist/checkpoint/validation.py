@@ -60,6 +60,12 @@ KINDS = {
     "wrong_dtype": "a tensor has the wrong dtype",
     "missing_scale": "an FP8 weight without its _scale_inv",
     "orphan_scale": "a _scale_inv without its weight",
+    # found by verify (ds3dist.checkpoint.verify), which reads the tensor data
+    "manifest": "SHA256SUMS has a malformed line, or lists a file that is missing",
+    "checksum": "a file's sha256 differs from the one SHA256SUMS lists",
+    "read_error": "a file cannot be read to its end",
+    "nonfinite": "a weight holds NaN or Inf values",
+    "bad_scale": "a _scale_inv holds non-finite or <= 0 values",
 }
 
 
