@@ -15,6 +15,7 @@ import torch
 
 from ds3dist.checkpoint.fp8 import weight_dequant
 from ds3dist.checkpoint.layout import SCALE_SUFFIX
+from ds3dist.checkpoint.reader import CheckpointError
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
 from ds3dist.model.options import BuildOptions
@@ -95,6 +96,8 @@ def _fill_linear(lin: Linear, name: str, reader, device: torch.device, dtype: to
     _check_shape(name, w, lin.weight.shape)
     scale_name = name + SCALE_SUFFIX
     scale = reader.get(scale_name) if reader.has(scale_name) else None
+    if scale is not None:
+        _check_scale(scale_name, scale, reader)
     if lin.is_fp8:  # fp8 execution: keep FP8 + scales
         if scale is None:
             raise ValueError(f"{name}: fp8 execution needs {scale_name}, which the checkpoint lacks")
@@ -105,6 +108,15 @@ def _fill_linear(lin: Linear, name: str, reader, device: torch.device, dtype: to
         lin._buffers["weight"] = weight_dequant(w.to(device), scale.to(device), lin.block, dtype)
     else:
         lin._buffers["weight"] = w.to(device=device, dtype=dtype)
+
+
+def _check_scale(name: str, scale: torch.Tensor, reader) -> None:
+    """A block scale must be finite and > 0 (a corrupt one silently scales a block to garbage)."""
+    bad = int((~(torch.isfinite(scale) & (scale > 0))).sum())
+    if bad:
+        where = reader.shard_of(name) if hasattr(reader, "shard_of") else "<in-memory tensors>"
+        raise CheckpointError(f"{where}: tensor {name!r}: {bad} of {scale.numel()} scale values "
+                              f"are non-finite or <= 0")
 
 
 def _check_shape(name: str, t: torch.Tensor, want) -> None:
