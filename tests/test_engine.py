@@ -129,6 +129,7 @@ def test_killed_actor_raises_named_error(ray_cluster, tiny_fp8_dir):
     assert outcome["t"] - killed_at <= 60
     msg = str(err)
     assert "rank 1" in msg and "stage 1" in msg and victim["node_ip"] in msg
+    assert f"rank 1 (stage 1, ep rank 0) on node {victim['node_ip']}: died" in msg, msg
     assert engine.actors == []  # resources released
 
 

@@ -134,6 +134,8 @@ def test_default_command_runs_bundled_sample(tmp_path, cache_dir, ray_dir):
     summary = json.loads(Path(str(out) + ".summary.json").read_text())
     assert summary["counts"]["generated"] == n_sample and summary["counts"]["errors"] == 0
     assert len(summary["stage_seconds"]) == 1
+    # a newcomer is told the embedded model's text is noise and how to run real weights
+    assert "random weights" in p.stdout and "model.path=/path/to/DeepSeek-V3" in p.stdout
 
 
 @pytest.fixture(scope="module")

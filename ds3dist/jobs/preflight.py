@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ds3dist.checkpoint.validation import validate
+from ds3dist.checkpoint.verify import verify as verify_data
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.schema import LaunchConfigError
 
@@ -42,8 +43,6 @@ def check_checkpoint(path: Path, verify: bool = False, progress: bool = True) ->
     listing the problems, each naming file and tensor."""
     problems = validate(path)
     if verify and not problems:
-        from ds3dist.checkpoint.verify import verify as verify_data
-
         problems = verify_data(path, progress=progress)
     if not problems:
         return
