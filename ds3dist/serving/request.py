@@ -1,0 +1,88 @@
+"""One generation request and its scheduling state.
+
+A request's target is `num_tokens` (prompt + outputs so far). Each step advances
+`num_computed` (tokens whose cache rows are written) towards it; the step that brings
+`num_computed == num_tokens` samples a token from its last position, which is appended to
+`output_ids` (so the target grows by one). Preemption drops the cache (num_computed = 0)
+but keeps the outputs, so recompute prefills prompt + outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from numbers import Integral
+from typing import Protocol, Sequence
+
+from ds3dist.serving.params import SamplingParams
+
+
+class RequestStatus(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.FAILED)
+
+
+class StopRule(Protocol):
+    """Per-request stop rule (ds3dist.generation.StopChecker satisfies it)."""
+
+    finish_reason: str | None
+
+    def update(self, output_ids: Sequence[int], /) -> bool:
+        """Look at the newest output token; True when the request has finished."""
+        ...
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt_ids: list[int] = field(repr=False)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 64
+    stop: StopRule | None = field(default=None, repr=False)
+    # state, owned by the scheduler
+    output_ids: list[int] = field(default_factory=list, repr=False)
+    num_computed: int = 0
+    pages: list[int] = field(default_factory=list, repr=False)
+    column: int | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    in_flight: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ValueError(f"request id must be a non-empty string, got {self.id!r}")
+        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        if not self.prompt_ids:
+            raise ValueError(f"request {self.id}: prompt_ids must not be empty")
+        if not isinstance(self.max_new_tokens, Integral) or self.max_new_tokens < 0:
+            raise ValueError(f"request {self.id}: max_new_tokens must be an integer >= 0, "
+                             f"got {self.max_new_tokens!r}")
+        self.params = SamplingParams.of(self.params)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens still to run before the next sample."""
+        return self.num_tokens - self.num_computed
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without building all_ids."""
+        p = len(self.prompt_ids)
+        head = self.prompt_ids[start:stop]
+        return head if stop <= p else head + self.output_ids[max(start - p, 0):stop - p]
