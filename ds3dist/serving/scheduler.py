@@ -1,0 +1,302 @@
+"""Continuous batching over a paged cache, one page pool per expert-parallel column.
+
+Each schedule() builds one StepPlan under a per-column token budget. Per column:
+  1. running requests one token from their target (decode), oldest first;
+  2. running requests further behind (chunked prefill or recompute), oldest first;
+  3. waiting requests, FIFO, each to the column with the most free pages (ties: lowest) that
+     has a free sequence slot and budget left; the head of the queue blocks the rest.
+A request gets min(pending tokens, budget left, prefill chunk) tokens, and pages for those
+tokens only. When its column has too few free pages it takes fewer tokens; when it can take
+none it preempts (recompute) the newest running request of its column that is not in flight,
+or waits if that would be itself. A column that preempted admits nobody that step. Requests
+in a plan not yet returned are skipped, so up to pp plans can be in flight.
+
+Every request that ends (REJECTED at add, FINISHED, FAILED, aborted) is reported exactly once,
+by the next update() or pop_ended(). Ids of ended or preempted requests the workers know go
+into the next plan's `freed`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from ds3dist.serving.pages import PagePool
+from ds3dist.serving.plan import SeqStep, StepPlan, StepResult
+from ds3dist.serving.request import Request, RequestStatus
+
+WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    columns: int = 1
+    pages_per_column: int
+    page_size: int = 64
+    max_tokens_per_step: int = 2048  # per column
+    max_seqs: int = 64  # running sequences per column
+    prefill_chunk: int | None = None  # None: max_tokens_per_step // 2 while others wait
+    max_model_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("columns", "pages_per_column", "page_size", "max_tokens_per_step",
+                     "max_seqs", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
+                                               or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {self.prefill_chunk!r}")
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    preemptions: int = 0
+    tokens_scheduled: int = 0
+
+
+@dataclass
+class _Column:
+    """One column's share of the step being built."""
+    index: int
+    budget: int
+    seqs: int = 0  # running requests on the column
+    preempted: bool = False
+    steps: dict[str, SeqStep] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.pools = [PagePool(cfg.pages_per_column, cfg.page_size) for _ in range(cfg.columns)]
+        self.waiting: list[Request] = []  # sorted by arrival
+        self.running: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        self._live: dict[str, Request] = {}  # waiting + running
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count()
+        self._outstanding: dict[int, StepPlan] = {}
+        self._known: set[str] = set()  # ids whose state the workers hold
+        self._to_free: list[str] = []  # the next plan's `freed`
+        self._aborting: set[str] = set()  # in flight; end when their step returns
+        self._ended: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._live)
+
+    # ---- requests in and out ----------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a request. One that can never run is REJECTED (req.error says why) and one
+        with max_new_tokens == 0 FINISHED ('length') at once; both are reported by the next
+        update()/pop_ended() like any other end. ValueError for a live id or a used request."""
+        if req.id in self._live:
+            raise ValueError(f"request id {req.id!r} is already queued or running")
+        if req.status is not WAITING or req.output_ids or req.num_computed or req.pages:
+            raise ValueError(f"request {req.id!r} was already scheduled; submit a new Request")
+        req.arrival = next(self._arrivals)
+        req.error = self._rejection(req)
+        if req.error is not None:
+            self._end(req, RequestStatus.REJECTED)
+        elif req.max_new_tokens == 0:
+            req.finish_reason = "length"
+            self._end(req, RequestStatus.FINISHED)
+        else:
+            self._live[req.id] = req
+            self.waiting.append(req)
+
+    def _rejection(self, req: Request) -> str | None:
+        need = len(req.prompt_ids) + req.max_new_tokens
+        if need > self.cfg.max_model_len:
+            return (f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) "
+                    f"= {need} exceeds max_model_len {self.cfg.max_model_len}")
+        pages = self.pools[0].pages_for(need)
+        if pages > self.cfg.pages_per_column:
+            return (f"can never fit the cache pool: needs {pages} pages of {self.cfg.page_size} "
+                    f"tokens, a column has {self.cfg.pages_per_column}")
+        return None
+
+    def abort(self, req_id: str) -> bool:
+        """End a live request with finish_reason 'abort' (at once, or when its in-flight step
+        returns). False when no live request has this id."""
+        req = self._live.get(req_id)
+        if req is None:
+            return False
+        if req.in_flight:
+            self._aborting.add(req_id)
+        else:
+            req.finish_reason = "abort"
+            self._end(req, RequestStatus.FINISHED)
+        return True
+
+    def pop_ended(self) -> list[Request]:
+        """Requests that ended since the last update()/pop_ended()."""
+        ended, self._ended = self._ended, []
+        return ended
+
+    def _end(self, req: Request, status: RequestStatus) -> None:
+        if req.pages:
+            self.pools[req.column].free(req.pages)
+            req.pages = []
+        self._forget(req.id)
+        if self._live.pop(req.id, None) is not None and req.status is WAITING:
+            self.waiting.remove(req)
+        self.running.pop(req.id, None)
+        req.status, req.in_flight = status, False
+        self._ended.append(req)
+
+    def _forget(self, req_id: str) -> None:
+        """Workers must drop this request's state before the next plan."""
+        if req_id in self._known:
+            self._known.discard(req_id)
+            self._to_free.append(req_id)
+
+    # ---- building a step --------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """The next step, or None when nothing can run now (no work, or all in flight or
+        blocked). Ids to free carry over to the next plan when None is returned."""
+        cols = [_Column(c, self.cfg.max_tokens_per_step) for c in range(self.cfg.columns)]
+        for req in self.running.values():
+            cols[req.column].seqs += 1
+        ready = sorted((r for r in self.running.values() if not r.in_flight), key=_arrival)
+        for req in [r for r in ready if r.num_pending == 1] + [r for r in ready if r.num_pending > 1]:
+            if req.status is RUNNING:  # not preempted by an older one meanwhile
+                self._place(req, cols[req.column])
+        self._admit(cols)
+        return self._emit(cols)
+
+    def _chunk_cap(self, req: Request) -> int:
+        if self.cfg.prefill_chunk is not None:
+            return self.cfg.prefill_chunk
+        others_wait = len(self.waiting) > (1 if req.status is WAITING else 0)
+        budget = self.cfg.max_tokens_per_step
+        return max(1, budget // 2) if others_wait else budget
+
+    def _capacity(self, req: Request, pool: PagePool) -> int:
+        """Tokens req can run now without more pages than the pool has free."""
+        return (len(req.pages) + pool.num_free) * pool.page_size - req.num_computed
+
+    def _place(self, req: Request, col: _Column) -> None:
+        """Schedule a running request, preempting newer ones for pages if it must."""
+        want = min(req.num_pending, self._chunk_cap(req), col.budget)
+        while want > 0:
+            n = min(want, self._capacity(req, self.pools[col.index]))
+            if n > 0:
+                self._add_step(req, col, n)
+                return
+            victim = max((r for r in self.running.values()
+                          if r.column == col.index and not r.in_flight), key=_arrival)
+            if victim is req:
+                return  # it is the newest: it waits
+            self._preempt(victim, col)
+
+    def _preempt(self, victim: Request, col: _Column) -> None:
+        """Recompute later: drop the victim's pages (and its step in this plan, if any)."""
+        step = col.steps.pop(victim.id, None)
+        if step is not None:
+            col.budget += len(step.token_ids)
+        self.pools[col.index].free(victim.pages)
+        victim.pages, victim.num_computed, victim.column = [], 0, None
+        victim.status = WAITING
+        del self.running[victim.id]
+        self._forget(victim.id)
+        bisect.insort(self.waiting, victim, key=_arrival)
+        col.seqs -= 1
+        col.preempted = True
+        self.stats.preemptions += 1
+
+    def _admit(self, cols: list[_Column]) -> None:
+        """Admit waiting requests FIFO while the head fits somewhere."""
+        while self.waiting:
+            req = self.waiting[0]
+            open_cols = [c for c in cols
+                         if c.seqs < self.cfg.max_seqs and c.budget > 0 and not c.preempted]
+            if not open_cols:
+                return
+            col = max(open_cols, key=lambda c: (self.pools[c.index].num_free, -c.index))
+            want = min(req.num_pending, self._chunk_cap(req), col.budget)
+            n = min(want, self._capacity(req, self.pools[col.index]))
+            if n <= 0:
+                return
+            self.waiting.pop(0)
+            req.status, req.column = RUNNING, col.index
+            self.running[req.id] = req
+            col.seqs += 1
+            self._add_step(req, col, n)
+
+    def _add_step(self, req: Request, col: _Column, n: int) -> None:
+        pool = self.pools[col.index]
+        start = req.num_computed
+        new_pages = pool.allocate(pool.pages_for(start + n) - len(req.pages))
+        req.pages.extend(new_pages)
+        col.budget -= n
+        col.steps[req.id] = SeqStep(
+            req_id=req.id, token_ids=req.token_slice(start, start + n), start=start,
+            new_pages=new_pages, sample=start + n == req.num_tokens,
+            params=req.params if start == 0 else None, output_index=len(req.output_ids))
+
+    def _emit(self, cols: list[_Column]) -> StepPlan | None:
+        if not any(c.steps for c in cols):
+            return None
+        plan = StepPlan(next(self._step_ids), [list(c.steps.values()) for c in cols],
+                        self._to_free)
+        self._to_free = []
+        for s in plan.seqs():
+            self.running[s.req_id].in_flight = True
+            self._known.add(s.req_id)
+        self._outstanding[plan.step_id] = plan
+        self.stats.steps += 1
+        self.stats.tokens_scheduled += plan.num_tokens
+        return plan
+
+    # ---- applying a returned step -----------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Apply a returned step; the requests that ended since the last call."""
+        plan = self._check_result(plan, result)
+        for s in plan.seqs():
+            req = self._live[s.req_id]
+            req.in_flight = False
+            if s.req_id in self._aborting:
+                self._aborting.discard(s.req_id)
+                req.finish_reason = "abort"
+                self._end(req, RequestStatus.FINISHED)
+            elif s.req_id in result.failed or (s.sample and s.req_id not in result.sampled):
+                req.error = result.failed.get(
+                    s.req_id, f"step {plan.step_id} returned no token for a sampling step")
+                self._end(req, RequestStatus.FAILED)
+            else:
+                req.num_computed = s.start + len(s.token_ids)
+                if s.sample:
+                    self._append(req, result.sampled[s.req_id])
+        return self.pop_ended()
+
+    def _check_result(self, plan: StepPlan, result: StepResult) -> StepPlan:
+        """The outstanding plan `plan` names, once it is known to match `result`."""
+        mine = self._outstanding.get(plan.step_id)
+        if mine is None:
+            raise ValueError(f"step {plan.step_id} is not in flight")
+        if result.step_id != plan.step_id:
+            raise ValueError(f"result of step {result.step_id} given for step {plan.step_id}")
+        sampling = {s.req_id for s in mine.seqs() if s.sample}
+        stray = (set(result.sampled) - sampling) | (set(result.failed) - {s.req_id for s in mine.seqs()})
+        if stray:
+            raise ValueError(f"step {plan.step_id}: result names requests it did not sample or "
+                             f"run: {sorted(stray)}")
+        del self._outstanding[plan.step_id]
+        return mine
+
+    def _append(self, req: Request, token: int) -> None:
+        req.output_ids.append(int(token))
+        if req.stop is not None and req.stop.update(req.output_ids):
+            req.finish_reason = req.stop.finish_reason or "stop"
+        elif len(req.output_ids) >= req.max_new_tokens:
+            req.finish_reason = "length"
+        else:
+            return
+        self._end(req, RequestStatus.FINISHED)
+
+
+def _arrival(req: Request) -> int:
+    return req.arrival
