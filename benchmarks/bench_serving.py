@@ -1,0 +1,457 @@
+"""Side-by-side serving benchmark: HF transformers, ds3dist and vLLM's CPU build, one run.
+
+    python benchmarks/bench_serving.py [--preset small] [--ckpt-dir DIR] [--out figures.json]
+        [--vllm-python /work/vllm-venv/bin/python] [--skip-hf] [--skip-vllm] [--skip-ds3dist]
+        [--quick]
+
+Prints figures, asserts nothing. On one bf16 checkpoint of the preset (synthesized with
+random weights, then converted to bf16; both kept under --ckpt-dir and reused by later runs):
+
+1. Fixed batch: 8 prompts x 32 token ids (seeded RNG over the vocabulary), greedy, EOS
+   ignored. ms per decode step = (time for N new tokens - time for 1) / (N - 1), N = 64,
+   for HF `model.generate`, ds3dist `generate` in this process, and vLLM `LLM.generate`.
+2. Heterogeneous offline workload: 48 requests, prompt lengths log-uniform in 16..1024,
+   max_tokens uniform in 8..128, greedy, seeded RNG. ds3dist runs it as an OpenAI batch file
+   through `python -m ds3dist.launch` (a subprocess; completion tok/s from its summary JSON);
+   HF in static batches of 8 in request order, left-padded, each batch generating its largest
+   max_tokens (only each request's own max_tokens count as completion tokens); vLLM in one
+   `LLM.generate` call. Reported: completion tok/s and wall seconds.
+3. vLLM runs in its own venv (--vllm-python) through benchmarks/_vllm_worker.py; skipped with
+   a note when that python is missing or cannot import vLLM.
+
+--quick: a smoke test (16 new tokens in the fixed batch; 8 requests with prompts of 16..128
+tokens and max_tokens 8..32). Run it on a quiet machine: a 2-core box is very sensitive to
+other load, so every engine is measured back to back in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
+VLLM_ENV = {"VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}
+FIRST_ID = 2  # token ids drawn from [FIRST_ID, vocab): skips BOS 0 and EOS 1
+
+
+def default_ckpt_dir() -> Path:
+    root = os.environ.get("DS3DIST_CACHE") or Path.home() / ".cache" / "ds3dist"
+    return Path(root) / "bench_serving"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="small", help="tiny or small (default small)")
+    ap.add_argument("--ckpt-dir", type=Path, default=None,
+                    help="where the FP8 and bf16 checkpoints are kept (default: cache dir)")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-ds3dist", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small workload, for a smoke test")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--launch-timeout", type=float, default=7200.0)
+    args = ap.parse_args(argv)
+    args.ckpt_dir = args.ckpt_dir or default_ckpt_dir()
+    return args
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def ensure_checkpoints(preset: str, root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """(fp8_dir, bf16_dir) under root, synthesized / converted only when missing."""
+    fp8 = root / f"{preset}-seed{seed}-fp8"
+    bf16 = root / f"{preset}-seed{seed}-bf16"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (fp8 / "SHA256SUMS").exists():
+        _build(fp8, ["ds3dist.checkpoint.synthesize", "--preset", preset, "--seed", str(seed),
+                     "--no-progress", "--out"])
+    if not (bf16 / "SHA256SUMS").exists():
+        _build(bf16, ["ds3dist.checkpoint.convert", "--to", "bf16", "--no-progress", str(fp8)])
+    return fp8, bf16
+
+
+def _build(dst: Path, module_args: list[str]) -> None:
+    """Run `python -m <module_args> TMP` and move TMP to dst once it succeeded."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[setup] writing {dst} ...", flush=True)
+    subprocess.run([sys.executable, "-m", *module_args, str(tmp)], check=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+# ----------------------------------------------------------------------------- workloads
+
+def fixed_prompts(vocab: int, n: int = 8, length: int = 32, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(FIRST_ID, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def mixed_workload(vocab: int, n: int, min_len: int, max_len: int, min_new: int, max_new: int,
+                   seed: int = 1) -> list[dict]:
+    """n requests: prompt length log-uniform in [min_len, max_len], max_tokens uniform."""
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        length = int(round(math.exp(rng.uniform(math.log(min_len), math.log(max_len)))))
+        prompt = [rng.randrange(FIRST_ID, vocab) for _ in range(length)]
+        reqs.append({"prompt": prompt, "max_tokens": rng.randint(min_new, max_new)})
+    return reqs
+
+
+def write_openai_batch(reqs: list[dict], path: Path) -> None:
+    with open(path, "w") as f:
+        for i, r in enumerate(reqs):
+            body = {"prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0}
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST",
+                                "url": "/v1/completions", "body": body}) + "\n")
+
+
+def decode_ms(t_one: float, t_n: float, n: int) -> float:
+    """ms per decode step from the time for 1 new token and for n new tokens."""
+    return 1000.0 * (t_n - t_one) / (n - 1)
+
+
+def timed(fn, *a, **kw):
+    t0 = time.perf_counter()
+    out = fn(*a, **kw)
+    return time.perf_counter() - t0, out
+
+
+class RowFailed(Exception):
+    """A benchmark row that could not run: message (one line) and details (printed once)."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+def failed(row: dict, exc: BaseException) -> dict:
+    """Record exc as the row's error and print it (a traceback tail for unexpected errors)."""
+    if isinstance(exc, RowFailed):
+        details = exc.details
+    else:
+        details = "\n".join(traceback.format_exc().strip().splitlines()[-6:])
+    print(f"  FAILED: {exc}\n    " + details.replace("\n", "\n    "), flush=True)
+    row["error"] = str(exc) if isinstance(exc, RowFailed) else f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def tail_of(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def last_error_line(text: str) -> str:
+    """The last line that names an error, else the last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    hits = [ln for ln in lines if "error" in ln.lower()]
+    return (hits or lines or ["(no output)"])[-1]
+
+
+# ----------------------------------------------------------------------------- HF transformers
+
+def hf_load(bf16_dir: Path):
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the MTP layer's weights are "unexpected": expected
+    hf_logging.disable_progress_bar()
+    model = DeepseekV3ForCausalLM.from_pretrained(str(bf16_dir), dtype=torch.bfloat16)
+    return model.eval()
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int):
+    """Greedy, left-padded, exactly new_tokens tokens per row (EOS suppressed by min_new_tokens)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              pad_token_id=pad_id)
+
+
+def hf_fixed(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> dict:
+    hf_generate(model, prompts[:2], 4, pad_id)  # warm-up
+    t1, _ = timed(hf_generate, model, prompts, 1, pad_id)
+    tn, out = timed(hf_generate, model, prompts, new_tokens, pad_id)
+    return {"ms_per_decode_step": decode_ms(t1, tn, new_tokens), "seconds_1": t1,
+            "seconds_n": tn, "new_tokens": int(out.shape[1] - len(prompts[0]))}
+
+
+def hf_workload(model, reqs: list[dict], pad_id: int, batch: int = 8) -> dict:
+    tokens = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        hf_generate(model, [r["prompt"] for r in chunk], max(r["max_tokens"] for r in chunk),
+                    pad_id)
+        tokens += sum(r["max_tokens"] for r in chunk)
+    wall = time.perf_counter() - t0
+    return {"wall_seconds": wall, "completion_tokens": tokens,
+            "completion_tokens_per_second": tokens / wall}
+
+
+def run_hf(bf16_dir: Path, prompts, new_tokens, reqs, pad_id: int) -> dict:
+    import transformers
+
+    print(f"[hf] transformers {transformers.__version__}", flush=True)
+    res: dict = {"version": transformers.__version__}
+    try:
+        model = hf_load(bf16_dir)
+    except Exception as e:  # noqa: BLE001 - a benchmark row fails, the run goes on
+        err = failed({}, e)
+        return {**res, "fixed": err, "workload": dict(err)}
+    try:
+        res["fixed"] = hf_fixed(model, prompts, new_tokens, pad_id)
+        print(f"[hf] fixed batch: {res['fixed']['ms_per_decode_step']:.1f} ms/step", flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["fixed"] = failed({}, e)
+    try:
+        res["workload"] = hf_workload(model, reqs, pad_id)
+        print(f"[hf] workload: {res['workload']['completion_tokens_per_second']:.1f} tok/s",
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["workload"] = failed({}, e)
+    del model
+    gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------- ds3dist
+
+class _IgnoreEos:
+    """Stands in for a tokenizer so that ds3dist.generate never stops early: an EOS id no
+    token has, no BOS (the prompts are token ids), and an empty decode."""
+
+    eos_token_id = -1
+    bos_token_id = None
+
+    def decode(self, ids, **kw) -> str:
+        return ""
+
+
+def ds3dist_fixed(bf16_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    import torch
+
+    import ds3dist
+
+    model = ds3dist.load_model(str(bf16_dir), dtype=torch.bfloat16)
+    tok = _IgnoreEos()
+
+    def gen(ps, n):
+        return ds3dist.generate(model, tok, ps, max_new_tokens=n, temperature=0)
+
+    gen(prompts[:2], 4)  # warm-up
+    t1, _ = timed(gen, prompts, 1)
+    tn, out = timed(gen, prompts, new_tokens)
+    got = [len(r.token_ids) for r in out]
+    del model
+    gc.collect()
+    return {"ms_per_decode_step": decode_ms(t1, tn, new_tokens), "seconds_1": t1,
+            "seconds_n": tn, "new_tokens": new_tokens, "tokens_per_prompt": got}
+
+
+def ds3dist_launch(model_dir: Path, preset: str, reqs: list[dict], work: Path,
+                   timeout: float) -> dict:
+    """The workload through `python -m ds3dist.launch` (default single-rank layout)."""
+    inp, out = work / "workload.jsonl", work / "launch_out" / "results.jsonl"
+    write_openai_batch(reqs, inp)
+    cmd = [sys.executable, "-m", "ds3dist.launch", f"model={preset}", f"model.path={model_dir}",
+           f"job.input={inp}", f"job.output={out}", "job.progress=false"]
+    print("[ds3dist] " + " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=work)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        text = proc.stderr + proc.stdout
+        raise RowFailed(f"launch exited {proc.returncode}: {last_error_line(text)}",
+                        "stderr/stdout tail:\n" + tail_of(text))
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    thr = summary.get("throughput", {})
+    return {"wall_seconds": wall, "completion_tokens": (summary.get("tokens") or {}).get("completion"),
+            "requested_tokens": sum(r["max_tokens"] for r in reqs),
+            "completion_tokens_per_second": thr.get("completion_tokens_per_second"),
+            "generate_seconds": thr.get("generate_seconds"),
+            "finish_reason": (summary.get("counts") or {}).get("finish_reason"),
+            "batches": (summary.get("batches") or {}).get("run")}
+
+
+def run_ds3dist(bf16_dir: Path, preset: str, prompts, new_tokens, reqs, work: Path,
+                timeout: float) -> dict:
+    res: dict = {}
+    try:
+        res["fixed"] = ds3dist_fixed(bf16_dir, prompts, new_tokens)
+        print(f"[ds3dist] fixed batch: {res['fixed']['ms_per_decode_step']:.1f} ms/step",
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["fixed"] = failed({}, e)
+    try:
+        res["workload"] = ds3dist_launch(bf16_dir, preset, reqs, work, timeout)
+        print(f"[ds3dist] launch workload: "
+              f"{res['workload']['completion_tokens_per_second']} tok/s", flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["workload"] = failed({}, e)
+    return res
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+def vllm_version(python: str) -> str | None:
+    """vLLM's version under that python, or None (with a printed note) when unusable."""
+    if not Path(python).exists():
+        print(f"[vllm] skipped: {python} does not exist", flush=True)
+        return None
+    env = {**os.environ, **VLLM_ENV}
+    proc = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        print(f"[vllm] skipped: `import vllm` failed under {python}: {tail[0]}", flush=True)
+        return None
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def run_vllm(python: str, bf16_dir: Path, prompts, new_tokens, reqs, work: Path,
+             timeout: float) -> dict | None:
+    version = vllm_version(python)
+    if version is None:
+        return None
+    print(f"[vllm] vllm {version}", flush=True)
+    job, result = work / "vllm_work.json", work / "vllm_result.json"
+    job.write_text(json.dumps({"model": str(bf16_dir), "max_model_len": 2048,
+                               "fixed": {"prompts": prompts, "new_tokens": new_tokens},
+                               "workload": reqs}))
+    env = {**os.environ, **VLLM_ENV}
+    proc = subprocess.run([python, str(HERE / "_vllm_worker.py"), str(job), str(result)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=work)
+    if proc.returncode != 0 or not result.exists():
+        text = proc.stderr + proc.stdout
+        err = failed({}, RowFailed(f"worker exited {proc.returncode}: {last_error_line(text)}",
+                                   "stderr/stdout tail:\n" + tail_of(text)))
+        return {"version": version, "fixed": err, "workload": dict(err)}
+    res = json.loads(result.read_text())
+    res["version"] = res.pop("vllm_version", version)
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _get(res: dict, engine: str, part: str, key: str):
+    return ((res.get(engine) or {}).get(part) or {}).get(key)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def ratios(res: dict) -> dict:
+    ms = {e: _get(res, e, "fixed", "ms_per_decode_step") for e in ("hf", "ds3dist", "vllm")}
+    tps = {e: _get(res, e, "workload", "completion_tokens_per_second")
+           for e in ("hf", "ds3dist", "vllm")}
+    return {
+        "decode_speedup_ds3dist_vs_hf": _ratio(ms["hf"], ms["ds3dist"]),
+        "decode_speedup_ds3dist_vs_vllm": _ratio(ms["vllm"], ms["ds3dist"]),
+        "workload_tok_s_ds3dist_launch_vs_vllm": _ratio(tps["ds3dist"], tps["vllm"]),
+        "workload_tok_s_ds3dist_launch_vs_hf": _ratio(tps["ds3dist"], tps["hf"]),
+    }
+
+
+def print_table(res: dict) -> None:
+    engines = [("hf", "HF transformers"), ("ds3dist", "ds3dist"), ("vllm", "vLLM CPU")]
+    print("\n" + "=" * 78)
+    print(f"{'engine':18} {'decode ms/step':>15} {'workload tok/s':>15} {'workload wall s':>16}"
+          f"  note")
+    for key, name in engines:
+        r = res.get(key)
+        if r is None:
+            print(f"{name:18} {'skipped':>15}")
+            continue
+        note = "; ".join(f"{part} failed: {r[part]['error'][:90]}" for part in ("fixed", "workload")
+                         if isinstance(r.get(part), dict) and "error" in r[part])
+        if key == "ds3dist":
+            note = ("workload via launch; " + note) if note else "workload via launch"
+        print(f"{name:18} {_fmt(_get(res, key, 'fixed', 'ms_per_decode_step')):>15} "
+              f"{_fmt(_get(res, key, 'workload', 'completion_tokens_per_second')):>15} "
+              f"{_fmt(_get(res, key, 'workload', 'wall_seconds')):>16}  {note}")
+    r = ratios(res)
+    print("-" * 78)
+    print(f"decode:   ds3dist vs HF   {_fmt(r['decode_speedup_ds3dist_vs_hf'], '.2f')}x faster"
+          f" (target >= 2x)")
+    print(f"decode:   ds3dist vs vLLM {_fmt(r['decode_speedup_ds3dist_vs_vllm'], '.2f')}x faster")
+    print(f"workload: ds3dist launch vs vLLM {_fmt(r['workload_tok_s_ds3dist_launch_vs_vllm'], '.2f')}x"
+          f" completion tok/s; vs HF {_fmt(r['workload_tok_s_ds3dist_launch_vs_hf'], '.2f')}x")
+    print("=" * 78)
+
+
+# ----------------------------------------------------------------------------- main
+
+def workloads(vocab: int, quick: bool, seed: int):
+    """(fixed prompts, new tokens, mixed requests) for a full or a --quick run."""
+    prompts = fixed_prompts(vocab, 8, 32, seed)
+    if quick:
+        return prompts, 16, mixed_workload(vocab, 8, 16, 128, 8, 32, seed + 1)
+    return prompts, 64, mixed_workload(vocab, 48, 16, 1024, 8, 128, seed + 1)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    _, bf16 = ensure_checkpoints(args.preset, args.ckpt_dir, 0)
+    cfg = json.loads((bf16 / "config.json").read_text())
+    prompts, new_tokens, reqs = workloads(cfg["vocab_size"], args.quick, args.seed)
+    pad_id = int(cfg.get("eos_token_id") or 1)
+    res: dict = {"preset": args.preset, "checkpoint": str(bf16), "quick": args.quick,
+                 "fixed_batch": {"prompts": len(prompts), "prompt_len": len(prompts[0]),
+                                 "new_tokens": new_tokens},
+                 "workload": {"requests": len(reqs),
+                              "prompt_tokens": sum(len(r["prompt"]) for r in reqs),
+                              "max_tokens": sum(r["max_tokens"] for r in reqs)}}
+    print(f"[setup] {args.preset}: {bf16}; fixed {len(prompts)}x{len(prompts[0])} -> "
+          f"{new_tokens} new; workload {res['workload']}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench_serving_"))
+    try:
+        if not args.skip_hf:
+            res["hf"] = run_hf(bf16, prompts, new_tokens, reqs, pad_id)
+        if not args.skip_ds3dist:
+            res["ds3dist"] = run_ds3dist(bf16, args.preset, prompts, new_tokens, reqs, work,
+                                         args.launch_timeout)
+        if not args.skip_vllm:
+            res["vllm"] = run_vllm(args.vllm_python, bf16, prompts, new_tokens, reqs, work,
+                                   args.launch_timeout)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["ratios"] = ratios(res)
+    print_table(res)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"figures written to {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
