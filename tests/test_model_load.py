@@ -77,18 +77,19 @@ def test_stages_compose_to_the_full_model(tiny_bf16_dir):
     first = load_model(tiny_bf16_dir, dtype=torch.float32, layers=[0, 1])
     last = load_model(tiny_bf16_dir, dtype=torch.float32, layers=[2])
     toks = torch.randint(0, 129280, (2, 7))
-    lens = torch.tensor([7, 4])
-    pos = torch.arange(7).expand(2, 7)
-    h = first.forward_layers(first.embed(toks), pos, None, lens)
-    got = last.logits(last.forward_layers(h, pos, None, lens))
-    torch.testing.assert_close(got, full(toks, lens), rtol=0, atol=0)
+    lens = [7, 4]
+    flat = torch.cat([toks[0], toks[1, :4]])
+    want = full(toks, torch.tensor(lens))
+    want = torch.cat([want[0], want[1, :4]])
+    tb = first.token_batch([0, 0], lens)
+    got = last.logits(last.forward_layers(first.forward_layers(first.embed(flat), tb), tb))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     # and with per-stage caches
-    ca, cb = first.new_cache(2, 10), last.new_cache(2, 10)
-    assert set(ca.rows) == {0, 1} and set(cb.rows) == {2, 3}
-    h = first.forward_layers(first.embed(toks), pos, ca, lens)
-    got = last.logits(last.forward_layers(h, pos, cb, lens))
-    for i, n in enumerate(lens.tolist()):
-        torch.testing.assert_close(got[i, :n], full(toks, lens)[i, :n], rtol=1e-5, atol=1e-5)
+    ca, cb = first.new_cache(4, 4), last.new_cache(4, 4)
+    assert set(ca.pools) == {0, 1} and set(cb.pools) == {2, 3}
+    tb = first.token_batch([0, 0], lens, [[0, 1], [3]], 4)
+    got = last.logits(last.forward_layers(first.forward_layers(first.embed(flat), tb, ca), tb, cb))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments(tiny_bf16_dir):

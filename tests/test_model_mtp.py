@@ -53,14 +53,16 @@ def test_mtp_logits_equal_spec_composition(tiny_bf16_dir):
 
     g = torch.Generator().manual_seed(7)
     toks = torch.randint(0, 129280, (2, 10), generator=g)
-    h = model.forward_layers(model.embed(toks[:, :-1]))  # main model's last hidden state, pre-norm
+    t = toks.shape[1] - 1
+    tb = model.token_batch([0, 0], [t, t])
+    h = model.forward_layers(model.embed(toks[:, :-1].reshape(-1)), tb)  # pre-norm last hidden
     nxt = toks[:, 1:]  # token t+1 for each position t
-    got = model.mtp_logits(h, nxt)
+    got = model.mtp_logits(h, nxt.reshape(-1), tb).view(2, t, -1)
+    h = h.view(2, t, -1)
 
     e = raw["embed_tokens.weight"][nxt]
     u = torch.cat([_rms(e, raw["enorm.weight"], eps), _rms(h, raw["hnorm.weight"], eps)], -1)
     u = u @ raw["eh_proj.weight"].T
-    t = u.shape[1]
     pos = torch.arange(t)[None].expand(2, t)
     mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
     with torch.no_grad():
@@ -76,11 +78,13 @@ def test_mtp_with_cache_equals_without(tiny_bf16_dir):
     """Incremental MTP (the speculative-decoding use) matches the full causal MTP pass."""
     torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32)
-    toks = torch.randint(0, 129280, (1, 9))
-    h = model.forward_layers(model.embed(toks[:, :-1]))
-    full = model.mtp_logits(h, toks[:, 1:])
-    cache = model.new_cache(1, 16)
-    first = model.mtp_logits(h[:, :5], toks[:, 1:6], torch.arange(5)[None], cache)
-    rest = [model.mtp_logits(h[:, i:i + 1], toks[:, i + 1:i + 2], torch.tensor([[i]]), cache)
-            for i in range(5, 8)]
-    torch.testing.assert_close(torch.cat([first] + rest, 1), full, rtol=1e-5, atol=1e-5)
+    toks = torch.randint(0, 129280, (9,))
+    tb = model.token_batch([0], [8])
+    h = model.forward_layers(model.embed(toks[:-1]), tb)
+    full = model.mtp_logits(h, toks[1:], tb)
+    cache = model.new_cache(4, 4)
+    table = [[2, 0, 3]]
+    parts = [model.mtp_logits(h[:5], toks[1:6], model.token_batch([0], [5], table, 4), cache)]
+    parts += [model.mtp_logits(h[i:i + 1], toks[i + 1:i + 2],
+                               model.token_batch([i], [1], table, 4), cache) for i in range(5, 8)]
+    torch.testing.assert_close(torch.cat(parts), full, rtol=1e-5, atol=1e-5)

@@ -1,111 +1,117 @@
-"""Latent KV cache and the per-step attention batch description.
+"""Paged latent cache and the flat token batch of one forward step.
 
-`LatentCache` holds, per layer, one row per (sequence, position): the normalized
-kv_lora_rank latent followed by the rotated rope key, [batch, max_len, r + p] in the compute
-dtype. Sequences of different lengths share the batch: each token is written at its own
-position, and attention lets a query at position q see rows 0..q (rows are written in order,
-so rows <= q always hold that sequence's tokens). Padded tokens are never written.
+`PagedCache`: per held layer a pool of `num_pages` pages of `page_size` rows, allocated once.
+A row is one token's normalized latent followed by its rotated rope key (kv_lora_rank +
+qk_rope_head_dim wide, compute dtype). A sequence's page table lists its pages in order:
+position p is row p % page_size of page table[p // page_size]. Only real tokens occupy rows;
+which pages a sequence owns is decided outside the model (ds3dist.serving).
 
-`AttnBatch` is built once per forward step (by the model) and shared by all layers: which
-tokens are real, the rotary tables, the additive mask and where the new rows go.
+`TokenBatch`: one step over T tokens of B sequences, flattened with no padding. Sequence i
+feeds lens[i] new tokens at positions starts[i] .. starts[i] + lens[i] - 1 (contiguous in the
+batch) and attends to keys 0 .. starts[i] + lens[i] - 1: its cache rows, or without a cache its
+own new tokens (then starts are 0). Causality comes from positions (a query at position q
+sees keys 0..q); there is no [b, t, s] mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from itertools import accumulate
+from typing import Iterable, Sequence
 
 import torch
 
 
-class LatentCache:
-    """Per-layer latent rows for `batch` sequences of up to `max_len` positions.
-
-    `lens` [batch] (int64, CPU) counts the rows written per sequence (next position).
-    The runtime keeps one cache per micro-batch and passes it to forward_layers.
-    """
-
-    def __init__(self, layer_ids: Iterable[int], batch: int, max_len: int, width: int,
+class PagedCache:
+    def __init__(self, layer_ids: Iterable[int], num_pages: int, page_size: int, width: int,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, "
+                             f"{page_size}")
         self.layer_ids = list(layer_ids)
-        self.batch, self.max_len, self.width = batch, max_len, width
-        self.rows = {i: torch.zeros(batch, max_len, width, dtype=dtype, device=device)
-                     for i in self.layer_ids}
-        self.lens = torch.zeros(batch, dtype=torch.int64)
+        self.num_pages, self.page_size, self.width = num_pages, page_size, width
+        # empty, not zeros: a row is always written before it is read, and untouched pages
+        # cost no resident memory on CPU
+        self.pools = {i: torch.empty(num_pages, page_size, width, dtype=dtype, device=device)
+                      for i in self.layer_ids}
 
-    def write(self, layer_id: int, kv_btc: torch.Tensor, ab: "AttnBatch") -> None:
-        """Store the real tokens' rows at their positions."""
-        if ab.write_b.numel():
-            self.rows[layer_id][ab.write_b, ab.write_pos] = kv_btc[ab.write_b, ab.write_t]
+    @staticmethod
+    def pages_for_bytes(nbytes: float, num_layers: int, page_size: int, width: int,
+                        dtype: torch.dtype) -> int:
+        """How many pages fit in nbytes (every layer's pool counted)."""
+        per_page = num_layers * page_size * width * torch.empty(0, dtype=dtype).element_size()
+        return int(nbytes // per_page)
 
-    def read(self, layer_id: int, n: int) -> torch.Tensor:
-        """Rows 0..n-1 of every sequence: [batch, n, width] (a view)."""
-        return self.rows[layer_id][:, :n]
+    def write(self, layer_id: int, kv_tc: torch.Tensor, tb: "TokenBatch") -> None:
+        """Store the step's rows at their slots."""
+        if kv_tc.shape[0]:
+            self.pools[layer_id].view(-1, self.width).index_copy_(0, tb.slots_t, kv_tc)
 
-    def advance(self, ab: "AttnBatch") -> None:
-        self.lens = torch.maximum(self.lens, ab.end_b.cpu())
-
-    def select(self, rows_b: torch.Tensor | list[int]) -> None:
-        """Keep only sequences `rows_b` (in that order), e.g. drop finished ones."""
-        idx = torch.as_tensor(rows_b, dtype=torch.int64)
-        for i, t in self.rows.items():
-            self.rows[i] = t.index_select(0, idx.to(t.device))
-        self.lens = self.lens.index_select(0, idx)
-        self.batch = len(idx)
+    def keys(self, layer_id: int, tb: "TokenBatch", i: int) -> torch.Tensor:
+        """Rows 0 .. kv_len - 1 of sequence i: [s, width]."""
+        rows = self.pools[layer_id].index_select(0, tb.pages[i]).view(-1, self.width)
+        return rows[: tb.kv_lens[i]]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
+        return sum(t.numel() * t.element_size() for t in self.pools.values())
 
 
 @dataclass
-class AttnBatch:
-    """One forward step over tokens [b, t] at `positions_bt`.
+class TokenBatch:
+    positions_t: torch.Tensor  # [T] int64
+    starts: list[int]  # per sequence: position of its first new token (= rows cached before)
+    lens: list[int]  # per sequence: new tokens this step
+    cos_tf: torch.Tensor  # [T, rope/2] float32
+    sin_tf: torch.Tensor
+    slots_t: torch.Tensor | None = None  # [T] cache row of each new token (with a cache)
+    pages: list[torch.Tensor] | None = None  # per sequence: page ids holding keys 0..kv_len-1
 
-    valid_bt: real tokens (t < seq_lens_b); n_keys: key rows attended (cache rows, or the
-    step's own tokens without cache); mask_bts: 0 / -inf, float32; cos/sin [b, t, p/2];
-    write_b/write_t/write_pos: where real tokens go in the cache; end_b: 1 + last position.
-    """
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions_t.shape[0])
 
-    positions_bt: torch.Tensor
-    valid_bt: torch.Tensor
-    n_keys: int
-    mask_bts: torch.Tensor
-    cos_btf: torch.Tensor
-    sin_btf: torch.Tensor
-    write_b: torch.Tensor
-    write_t: torch.Tensor
-    write_pos: torch.Tensor
-    end_b: torch.Tensor
-    cached: bool
+    @property
+    def kv_lens(self) -> list[int]:
+        return [s + n for s, n in zip(self.starts, self.lens)]
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each sequence's tokens begin in the flat batch (B + 1 entries)."""
+        return [0, *accumulate(self.lens)]
+
+    @property
+    def last_rows(self) -> list[int]:
+        """Flat index of each sequence's last new token (sequences with lens 0 excluded)."""
+        return [o + n - 1 for o, n in zip(self.offsets, self.lens) if n]
 
     @classmethod
-    def build(cls, positions_bt: torch.Tensor, seq_lens_b: torch.Tensor | None, rope,
-              cache: LatentCache | None) -> "AttnBatch":
-        b, t = positions_bt.shape
-        dev = positions_bt.device
-        positions_bt = positions_bt.to(torch.int64)
-        if seq_lens_b is None:
-            valid_bt = torch.ones(b, t, dtype=torch.bool, device=dev)
-        else:
-            seq_lens_b = torch.as_tensor(seq_lens_b, dtype=torch.int64, device=dev)
-            valid_bt = torch.arange(t, device=dev) < seq_lens_b[:, None]
-        end_b = torch.where(valid_bt, positions_bt + 1, 0).amax(1) if t else \
-            torch.zeros(b, dtype=torch.int64, device=dev)
-        if cache is None:  # keys are this step's tokens
-            n_keys, kpos_bs, kvalid_bs = t, positions_bt, valid_bt
-        else:  # keys are cache rows 0..n_keys-1
-            if cache.batch != b:
-                raise ValueError(f"cache holds {cache.batch} sequences, step has {b}")
-            n_keys = int(end_b.max()) if b else 0
-            if n_keys > cache.max_len:
-                raise ValueError(f"position {n_keys - 1} is past the cache's max_len {cache.max_len}")
-            kpos_bs = torch.arange(n_keys, device=dev).expand(b, n_keys)
-            kvalid_bs = torch.ones(b, n_keys, dtype=torch.bool, device=dev)
-        allowed = (kpos_bs[:, None, :] <= positions_bt[:, :, None]) & kvalid_bs[:, None, :]
-        allowed |= ~valid_bt[:, :, None]  # padded queries: anything (no all -inf rows)
-        mask = torch.zeros(b, t, n_keys, dtype=torch.float32, device=dev)
-        mask.masked_fill_(~allowed, float("-inf"))
-        cos, sin = rope.tables(positions_bt)
-        wb, wt = valid_bt.nonzero(as_tuple=True)
-        return cls(positions_bt, valid_bt, n_keys, mask, cos, sin, wb, wt,
-                   positions_bt[wb, wt], end_b, cache is not None)
+    def build(cls, starts: Sequence[int], lens: Sequence[int], rope,
+              device: torch.device | str = "cpu",
+              page_tables: Sequence[Sequence[int]] | None = None,
+              page_size: int | None = None) -> "TokenBatch":
+        """page_tables (with page_size): the pages of each sequence, covering at least its
+        kv_len rows; None: no cache (starts must be 0)."""
+        starts, lens = [int(s) for s in starts], [int(n) for n in lens]
+        pos = [p for s, n in zip(starts, lens) for p in range(s, s + n)]
+        positions_t = torch.tensor(pos, dtype=torch.int64, device=device)
+        cos, sin = rope.tables(positions_t)
+        tb = cls(positions_t, starts, lens, cos, sin)
+        if page_tables is None:
+            if any(starts):
+                raise ValueError("a step without a cache must start every sequence at 0")
+            return tb
+        if len(page_tables) != len(starts):
+            raise ValueError(f"{len(page_tables)} page tables for {len(starts)} sequences")
+        need = [-(-kv // page_size) for kv in tb.kv_lens]
+        short = [i for i, (t, k) in enumerate(zip(page_tables, need)) if len(t) < k]
+        if short:
+            i = short[0]
+            raise ValueError(f"sequence {i} needs {need[i]} pages for {tb.kv_lens[i]} rows, "
+                             f"its table has {len(page_tables[i])}")
+        tb.pages = [torch.tensor(list(t[:k]), dtype=torch.int64, device=device)
+                    for t, k in zip(page_tables, need)]
+        table_t = [t[p // page_size] for t, s, n in zip(page_tables, starts, lens)
+                   for p in range(s, s + n)]
+        tb.slots_t = (torch.tensor(table_t, dtype=torch.int64, device=device) * page_size
+                      + positions_t % page_size)
+        return tb

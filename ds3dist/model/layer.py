@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds3dist.model.cache import AttnBatch, LatentCache
+from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.mla import MLA
 from ds3dist.model.mlp import MLP
 from ds3dist.model.moe import MoE
@@ -23,6 +23,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, opts.dtype)
         self.mlp = MoE(opts, layer_id) if c.is_moe_layer(layer_id) else MLP(opts, c.intermediate_size)
 
-    def forward(self, x_btd: torch.Tensor, ab: AttnBatch, cache: LatentCache | None = None) -> torch.Tensor:
-        h_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), ab, cache)
-        return h_btd + self.mlp(self.post_attention_layernorm(h_btd))
+    def forward(self, x_td: torch.Tensor, tb: TokenBatch, cache: PagedCache | None = None) -> torch.Tensor:
+        h_td = x_td + self.self_attn(self.input_layernorm(x_td), tb, cache)
+        return h_td + self.mlp(self.post_attention_layernorm(h_td))

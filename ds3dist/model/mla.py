@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds3dist.model.cache import AttnBatch, LatentCache
+from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.linear import Linear
 from ds3dist.model.norm import RMSNorm
 from ds3dist.model.options import BuildOptions
@@ -53,58 +53,65 @@ class MLA(nn.Module):
             self._wkv_b_dense = w.view(self.h, self.n + self.v, self.r)
         return self._wkv_b_dense
 
-    def forward(self, x_btd: torch.Tensor, ab: AttnBatch, cache: LatentCache | None) -> torch.Tensor:
-        b, t, _ = x_btd.shape
-        if b * t == 0:
-            return x_btd.new_zeros(b, t, self.o_proj.out_features)
-        q_bthq = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd))).view(b, t, self.h, -1)
-        q_nope, q_rope = q_bthq.split([self.n, self.p], dim=-1)
-        q_rope = apply_rope(q_rope, ab.cos_btf[:, :, None], ab.sin_btf[:, :, None])
-        kv_btc = self.kv_a_proj_with_mqa(x_btd)
-        latent, k_rope = kv_btc.split([self.r, self.p], dim=-1)
-        kv_btc = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_rope, ab.cos_btf, ab.sin_btf)), -1)
+    def forward(self, x_td: torch.Tensor, tb: TokenBatch, cache: PagedCache | None) -> torch.Tensor:
+        t = x_td.shape[0]
+        if t == 0:
+            return x_td.new_zeros(0, self.o_proj.out_features)
+        q_thq = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_td))).view(t, self.h, -1)
+        q_nope, q_rope = q_thq.split([self.n, self.p], dim=-1)
+        q_rope = apply_rope(q_rope, tb.cos_tf[:, None], tb.sin_tf[:, None])
+        kv_tc = self.kv_a_proj_with_mqa(x_td)
+        latent, k_rope = kv_tc.split([self.r, self.p], dim=-1)
+        kv_tc = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_rope, tb.cos_tf, tb.sin_tf)), -1)
         if cache is not None:
-            cache.write(self.layer_id, kv_btc, ab)
-            kv_bsc = cache.read(self.layer_id, ab.n_keys)
+            cache.write(self.layer_id, kv_tc, tb)
+        if self.form == "absorbed":  # fold kv_b's key part into the queries once per step
+            q_lat = torch.einsum("thn,hnr->thr", q_nope, self.wkv_b(q_nope.dtype)[:, : self.n])
+            q_thc = torch.cat((q_lat, q_rope), -1)
         else:
-            kv_bsc = kv_btc
-        if ab.n_keys == 0:  # only padding in this step
-            return x_btd.new_zeros(b, t, self.o_proj.out_features)
+            q_thc = torch.cat((q_nope, q_rope), -1)
+        outs = []
+        for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)):
+            if n == 0:
+                continue
+            kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
+            outs.append(self._attend(q_thc[o:o + n], kv_sc, tb.positions_t[o:o + n]))
+        return self.o_proj(torch.cat(outs).flatten(1))
+
+    def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
+        """One sequence: queries at positions pos_t over its keys 0..s-1 -> [t, h, v]."""
+        t, s = q_thc.shape[0], kv_sc.shape[0]
         if self.form == "naive":
-            k_bhcs, v_bhsv = self._naive_kv(kv_bsc)
-            attend = lambda qn, qr, m: self._naive(qn, qr, k_bhcs, v_bhsv, m)  # noqa: E731
-        else:
-            attend = lambda qn, qr, m: self._absorbed(qn, qr, kv_bsc, m)  # noqa: E731
-        # bound the float32 score tensor [b, chunk, h, s] by attending in query chunks
-        step = max(1, SCORE_ELEMS // (b * self.h * ab.n_keys))
-        o_bthv = torch.cat([attend(q_nope[:, i:i + step], q_rope[:, i:i + step], ab.mask_bts[:, i:i + step])
-                            for i in range(0, t, step)], 1) if t > step else \
-            attend(q_nope, q_rope, ab.mask_bts)
-        return self.o_proj(o_bthv.flatten(2))
+            k_hcs, v_hsv = self._naive_kv(kv_sc)
+        step = max(1, SCORE_ELEMS // (self.h * s))  # bound the float32 scores [chunk, h, s]
+        out = []
+        for i in range(0, t, step):
+            q, pos = q_thc[i:i + step], pos_t[i:i + step]
+            if self.form == "naive":
+                scores_ths = torch.einsum("thc,hcs->ths", q, k_hcs)
+            else:
+                scores_ths = (q.reshape(-1, q.shape[-1]) @ kv_sc.T).view(q.shape[0], self.h, s)
+            probs = self._softmax(scores_ths, pos, s, kv_sc.dtype)
+            if self.form == "naive":
+                out.append(torch.einsum("ths,hsv->thv", probs, v_hsv))
+            else:
+                o_lat = (probs.view(-1, s) @ kv_sc[:, : self.r]).view(q.shape[0], self.h, self.r)
+                out.append(torch.einsum("thr,hvr->thv", o_lat, self.wkv_b(q.dtype)[:, self.n:]))
+        return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (scores.float() * self.scale + mask).softmax(dim=-1).to(dtype)
+    def _softmax(self, scores_ths: torch.Tensor, pos_t: torch.Tensor, s: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """Scaled softmax in float32; key j is hidden from a query at position q < j."""
+        x = scores_ths.float() * self.scale
+        if int(pos_t[0]) < s - 1:  # some query is before the last key: causal mask
+            future_ts = torch.arange(s, device=x.device)[None, :] > pos_t[:, None]
+            x = x.masked_fill(future_ts[:, None, :], float("-inf"))
+        return x.softmax(dim=-1).to(dtype)
 
-    def _naive_kv(self, kv_bsc):
-        """Per-head keys [b, h, n+p, s] and values [b, h, s, v] from the latent rows."""
-        b, s = kv_bsc.shape[:2]
-        kvb_bshe = self.kv_b_proj(kv_bsc[..., : self.r]).view(b, s, self.h, self.n + self.v)
-        k_nope, v_bshv = kvb_bshe.split([self.n, self.v], dim=-1)
-        k_rope = kv_bsc[..., self.r:].unsqueeze(2).expand(b, s, self.h, self.p)
-        return torch.cat((k_nope, k_rope), -1).permute(0, 2, 3, 1), v_bshv.transpose(1, 2)
-
-    def _naive(self, q_nope, q_rope, k_bhcs, v_bhsv, mask_bts):
-        q_bhtc = torch.cat((q_nope, q_rope), -1).transpose(1, 2)
-        probs = self._softmax(q_bhtc @ k_bhcs, mask_bts[:, None], v_bhsv.dtype)  # [b, h, t, s]
-        return (probs @ v_bhsv).transpose(1, 2)  # [b, t, h, v]
-
-    def _absorbed(self, q_nope, q_rope, kv_bsc, mask_bts):
-        b, t, s = q_nope.shape[0], q_nope.shape[1], kv_bsc.shape[1]
-        w = self.wkv_b(q_nope.dtype)
-        w_k, w_v = w[:, : self.n], w[:, self.n:]  # [h, n, r], [h, v, r]
-        q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_k)
-        q_bxc = torch.cat((q_lat, q_rope), -1).view(b, t * self.h, self.r + self.p)
-        scores = (q_bxc @ kv_bsc.transpose(1, 2)).view(b, t, self.h, s)
-        probs = self._softmax(scores, mask_bts[:, :, None], kv_bsc.dtype)
-        o_lat = probs.view(b, t * self.h, s) @ kv_bsc[..., : self.r]  # [b, t*h, r]
-        return torch.einsum("bthr,hvr->bthv", o_lat.view(b, t, self.h, self.r), w_v)
+    def _naive_kv(self, kv_sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys [h, n+p, s] and values [h, s, v] from the latent rows."""
+        s = kv_sc.shape[0]
+        kvb_she = self.kv_b_proj(kv_sc[:, : self.r]).view(s, self.h, self.n + self.v)
+        k_nope, v_shv = kvb_she.split([self.n, self.v], dim=-1)
+        k_rope = kv_sc[:, self.r:].unsqueeze(1).expand(s, self.h, self.p)
+        return torch.cat((k_nope, k_rope), -1).permute(1, 2, 0), v_shv.transpose(0, 1)

@@ -27,12 +27,11 @@ class MoE(nn.Module):
             if c.n_shared_experts else None
         self.dispatcher = LocalDispatcher(self.experts.expert_ids, c.n_routed_experts)
 
-    def forward(self, x_btd: torch.Tensor) -> torch.Tensor:
-        x_td = x_btd.reshape(-1, x_btd.shape[-1])
+    def forward(self, x_td: torch.Tensor) -> torch.Tensor:
         idx_tk, w_tk = self.gate(x_td)
         d = self.dispatcher.dispatch(x_td, idx_tk, w_tk)
         y_sd = self.experts(d.x_sd, d.counts_e, d.w_s)
         out_td = self.dispatcher.combine(y_sd, d)
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
-        return out_td.view(x_btd.shape)
+        return out_td

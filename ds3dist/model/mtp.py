@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds3dist.model.cache import AttnBatch, LatentCache
+from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.embed import Embedding
 from ds3dist.model.layer import DecoderLayer
 from ds3dist.model.linear import Linear
@@ -28,8 +28,8 @@ class SharedHead(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, opts.dtype)
         self.head = Linear(c.hidden_size, c.vocab_size, fp8=False, dtype=opts.dtype)
 
-    def forward(self, h_btd: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h_btd)).float()
+    def forward(self, h_td: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h_td)).float()
 
 
 class MTPLayer(DecoderLayer):
@@ -42,9 +42,9 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * c.hidden_size, c.hidden_size, fp8=False, dtype=dt)
         self.shared_head = SharedHead(opts)
 
-    def block(self, hidden_btd: torch.Tensor, next_tokens_bt: torch.Tensor, ab: AttnBatch,
-              cache: LatentCache | None = None) -> torch.Tensor:
+    def block(self, hidden_td: torch.Tensor, next_tokens_t: torch.Tensor, tb: TokenBatch,
+              cache: PagedCache | None = None) -> torch.Tensor:
         """The block's output hidden state (before shared_head)."""
-        e_btd = self.enorm(self.embed_tokens(next_tokens_bt))
-        u_btd = self.eh_proj(torch.cat((e_btd, self.hnorm(hidden_btd.to(e_btd.dtype))), dim=-1))
-        return super().forward(u_btd, ab, cache)
+        e_td = self.enorm(self.embed_tokens(next_tokens_t))
+        u_td = self.eh_proj(torch.cat((e_td, self.hnorm(hidden_td.to(e_td.dtype))), dim=-1))
+        return super().forward(u_td, tb, cache)

@@ -1,10 +1,11 @@
 """The DeepSeek-V3 model, possibly partial: a contiguous or arbitrary set of held layers.
 
-Stage-by-stage use (what a pipeline stage calls):
-    h = model.embed(tokens_bt)                           # first stage
-    h = model.forward_layers(h, positions_bt, cache, seq_lens_b)
-    logits = model.logits(h)                             # last stage, float32
-Whole model: model(tokens_bt) -> float32 logits [b, t, vocab] (causal, no cache).
+Stage-by-stage use over a flat batch (what a pipeline stage calls):
+    tb = model.token_batch(starts, lens, page_tables, page_size)   # once per step
+    h = model.embed(tokens_t)                            # first stage, [T, D]
+    h = model.forward_layers(h, tb, cache)               # the held layers
+    logits = model.logits(h[tb.last_rows])               # last stage, float32 [B, vocab]
+Whole model: model(tokens_bt, seq_lens_b) -> float32 logits [b, t, vocab] (causal, no cache).
 Module names equal checkpoint names: `layers.i.*` is `model.layers.i.*`, `mtp.61.*` is
 `model.layers.61.*` (see checkpoint_name).
 """
@@ -16,7 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ds3dist.model.cache import AttnBatch, LatentCache
+from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.embed import Embedding
 from ds3dist.model.layer import DecoderLayer
 from ds3dist.model.linear import Linear
@@ -91,85 +92,75 @@ class Transformer(nn.Module):
             if hasattr(m, "form") and hasattr(m, "kv_b_proj"):
                 m.form = form
 
-    def new_cache(self, batch: int, max_len: int) -> LatentCache:
-        """An empty latent cache for the held layers (and MTP layers) of `batch` sequences."""
-        c = self.cfg
-        return LatentCache(self.layer_ids + self.mtp_layer_ids, batch, max_len,
-                           c.kv_lora_rank + c.qk_rope_head_dim, self.dtype, self.device)
+    def new_cache(self, num_pages: int, page_size: int) -> PagedCache:
+        """A pool of pages for the held layers (and MTP layers), allocated once."""
+        return PagedCache(self.layer_ids + self.mtp_layer_ids, num_pages, page_size,
+                          self.cache_width, self.dtype, self.device)
+
+    @property
+    def cache_width(self) -> int:
+        return self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+
+    def token_batch(self, starts, lens, page_tables=None, page_size: int | None = None) -> TokenBatch:
+        return TokenBatch.build(starts, lens, self.rope, self.device, page_tables, page_size)
 
     # ---- stages ----------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, tokens_bt: torch.Tensor) -> torch.Tensor:
-        """tokens [b, t] -> hidden [b, t, d] in the compute dtype."""
+    def embed(self, tokens_t: torch.Tensor) -> torch.Tensor:
+        """token ids [T] -> hidden [T, D] in the compute dtype."""
         if self.embed_tokens is None:
             raise RuntimeError("this model part does not hold the embedding")
-        return self.embed_tokens(tokens_bt.to(self.device))
-
-    def attn_batch(self, positions_bt: torch.Tensor, seq_lens_b=None,
-                   cache: LatentCache | None = None) -> AttnBatch:
-        return AttnBatch.build(positions_bt.to(self.device), seq_lens_b, self.rope, cache)
+        return self.embed_tokens(tokens_t.to(self.device))
 
     @torch.no_grad()
-    def forward_layers(self, h_btd: torch.Tensor, positions_bt: torch.Tensor | None = None,
-                       cache: LatentCache | None = None, seq_lens_b=None) -> torch.Tensor:
-        """Run the held layers in order.
-
-        h_btd: right-padded hidden states; positions_bt: each token's position (default
-        0..t-1); seq_lens_b: real tokens per row (default all t). Without a cache attention is
-        causal within the step; with one, each real token's row is written at its position
-        and attends to rows 0..position (prefill and decode alike), and cache.lens advances.
-        Zero tokens (b = 0 or t = 0) still pass through every MoE dispatcher.
-        """
-        b, t, _ = h_btd.shape
-        if positions_bt is None:
-            positions_bt = torch.arange(t, device=h_btd.device).expand(b, t)
-        ab = self.attn_batch(positions_bt, seq_lens_b, cache)
+    def forward_layers(self, h_td: torch.Tensor, tb: TokenBatch,
+                       cache: PagedCache | None = None) -> torch.Tensor:
+        """Run the held layers over the step's tokens. With a cache each token's row is
+        written at its slot and attends to its sequence's rows 0..position; without one,
+        attention is causal within each sequence's own tokens. Zero tokens still pass
+        through every MoE dispatcher (collective dispatchers stay in step)."""
         for layer in self.layers.values():
-            h_btd = layer(h_btd, ab, cache)
-        if cache is not None:
-            cache.advance(ab)
-        return h_btd
+            h_td = layer(h_td, tb, cache)
+        return h_td
 
     @torch.no_grad()
-    def logits(self, h_btd: torch.Tensor) -> torch.Tensor:
-        """Final norm + head: float32 logits [b, t, vocab]."""
+    def logits(self, h_nd: torch.Tensor) -> torch.Tensor:
+        """Final norm + head: float32 logits [..., vocab]."""
         if self.lm_head is None:
             raise RuntimeError("this model part does not hold the head")
-        return self.lm_head(self.norm(h_btd)).float()
+        return self.lm_head(self.norm(h_nd)).float()
 
     @torch.no_grad()
     def forward(self, tokens_bt: torch.Tensor, seq_lens_b=None) -> torch.Tensor:
-        """Full causal forward without cache: float32 logits [b, t, vocab]."""
+        """Full causal forward of right-padded prompts without a cache: float32 logits
+        [b, t, vocab] (zeros at padded positions)."""
         if self.layer_ids != list(range(self.cfg.num_hidden_layers)):
             raise RuntimeError(f"forward needs every layer; this part holds {self.layer_ids}")
-        h_btd = self.forward_layers(self.embed(tokens_bt), None, None, seq_lens_b)
-        return self.logits(h_btd)
+        b, t = tokens_bt.shape
+        lens = [t] * b if seq_lens_b is None else [int(n) for n in seq_lens_b]
+        valid_bt = torch.arange(t)[None, :] < torch.tensor(lens)[:, None]
+        tb = self.token_batch([0] * b, lens)
+        h_td = self.forward_layers(self.embed(tokens_bt[valid_bt]), tb)
+        out = torch.zeros(b, t, self.cfg.vocab_size, dtype=torch.float32, device=h_td.device)
+        out[valid_bt.to(out.device)] = self.logits(h_td)
+        return out
 
     @torch.no_grad()
-    def mtp_hidden(self, hidden_btd: torch.Tensor, next_tokens_bt: torch.Tensor,
-                   positions_bt: torch.Tensor | None = None, cache: LatentCache | None = None,
-                   seq_lens_b=None) -> torch.Tensor:
-        """The MTP block's output (before shared_head) for hidden_btd (main model's last
-        hidden state, before the final norm) and next_tokens_bt (token t+1 at each t)."""
+    def mtp_hidden(self, hidden_td: torch.Tensor, next_tokens_t: torch.Tensor, tb: TokenBatch,
+                   cache: PagedCache | None = None) -> torch.Tensor:
+        """The MTP block's output (before shared_head) for hidden_td (main model's last
+        hidden state, before the final norm) and next_tokens_t (token t+1 at each t)."""
         if self.mtp is None:
             raise RuntimeError("this model part does not hold the MTP layer")
-        b, t, _ = hidden_btd.shape
-        if positions_bt is None:
-            positions_bt = torch.arange(t, device=hidden_btd.device).expand(b, t)
-        ab = self.attn_batch(positions_bt, seq_lens_b, cache)
         layer = self.mtp[str(self.mtp_layer_ids[0])]  # depth 1 (the release has one module)
-        h_btd = layer.block(hidden_btd, next_tokens_bt.to(self.device), ab, cache)
-        if cache is not None:
-            cache.advance(ab)
-        return h_btd
+        return layer.block(hidden_td, next_tokens_t.to(self.device), tb, cache)
 
     @torch.no_grad()
-    def mtp_logits(self, hidden_btd: torch.Tensor, next_tokens_bt: torch.Tensor,
-                   positions_bt: torch.Tensor | None = None, cache: LatentCache | None = None,
-                   seq_lens_b=None) -> torch.Tensor:
+    def mtp_logits(self, hidden_td: torch.Tensor, next_tokens_t: torch.Tensor, tb: TokenBatch,
+                   cache: PagedCache | None = None) -> torch.Tensor:
         """Float32 logits for token t+2 at each position t (see mtp_hidden).
 
-        Positions default to those of h_t; rotary attention depends only on position
-        differences, so any constant offset (e.g. using t+1) gives the same result."""
-        h_btd = self.mtp_hidden(hidden_btd, next_tokens_bt, positions_bt, cache, seq_lens_b)
-        return self.mtp[str(self.mtp_layer_ids[0])].shared_head(h_btd)
+        Positions are those of h_t; rotary attention depends only on position differences,
+        so any constant offset (e.g. using t+1) gives the same result."""
+        h_td = self.mtp_hidden(hidden_td, next_tokens_t, tb, cache)
+        return self.mtp[str(self.mtp_layer_ids[0])].shared_head(h_td)
