@@ -1,106 +1,41 @@
-"""Sampling, stop rules and generate() for one process.
+"""Stop rules, prompt encoding and generate() for one process.
 
-What a distributed engine reuses on its last pipeline stage: `sample_next` (float32 logits
-[b, vocab] -> tokens, one generator per sequence from `sequence_generator(seed, index)`, so a
-sequence draws the same tokens whatever batch it shares), `StopChecker` (one per sequence)
-and `encode_prompts`.
-
-Sampling (float32): temperature 0 -> argmax. Otherwise logits / temperature, keep the top_k
-largest (0 = all), then the smallest prefix (by probability, descending) whose mass reaches
-top_p, renormalize, and invert the CDF at one uniform draw per row.
+`generate(model, tokenizer, prompts, ...)` runs the serving loop (ds3dist.serving: scheduler,
+paged cache, per-request sampling) over the whole model in this process; the Ray engine runs
+the same loop over its ranks, so the two cannot drift. `requests_for` and `result_of` turn
+prompts into requests and ended requests into results for both.
 
 Stops: a sequence ends with finish_reason 'stop' when it emits the EOS token or a stop token
 id, or its text contains a stop string; else 'length' after max_new_tokens. token_ids keep
-the final stop token; text leaves out special tokens and anything from a stop string on.
+the final stop token; text leaves out special tokens and anything from a stop string on. A
+request that cannot run (too long for the model or the cache) or fails on its own ends with
+finish_reason 'error' and its reason in `error`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ds3dist.model.cache import PagedCache
+from ds3dist.serving.executor import LocalExecutor
+from ds3dist.serving.loop import serve
+from ds3dist.serving.params import SamplingParams
+from ds3dist.serving.request import Request, RequestStatus
+from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def of(cls, params: "SamplingParams | dict") -> "SamplingParams":
-        return params if isinstance(params, cls) else cls(**params)
-
-
-def sequence_generator(seed: int | None, index: int,
-                       device: str | torch.device = "cpu") -> torch.Generator | None:
-    """The generator of sequence `index` of a request seeded with `seed` (None: global RNG)."""
-    if seed is None:
-        return None
-    mixed = (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9) % (1 << 63)
-    return torch.Generator(device=device).manual_seed(mixed)
-
-
-Generators = torch.Generator | Sequence[torch.Generator | None] | None
-
-
-def _uniform(b: int, generators: Generators) -> torch.Tensor:
-    """One U[0, 1) draw per row: from one shared generator, or each row from its own."""
-    if generators is None or isinstance(generators, torch.Generator):
-        dev = generators.device if generators is not None else torch.device("cpu")
-        return torch.rand(b, generator=generators, device=dev).cpu()
-    if len(generators) != b:
-        raise ValueError(f"{len(generators)} generators for {b} rows")
-    return torch.cat([torch.rand(1, generator=g, device=g.device if g is not None else "cpu").cpu()
-                      for g in generators])
-
-
-def sample_next(logits_bv: torch.Tensor, params: SamplingParams | dict,
-                generators: Generators = None) -> torch.Tensor:
-    """Next token per row: int64 [b]. Greedy at temperature 0 (first maximum on ties).
-
-    generators: None (torch's global RNG), one generator for the batch, or one per row."""
-    params = SamplingParams.of(params)
-    logits = logits_bv.float()
-    if params.temperature == 0 or logits.shape[0] == 0:
-        return logits.argmax(-1)
-    logits = logits / params.temperature
-    v = logits.shape[-1]
-    if 0 < params.top_k < v:
-        vals_bk, idx_bk = logits.topk(params.top_k, dim=-1)  # sorted, descending
-    elif params.top_p < 1:
-        vals_bk, idx_bk = logits.sort(dim=-1, descending=True)
-    else:
-        vals_bk, idx_bk = logits, None
-    probs = vals_bk.softmax(-1)
-    if params.top_p < 1:  # drop a token when the mass before it already reaches top_p
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before >= params.top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = _uniform(logits.shape[0], generators).to(cdf.device)[:, None]
-    j = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
-    return j.squeeze(1) if idx_bk is None else idx_bk.gather(1, j).squeeze(1)
+PAGE_SIZE = 64
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated tokens (the final stop token included)
     text: str
-    finish_reason: str  # 'stop' or 'length'
+    finish_reason: str  # 'stop', 'length' or 'error'
     prompt_tokens: int
+    error: str | None = None
 
 
 class StopChecker:
@@ -193,47 +128,81 @@ def right_pad(seqs: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.
     return toks, lens
 
 
-@torch.no_grad()
+def requests_for(tokenizer: Any, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
+                 params: SamplingParams, stop=None, eos_token_id: int | None = None,
+                 bos_token_id: int | None = None) -> list[Request]:
+    """One request per prompt, id str(i), each with its own stop rules."""
+    ids = encode_prompts(tokenizer, prompts, bos_token_id)
+    return [Request(str(i), p, params, max_new_tokens,
+                    StopChecker(tokenizer, stop, max_new_tokens, eos_token_id))
+            for i, p in enumerate(ids)]
+
+
+def result_of(req: Request) -> GenerationResult:
+    if req.status is not RequestStatus.FINISHED:
+        return GenerationResult(list(req.output_ids), "", "error", len(req.prompt_ids),
+                                req.error or req.status.value)
+    if req.stop is None:
+        return GenerationResult(list(req.output_ids), "", req.finish_reason or "length",
+                                len(req.prompt_ids))
+    return req.stop.result(req.prompt_ids, req.output_ids)
+
+
+class LocalEngine:
+    """The whole model in this process behind the engine interface (`stream`, `generate`):
+    the serving loop with a LocalExecutor, as the Ray engine runs it with its ranks."""
+
+    def __init__(self, model, tokenizer: Any = None, cache_pages: int | None = None,
+                 page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
+                 max_seqs: int = 64, cache_gb: float = 4.0):
+        self.model, self.tokenizer = model, tokenizer
+        width = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
+        pages = cache_pages or PagedCache.pages_for_bytes(
+            cache_gb * 1e9, len(model.layer_ids), page_size, width, model.dtype)
+        self.sched_cfg = SchedulerConfig(
+            pages_per_column=pages, page_size=page_size, max_tokens_per_step=max_tokens_per_step,
+            max_seqs=max_seqs, max_model_len=model.cfg.max_position_embeddings)
+        self.executor = LocalExecutor(model, pages, page_size)
+        self.scheduler: Scheduler | None = None
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
+        """Run requests to their end; yield each as it ends."""
+        self.scheduler = Scheduler(self.sched_cfg)
+        with torch.inference_mode():
+            yield from serve(self.scheduler, self.executor, requests)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, stop=None) -> list[GenerationResult]:
+        cfg, tok = self.model.cfg, self.tokenizer
+        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
+        reqs = requests_for(tok, prompts, max_new_tokens,
+                            SamplingParams(temperature, top_p, top_k, seed), stop,
+                            cfg.eos_token_id if eos is None else eos,
+                            cfg.bos_token_id if bos is None else bos)
+        ended = {r.id: r for r in self.stream(reqs)}
+        return [result_of(ended[r.id]) for r in reqs]
+
+    def stats(self) -> dict:
+        load = {i: moe.dispatcher.stats()["received_per_expert"]
+                for i, moe in self.model.moe_layers().items()}
+        sched = asdict(self.scheduler.stats) if self.scheduler is not None else {}
+        return {"expert_load": load, "scheduler": sched}
+
+
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int | None = None, stop=None) -> list[GenerationResult]:
-    """Generate for a batch of prompts: one prefill, then one cached decode step per token.
-
-    Sequence i samples from sequence_generator(seed, i); finished sequences leave the batch
-    (their cache rows are dropped).
-    """
-    params = SamplingParams(temperature, top_p, top_k, seed)
-    cfg = model.cfg
-    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    ids = encode_prompts(tokenizer, prompts, cfg.bos_token_id if bos is None else bos)
-    eos = cfg.eos_token_id if eos is None else eos
-    checkers = [StopChecker(tokenizer, stop, max_new_tokens, eos) for _ in ids]
-    out = [[] for _ in ids]
-    if max_new_tokens == 0 or not ids:
-        return [c.result(p, o) for c, p, o in zip(checkers, ids, out)]
-    gens = [sequence_generator(seed, i) for i in range(len(ids))]
-
-    toks_bt, lens_b = right_pad(ids)
-    cache = model.new_cache(len(ids), int(lens_b.max()) + max_new_tokens)
-    positions_bt = torch.arange(toks_bt.shape[1]).expand_as(toks_bt)
-    h_btd = model.forward_layers(model.embed(toks_bt), positions_bt, cache, lens_b)
-    last_bd = h_btd[torch.arange(len(ids)), (lens_b - 1).to(h_btd.device)]
-    logits_bv = model.logits(last_bd[:, None])[:, 0]
-    active = list(range(len(ids)))  # cache row -> sequence index
-    while True:
-        next_b = sample_next(logits_bv, params, [gens[i] for i in active]).cpu()
-        keep = []
-        for r, i in enumerate(active):
-            out[i].append(int(next_b[r]))
-            if not checkers[i].update(out[i]):
-                keep.append(r)
-        if not keep:
-            break
-        if len(keep) < len(active):
-            cache.select(keep)
-            active = [active[r] for r in keep]
-            next_b = next_b[keep]
-        h_btd = model.forward_layers(model.embed(next_b[:, None]), cache.lens[:, None], cache)
-        logits_bv = model.logits(h_btd)[:, 0]
-    return [c.result(p, o) for c, p, o in zip(checkers, ids, out)]
+             seed: int | None = None, stop=None, *, cache_pages: int | None = None,
+             page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
+             max_seqs: int = 64) -> list[GenerationResult]:
+    """Generate for prompts with the whole model in this process: continuous batching over a
+    paged cache (cache_pages pages of page_size tokens; default: enough for every prompt at
+    its longest, so nothing is preempted). Request i samples from its own generator keyed by
+    (seed, str(i))."""
+    if cache_pages is None:
+        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        ids = encode_prompts(tokenizer, prompts, model.cfg.bos_token_id if bos is None else bos)
+        cache_pages = max(1, sum(-(-(len(p) + max_new_tokens) // page_size) for p in ids))
+    engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs)
+    return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop)

@@ -5,54 +5,55 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds3dist.generation import (GenerationResult, SamplingParams, StopChecker, encode_prompts,
-                                generate, right_pad, sample_next, sequence_generator)
+from ds3dist.generation import (GenerationResult, StopChecker, encode_prompts, generate,
+                                right_pad)
 from ds3dist.model.load import load_model
+from ds3dist.serving.params import SamplingParams
+from ds3dist.serving.sampling import draw_seed, sample_rows
 
 torch.set_num_threads(2)
 
 
-# ---- sample_next ---------------------------------------------------------------------------
+# ---- sampling --------------------------------------------------------------------------------
 def test_greedy_is_argmax():
     logits = torch.randn(4, 50)
-    assert torch.equal(sample_next(logits, SamplingParams()), logits.argmax(-1))
+    got = sample_rows(logits, [SamplingParams()] * 4, [(str(i), 0) for i in range(4)])
+    assert got == logits.argmax(-1).tolist()
 
 
-def test_sampling_is_reproducible_per_seed_and_per_sequence():
+def test_draws_depend_only_on_seed_request_and_index():
     logits = torch.randn(3, 1000)
     p = SamplingParams(temperature=0.8, top_p=0.9, top_k=100, seed=4)
-
-    def draws(rows):
-        gens = [sequence_generator(4, i) for i in rows]
-        return torch.stack([sample_next(logits[rows], p, gens) for _ in range(6)], 1)
-
-    a = draws([0, 1, 2])
-    assert torch.equal(a, draws([0, 1, 2]))
-    # a sequence draws the same tokens whatever batch it is in (per-sequence generators)
-    assert torch.equal(draws([2])[0], a[2]) and torch.equal(draws([1, 2])[0], a[1])
-    # dict params (as sent to remote workers) and one shared generator work too
-    g = torch.Generator().manual_seed(1)
-    assert sample_next(logits, p.as_dict(), g).shape == (3,)
-    assert sequence_generator(None, 0) is None
+    draws = [("a", 0), ("b", 5), ("c", 2)]
+    together = sample_rows(logits, [p] * 3, draws)
+    assert together == sample_rows(logits, [p] * 3, draws)
+    # a row draws the same whatever shares the batch with it, and in any order
+    assert sample_rows(logits[2:], [p], draws[2:]) == together[2:]
+    assert sample_rows(logits[[1, 0]], [p, p], [draws[1], draws[0]]) == together[1::-1]
+    # rows with different parameters in one batch: each as if alone
+    q = SamplingParams(temperature=0.0)
+    mixed = sample_rows(logits, [p, q, p], draws)
+    assert mixed[0] == together[0] and mixed[2] == together[2]
+    assert mixed[1] == int(logits[1].argmax())
+    assert draw_seed(4, "a", 0) != draw_seed(4, "a", 1) != draw_seed(5, "a", 1)
 
 
 def _freq(logits, params, n=20000):
-    g = torch.Generator().manual_seed(0)
-    draws = sample_next(logits.expand(n, -1), params, g)
-    return torch.bincount(draws, minlength=logits.shape[-1]).float() / n
+    rows = sample_rows(logits.expand(n, -1), [params] * n, [(str(i), 0) for i in range(n)])
+    return torch.bincount(torch.tensor(rows), minlength=logits.shape[-1]).float() / n
 
 
 def test_top_k_then_top_p_distribution():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     # top_k=3 keeps {1, 3, 4} -> 0.4/0.85, 0.3/0.85, 0.15/0.85
-    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3))
+    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3, seed=0))
     torch.testing.assert_close(f, torch.tensor([0, 0.4, 0, 0.3, 0.15]) / 0.85, atol=0.015, rtol=0)
     # then top_p=0.8 of those (0.47, 0.35, 0.18): keeps 1 and 3
-    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.8))
+    f = _freq(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.8, seed=0))
     torch.testing.assert_close(f, torch.tensor([0, 0.4, 0, 0.3, 0]) / 0.7, atol=0.015, rtol=0)
     # tiny top_p is greedy; temperature sharpens
-    assert (_freq(logits, SamplingParams(temperature=1.0, top_p=1e-6), 100)[1] == 1).item()
-    f = _freq(logits, SamplingParams(temperature=0.5))
+    assert (_freq(logits, SamplingParams(temperature=1.0, top_p=1e-6, seed=0), 100)[1] == 1).item()
+    f = _freq(logits, SamplingParams(temperature=0.5, seed=0))
     want = torch.softmax(logits[0] / 0.5, -1)
     torch.testing.assert_close(f, want, atol=0.015, rtol=0)
 
@@ -148,6 +149,23 @@ def test_text_prompts_and_seeded_sampling(model, tokenizer):
     assert a[0].text == tokenizer.decode(a[0].token_ids) or a[0].finish_reason == "stop"
     g = generate(model, tokenizer, prompts, max_new_tokens=8)
     assert len(g[1].token_ids) == 8 or g[1].finish_reason == "stop"
+
+
+def test_preemption_does_not_change_results(model):
+    """A cache too small for every request at once: the scheduler preempts and recomputes;
+    greedy and seeded sampled tokens equal those of a cache that holds everything."""
+    prompts = [[5, 6, 7] * 6, [100, 200, 300, 400] * 5, [42] * 17, [9, 8] * 9]
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 11}):
+        roomy = generate(model, None, prompts, max_new_tokens=24, **kw)
+        tight = generate(model, None, prompts, max_new_tokens=24, cache_pages=12, page_size=4,
+                         max_tokens_per_step=16, **kw)
+        assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
+
+
+def test_request_too_long_for_the_cache_fails_alone(model):
+    res = generate(model, None, [[5] * 40, [6, 7]], max_new_tokens=4, cache_pages=4, page_size=8)
+    assert res[0].finish_reason == "error" and "can never fit the cache pool" in res[0].error
+    assert res[1].finish_reason == "length" and len(res[1].token_ids) == 4
 
 
 def test_right_pad():

@@ -1,0 +1,23 @@
+"""How an engine serves: cache pool and scheduler limits (the launch's runtime.* keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONTROLS = ("compiled", "classic")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How the engine serves: the cache pool and the scheduler's limits (runtime.* keys)."""
+    cache_gb: float | None = None  # per rank; None: 4 GB on CPU, 90% of free memory on GPU
+    page_size: int = 64
+    max_tokens_per_step: int = 2048  # per expert-parallel column
+    max_seqs: int = 64  # running sequences per column
+    prefill_chunk: int | None = None
+    control: str = "compiled"  # compiled (Ray compiled graph) | classic (actor calls)
+    threads: int | None = None  # torch threads per rank (None: the CPUs a rank was given)
+
+    def __post_init__(self) -> None:
+        if self.control not in CONTROLS:
+            raise ValueError(f"runtime.control: must be one of {CONTROLS}, got {self.control!r}")

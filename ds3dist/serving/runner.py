@@ -1,0 +1,63 @@
+"""StepRunner: one column's side of a step on one model part (the whole model in one process,
+or one pipeline stage x expert-parallel rank).
+
+It owns the part's paged cache and, per request it serves, the page table and sampling
+parameters the plans introduced; a plan only carries diffs (new requests, new pages, new
+token ids, freed ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
+`layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
+for each sequence whose step reaches its target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds3dist.model.cache import TokenBatch
+from ds3dist.serving.params import SamplingParams
+from ds3dist.serving.plan import SeqStep
+from ds3dist.serving.sampling import sample_rows
+
+
+class StepRunner:
+    def __init__(self, model, num_pages: int, page_size: int):
+        self.model = model
+        self.page_size = page_size
+        self.cache = model.new_cache(num_pages, page_size)
+        self.tables: dict[str, list[int]] = {}
+        self.params: dict[str, SamplingParams] = {}
+        self.fail_ids: set[str] = set()  # test hook: requests whose processing raises
+
+    def begin(self, freed: list[str], seqs: list[SeqStep]) -> TokenBatch:
+        for rid in freed:
+            self.tables.pop(rid, None)
+            self.params.pop(rid, None)
+        for s in seqs:
+            if s.params is not None:  # (re)introduced: a fresh page table
+                self.tables[s.req_id], self.params[s.req_id] = [], s.params
+            self.tables[s.req_id].extend(s.new_pages)
+        return self.model.token_batch([s.start for s in seqs], [len(s.token_ids) for s in seqs],
+                                      [self.tables[s.req_id] for s in seqs], self.page_size)
+
+    def failing(self, seqs: list[SeqStep]) -> dict[str, str]:
+        """Requests that fail in their own processing (the test hook), by id."""
+        return {s.req_id: f"injected fault in request {s.req_id}" for s in seqs
+                if s.req_id in self.fail_ids}
+
+    @torch.inference_mode()
+    def layers(self, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Embed the step's token ids (h_td None: first stage), then the held layers."""
+        if h_td is None:
+            ids = [t for s in seqs for t in s.token_ids]
+            h_td = self.model.embed(torch.tensor(ids, dtype=torch.int64))
+        return self.model.forward_layers(h_td.to(self.model.device), tb, self.cache)
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor) -> dict[str, int]:
+        picked = [(s, o + len(s.token_ids) - 1) for s, o in zip(seqs, tb.offsets) if s.sample]
+        if not picked:
+            return {}
+        logits_nv = self.model.logits(h_td[[row for _, row in picked]])
+        tokens = sample_rows(logits_nv, [self.params[s.req_id] for s, _ in picked],
+                             [(s.req_id, s.output_index) for s, _ in picked])
+        return {s.req_id: t for (s, _), t in zip(picked, tokens)}
