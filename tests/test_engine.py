@@ -24,41 +24,33 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def reference(tiny_fp8_dir):
-    """Greedy tokens and prompt logits of the single-process model (float32)."""
+    """Greedy tokens of the single-process model (float32)."""
     import ds3dist
-    from ds3dist.generation import encode_prompts
     from ds3dist.tokenizer import load_tokenizer
 
     model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
     tok = load_tokenizer(tiny_fp8_dir)
-    results = ds3dist.generate(model, tok, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
-    logits = []
-    with torch.inference_mode():
-        for ids in encode_prompts(tok, PROMPTS):  # BOS + text, as the engine encodes
-            logits.append(model(torch.tensor([ids]))[0])
-    return results, logits
+    return ds3dist.generate(model, tok, PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
 
 
-@pytest.mark.parametrize("pp,ep,transfer", [(1, 1, "ray"), (2, 1, "ray"), (1, 2, "ray"),
-                                             (2, 2, "ray"), (1, 4, "ray"), (2, 2, "p2p")])
-def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep, transfer):
+@pytest.mark.parametrize("pp,ep,control", [(1, 1, "compiled"), (2, 1, "compiled"),
+                                           (1, 2, "compiled"), (2, 2, "compiled"),
+                                           (1, 4, "compiled"), (2, 2, "classic")])
+def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep, control):
     from ds3dist import Engine
+    from ds3dist.serving.options import ServingOptions
 
-    ref_results, ref_logits = reference
     with Engine(tiny_fp8_dir, ParallelLayout(pp=pp, ep=ep), execution="bf16",
-                dtype=torch.float32, transfer=transfer) as engine:
+                dtype=torch.float32, serving=ServingOptions(control=control)) as engine:
         got = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
-        for g, r in zip(got, ref_results):
+        for g, r in zip(got, reference):
             assert g.token_ids == r.token_ids
             assert g.finish_reason == r.finish_reason
             assert g.text == r.text
-        assert any(len(set(r.token_ids)) > 3 for r in ref_results)  # not a constant stream
-        logits = engine.score(PROMPTS)
-        for got_l, want_l in zip(logits, ref_logits):
-            assert got_l.shape == want_l.shape
-            assert (got_l - want_l).abs().max().item() <= 1e-4
+        assert any(len(set(r.token_ids)) > 3 for r in reference)  # not a constant stream
         stats = engine.stats()
         assert len(stats["ranks"]) == pp * ep
+        assert stats["scheduler"]["steps"] >= NEW_TOKENS
         # every routed copy of every MoE layer is counted once, at its owner
         cfg = ModelConfig.from_json(tiny_fp8_dir)
         main = {i: sum(row) for i, row in stats["expert_load"].items() if i < cfg.num_hidden_layers}
@@ -67,6 +59,9 @@ def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp,
         assert len(set(main.values())) == 1
         assert next(iter(main.values())) % cfg.num_experts_per_tok == 0
         assert next(iter(main.values())) > 0
+        # the engine goes on serving after stats() (a compiled graph is made anew)
+        again = engine.generate(PROMPTS[:2], max_new_tokens=4)
+        assert [g.token_ids for g in again] == [r.token_ids[:4] for r in reference[:2]]
 
 
 def _ideal_bytes(cfg, plan) -> int:
@@ -77,7 +72,7 @@ def _ideal_bytes(cfg, plan) -> int:
         if layer is None:
             own = plan.embed if spec.name.startswith("model.embed_tokens") else plan.head
         elif layer in mtp_ids:
-            own = plan.mtp
+            own = False  # the MTP layer is loaded only when something runs it
         else:
             own = layer in plan.layers
         e = expert_of(spec.name)
@@ -136,7 +131,6 @@ def test_killed_actor_raises_named_error(ray_cluster, tiny_fp8_dir):
 def test_fp8_execution_with_fp8_dispatch_payload(ray_cluster, tiny_fp8_dir):
     """fp8 execution sends FP8 + scales through the all-to-all; results track one process."""
     import ds3dist
-    from ds3dist.generation import encode_prompts
     from ds3dist import Engine
     from ds3dist.tokenizer import load_tokenizer
 
@@ -145,12 +139,7 @@ def test_fp8_execution_with_fp8_dispatch_payload(ray_cluster, tiny_fp8_dir):
     want = ds3dist.generate(model, tok, PROMPTS[:4], max_new_tokens=8)
     with Engine(tiny_fp8_dir, ParallelLayout(pp=1, ep=2), execution="fp8") as engine:
         got = engine.generate(PROMPTS[:4], max_new_tokens=8)
-        scores = engine.score(PROMPTS[:4])
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    for s, ids in zip(scores, encode_prompts(tok, PROMPTS[:4])):
-        full = model(torch.tensor([ids]))[0]
-        cos = torch.nn.functional.cosine_similarity(s.flatten(), full.flatten(), dim=0).item()
-        assert cos >= 0.999, cos
 
 
 def test_early_stops_and_seeded_sampling_match_single_process(ray_cluster, tiny_fp8_dir, reference):
@@ -159,7 +148,7 @@ def test_early_stops_and_seeded_sampling_match_single_process(ray_cluster, tiny_
     from ds3dist import Engine
     from ds3dist.tokenizer import load_tokenizer
 
-    ref_results, _ = reference
+    ref_results = reference
     stop_ids = [ref_results[0].token_ids[2], ref_results[2].token_ids[6]]
     model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
     tok = load_tokenizer(tiny_fp8_dir)

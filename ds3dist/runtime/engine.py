@@ -1,28 +1,40 @@
-"""Engine: a placement group of StageWorker actors and the pipeline schedule that drives them.
+"""Engine: a placement group of StageWorker actors driven by the serving loop.
 
-Sequences are split into micro-batches (one per pipeline stage by default, so every stage
-has work); inside a micro-batch each expert-parallel rank owns every ep-th sequence
-(data-parallel attention). Rank (s, r) hands its hidden states to rank (s+1, r) as a Ray
-object; the last stage samples and only token ids come back to feed the first stage.
+The engine starts the actors (placement group, process groups, each rank loading its share),
+gives every rank a paged cache (`cache_gb` per rank; the same number of pages on every stage
+of an expert-parallel column), and runs `ds3dist.serving.loop.serve` with a Scheduler over
+`columns = ep` and an executor (compiled graph, or classic actor calls): the one loop that one
+process runs too. Requests go in as a stream and come out as they end.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ds3dist.config import ModelConfig
-from ds3dist.generation import GenerationResult, SamplingParams, StopChecker, encode_prompts
+from ds3dist.generation import GenerationResult, requests_for, result_of
+from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime import cluster
+from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor
 from ds3dist.runtime.worker import StageWorker
+from ds3dist.serving.loop import serve
+from ds3dist.serving.options import ServingOptions
+from ds3dist.serving.params import SamplingParams
+from ds3dist.serving.request import Request
+from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
 from ds3dist.tokenizer import load_tokenizer
 
-PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
+PING_TIMEOUT_S = 5.0
+DEFAULT_CPU_CACHE_GB = 4.0  # a rank that cannot answer a ping in this time is stopped or hung
 
 
 class EngineError(RuntimeError):
@@ -38,42 +50,46 @@ class Engine:
         dtype=None,
         *,
         attn_form: str = "absorbed",
-        transfer: str = "ray",
-        micro_batches: int | None = None,
+        serving: ServingOptions | None = None,
         rendezvous_port: int | None = None,
         collective_timeout_s: float = 120.0,
         startup_timeout_s: float = 600.0,
         ray_address: str | None = None,
         num_cpus: int | None = None,
         connect_timeout_s: float = 30.0,
+        cpus_per_rank: int = 1,
+        fault_ids: tuple[str, ...] = (),
     ):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
         self.config = ModelConfig.from_json(self.checkpoint)
         self.plans = self.layout.plan(self.config)
-        self.micro_batches = micro_batches or self.layout.pp
-        if transfer not in ("ray", "p2p"):
-            raise ValueError(f"runtime.transfer: must be 'ray' or 'p2p', got {transfer!r}")
-        self.transfer = transfer
+        self.serving = serving or ServingOptions()
         self.collective_timeout_s = collective_timeout_s
         self.step_timeout_s = collective_timeout_s + 30.0
         self.actors: list = []
         self.infos: list[dict] = []
         self.pg = None
-        self._calls: dict[int, dict] = {}  # micro-batch -> {ref: (rank, what)} in flight
-        cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size), connect_timeout_s)
+        self.executor = None  # made on first use; a compiled graph holds the actors while it lives
+        self.scheduler: Scheduler | None = None  # of the last stream
+        self.cpus_per_rank = cpus_per_rank
+        cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size * cpus_per_rank),
+                        connect_timeout_s)
         self.layout.check_resources(ray.available_resources())
         try:
-            self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s)
+            self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s,
+                        fault_ids)
+            self.sched_cfg = self._setup_caches(startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
         self.tokenizer = load_tokenizer(self.checkpoint)
 
     # ---- start-up ---------------------------------------------------------------------
-    def _start(self, attn_form, execution, dtype, port, timeout):
+    def _start(self, attn_form, execution, dtype, port, timeout, fault_ids):
         gpu = self.layout.device == "cuda"
-        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        cpus = self.cpus_per_rank
+        bundle = {"GPU": 1, "CPU": cpus} if gpu else {"CPU": cpus}
         self.pg = placement_group([dict(bundle) for _ in self.plans], strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=timeout)
         if not ready:
@@ -83,15 +99,16 @@ class Engine:
             )
         remote_cls = ray.remote(StageWorker)
         dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
+        threads = self.serving.threads or cpus
         for plan in self.plans:
             self.actors.append(
                 remote_cls.options(
-                    num_cpus=1, num_gpus=1 if gpu else 0, max_concurrency=1,
+                    num_cpus=cpus, num_gpus=1 if gpu else 0, max_concurrency=1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.pg, placement_group_bundle_index=plan.rank),
                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         self.transfer)
+                         threads, tuple(fault_ids))
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
@@ -101,138 +118,55 @@ class Engine:
                    for a in self.actors], timeout, "process-group set-up")
         self.load_info = self._get([a.load.remote() for a in self.actors], timeout, "loading")
 
+    def _setup_caches(self, timeout: float) -> SchedulerConfig:
+        """Pages per column: what cache_gb holds on the stage with the most layers (every
+        stage of a column uses the same page ids)."""
+        opt, cfg = self.serving, self.config
+        dtype = torch.float32 if self.load_info[0]["dtype"] == "torch.float32" else torch.bfloat16
+        if opt.cache_gb is None and self.layout.device == "cuda":
+            free = min(i["cuda_free_bytes"] for i in self.load_info)
+            nbytes = 0.9 * free
+        else:
+            nbytes = (opt.cache_gb if opt.cache_gb is not None else DEFAULT_CPU_CACHE_GB) * 1e9
+        layers = max(len(p.layers) for p in self.plans)
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        pages = PagedCache.pages_for_bytes(nbytes, layers, opt.page_size, width, dtype)
+        if pages < 1:
+            raise EngineError(f"runtime.cache_gb: {nbytes / 1e9:.3g} GB holds no page of "
+                              f"{opt.page_size} tokens x {layers} layers")
+        self._get([a.setup_cache.remote(pages, opt.page_size) for a in self.actors], timeout,
+                  "cache set-up")
+        return SchedulerConfig(columns=self.layout.ep, pages_per_column=pages,
+                               page_size=opt.page_size,
+                               max_tokens_per_step=opt.max_tokens_per_step,
+                               max_seqs=opt.max_seqs, prefill_chunk=opt.prefill_chunk,
+                               max_model_len=cfg.max_position_embeddings)
+
+    def _executor(self):
+        if self.serving.control == "compiled":
+            return CompiledExecutor(self.actors, self.layout, self._failure)
+        return ClassicExecutor(self.actors, self.layout, self._failure)
+
     # ---- generation -------------------------------------------------------------------
+    def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
+        """Run requests (each with its own sampling parameters and stop rule) to their end;
+        yield each as it ends: finished, rejected at admission, or failed on its own."""
+        if not self.actors:
+            raise EngineError("the engine has been shut down")
+        if self.executor is None:
+            self.executor = self._executor()
+        self.scheduler = Scheduler(self.sched_cfg)
+        yield from serve(self.scheduler, self.executor, requests, timeout_s=self.step_timeout_s)
+
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop=None) -> list[GenerationResult]:
         """Same arguments and results as `ds3dist.generate` on one process."""
-        if not self.actors:
-            raise EngineError("the engine has been shut down")
-        ids = encode_prompts(self.tokenizer, prompts)
-        n = len(ids)
-        if n == 0:
-            return []
-        limit = self.config.max_position_embeddings
-        for i, p in enumerate(ids):
-            if len(p) + max_new_tokens > limit:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} "
-                                 f"exceed max_position_embeddings {limit}")
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        checkers = [StopChecker(self.tokenizer, stop, max_new_tokens) for _ in ids]
-        out_ids: list[list[int]] = [[] for _ in ids]
-        ep = self.layout.ep
-        owner = self._open(ids, max_new_tokens, sampling.as_dict())
-        m_count = len(owner)
-        active = [[list(row) for row in owner_m] for owner_m in owner]  # cache rows, per (m, r)
-        pending: dict = {}
-        for m in range(m_count):
-            pending.update(self._submit(m, active[m], lambda i: ids[i]))
-        waiting = {m: ep for m in range(m_count)}
-        got: dict[int, dict[int, list[int]]] = {m: {} for m in range(m_count)}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.step_timeout_s)
-            if not ready:
-                raise self._failure(f"no step finished within {self.step_timeout_s:.0f} s",
-                                    calls=self._in_flight())
-            ref = ready[0]
-            m, r, is_last = pending.pop(ref)
-            try:
-                value = ray.get(ref)
-            except Exception as e:  # an actor died or raised
-                raise self._failure(f"micro-batch {m} failed", e, self._in_flight()) from e
-            if not is_last:
-                continue
-            got[m][r] = value
-            waiting[m] -= 1
-            if waiting[m]:
-                continue
-            keep = []  # per ep rank: cache rows of the sequences still running
-            for r2 in range(ep):
-                for i, tok in zip(active[m][r2], got[m][r2]):
-                    out_ids[i].append(tok)
-                    checkers[i].update(out_ids[i])
-                keep.append([k for k, i in enumerate(active[m][r2]) if not checkers[i].done])
-                active[m][r2] = [active[m][r2][k] for k in keep[-1]]
-            if not any(active[m]):
-                self._close(m)
-                continue
-            waiting[m] = ep
-            got[m] = {}
-            pending.update(self._submit(m, active[m], lambda i: [out_ids[i][-1]], keep=keep))
-        return [checkers[i].result(ids[i], out_ids[i]) for i in range(n)]
-
-    def score(self, prompts) -> list:
-        """Float32 logits [len_i, vocab] of every prompt position (a full causal forward)."""
-        ids = encode_prompts(self.tokenizer, prompts)
-        owner = self._open(ids, 0, {})
-        refs = {}
-        for m in range(len(owner)):
-            refs.update(self._submit(m, owner[m], lambda i: ids[i], want="logits"))
-        flight = self._in_flight()
-        values = self._get(list(refs), self.step_timeout_s, "scoring",
-                           ranks=[flight[ref][0] for ref in refs])
-        out = [None] * len(ids)
-        for (m, r, is_last), value in zip(refs.values(), values):
-            if is_last:
-                for i, logits in zip(owner[m][r], value):
-                    out[i] = logits
-        for m in range(len(owner)):
-            self._close(m)
-        return out
-
-    # ---- the pipeline schedule --------------------------------------------------------
-    def _stage(self, s: int, r: int):
-        return self.actors[self.layout.rank_of(s, r)]
-
-    def _open(self, ids: list[list[int]], max_new_tokens: int, sampling: dict) -> list:
-        """Split sequences into micro-batches x ep ranks and open their caches.
-
-        Returns owner[m][r]: the sequence indices of micro-batch m on ep rank r."""
-        n, ep = len(ids), self.layout.ep
-        m_count = max(1, min(self.micro_batches, n))
-        owner = [[list(range(n))[m::m_count][r::ep] for r in range(ep)] for m in range(m_count)]
-        refs = []
-        for m in range(m_count):
-            for r in range(ep):
-                seqs = owner[m][r]
-                max_len = max((len(ids[i]) for i in seqs), default=0) + max_new_tokens
-                for s in range(self.layout.pp):
-                    refs.append(self._stage(s, r).begin.remote(m, seqs, max_len, sampling))
-        self._get(refs, self.step_timeout_s, "generation set-up")
-        return owner
-
-    def _submit(self, m: int, owner_m: list[list[int]], payload_of, want: str = "sample",
-                keep: list[list[int]] | None = None) -> dict:
-        """Queue one step of micro-batch m on every rank; keep[r]: the cache rows that stay
-        (finished sequences leave every stage's cache before the step).
-
-        Returns ref -> (m, r, is_last_stage): the last stage's results, and with p2p
-        transfer the earlier stages' refs too, so that a failure anywhere is seen at once."""
-        last = {}
-        calls = self._calls[m] = {}  # the refs of this round's calls, for failure reports
-        for r, seqs in enumerate(owner_m):
-            payload = [payload_of(i) for i in seqs]
-            new_lens = [len(p) for p in payload]
-            rows = keep[r] if keep is not None else None
-            ref = self._stage(0, r).step.remote(m, payload, new_lens, want, rows)
-            calls[ref] = (self.layout.rank_of(0, r), f"a step of micro-batch {m}")
-            for s in range(1, self.layout.pp):
-                if self.transfer == "p2p":  # sent by torch.distributed; watch for failures
-                    last[ref] = (m, r, False)
-                    ref = self._stage(s, r).step.remote(m, None, new_lens, want, rows)
-                else:
-                    ref = self._stage(s, r).step.remote(m, ref, new_lens, want, rows)
-                calls[ref] = (self.layout.rank_of(s, r), f"a step of micro-batch {m}")
-            last[ref] = (m, r, True)
-        return last
-
-    def _in_flight(self) -> dict:
-        return {ref: who for calls in self._calls.values() for ref, who in calls.items()}
-
-    def _close(self, m: int) -> None:
-        self._calls.pop(m, None)
-        for a in self.actors:
-            a.end.remote(m)
+        reqs = requests_for(self.tokenizer, prompts, max_new_tokens,
+                            SamplingParams(temperature, top_p, top_k, seed), stop,
+                            self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
+        ended = {r.id: r for r in self.stream(reqs)}
+        return [result_of(ended[r.id]) for r in reqs]
 
     # ---- failure, stats, shutdown -----------------------------------------------------
     def _get(self, refs, timeout, what, ranks=None):
@@ -287,6 +221,11 @@ class Engine:
         return state
 
     def stats(self) -> dict:
+        """Per-rank figures, tokens routed per expert, busy seconds per stage, scheduler
+        counters. A compiled graph is released first (its actors answer nothing else)."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
         ranks = self._get([a.stats.remote() for a in self.actors], self.step_timeout_s, "stats")
         load: dict[int, list[int]] = {}
         for st in ranks:
@@ -297,10 +236,14 @@ class Engine:
         stage_s = [0.0] * self.layout.pp
         for st in ranks:
             stage_s[st["stage"]] = max(stage_s[st["stage"]], st["busy_seconds"])
+        sched = asdict(self.scheduler.stats) if self.scheduler is not None else {}
         return {"ranks": ranks, "expert_load": dict(sorted(load.items())),
-                "stage_seconds": stage_s}
+                "stage_seconds": stage_s, "scheduler": sched}
 
     def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
         for a in self.actors:
             try:
                 ray.kill(a)

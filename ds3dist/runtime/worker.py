@@ -1,9 +1,11 @@
 """StageWorker: one rank = one pipeline stage x one expert-parallel slice, as a Ray actor.
 
-The worker holds its stage's layers with its own routed experts (through `load_model`), one
-latent cache per (micro-batch) sub-batch of the sequences it owns (attention is
-data-parallel inside the stage), and the process groups the runtime made for it. It runs
-one micro-batch step at a time: embed (first stage) -> its layers -> sample (last stage).
+The worker holds its stage's layers with its own routed experts (through `load_model`), a
+StepRunner with the paged cache of its expert-parallel column (attention is data-parallel
+inside the stage: each column serves its own requests) and the process groups the runtime
+made for it. Each step it runs its column's share of the plan: embed (first stage) -> its
+layers -> sample (last stage); every rank runs every step, with no tokens if it has none,
+so the MoE collectives stay in step.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from datetime import timedelta
 
+import ray
 import torch
 import torch.distributed as dist
 
+from ds3dist.model.load import load_model
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import rendezvous
+from ds3dist.serving.executor import run_column
+from ds3dist.serving.plan import StepPlan
+from ds3dist.serving.runner import StepRunner
 
 
 class RankStepError(RuntimeError):
@@ -27,31 +33,22 @@ class RankStepError(RuntimeError):
     the original exception's type and message whole."""
 
 
-@dataclass
-class _SubBatch:
-    """The sequences of one micro-batch that this rank owns, and their cache."""
-    seq_ids: list[int]
-    cache: object  # LatentCache; cache.lens = tokens already held per sequence
-    sampling: dict = field(default_factory=dict)
-    generators: list = field(default_factory=list)
-
-
 class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
-                 transfer: str = "ray"):
-        torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", "1")))
+                 threads: int = 1, fault_ids: tuple[str, ...] = ()):
+        torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
         self.plan = plan
         self.layout = layout
         self.checkpoint = checkpoint
         self.execution = execution
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.attn_form = attn_form
-        self.transfer = transfer  # stage-to-stage hidden states: "ray" objects or "p2p"
+        self.fault_ids = fault_ids  # test hook: requests whose processing fails
+        self.runner: StepRunner | None = None
         self.device = torch.device("cuda", 0) if layout.device == "cuda" else torch.device("cpu")
         self.model = None
         self.ep_group = None
-        self.subs: dict[int, _SubBatch] = {}
         self.busy_s = 0.0
         self.steps = 0
         self.load_info: dict = {}
@@ -60,8 +57,6 @@ class StageWorker:
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
-        import ray
-
         return {"node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "rank": self.plan.rank, "stage": self.plan.stage,
                 "ep_rank": self.plan.ep_rank}
@@ -93,12 +88,10 @@ class StageWorker:
         return self.net
 
     def load(self) -> dict:
-        from ds3dist.model.load import load_model
-
         t0 = time.perf_counter()
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
-            layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.plan.mtp,
+            layers=self.plan.layers, experts=set(self.plan.experts), mtp=False,
             embed=self.plan.embed, head=self.plan.head, attn_form=self.attn_form,
         )
         if self.layout.ep > 1:
@@ -107,98 +100,39 @@ class StageWorker:
                 moe.dispatcher = AllToAllDispatcher(
                     self.ep_group, owner, fp8_payload=(self.execution == "fp8"),
                     layer_id=layer_id, log=self.collectives)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         self.load_info = {"bytes_read": self.model.load_stats["bytes_read"],
-                          "load_seconds": time.perf_counter() - t0, "rss_bytes": _rss_bytes()}
+                          "load_seconds": time.perf_counter() - t0, "rss_bytes": _rss_bytes(),
+                          "dtype": str(self.model.dtype), "cuda_free_bytes": free}
         return self.load_info
 
-    # ---- generation -----------------------------------------------------------------
-    def begin(self, mb: int, seq_ids: list[int], max_len: int, sampling: dict) -> None:
-        """Open a sub-batch: a fresh cache for these sequences (may be empty)."""
-        from ds3dist.generation import sequence_generator
+    def setup_cache(self, num_pages: int, page_size: int) -> int:
+        """Allocate this rank's page pool (the same page ids on every stage of its column)."""
+        self.runner = StepRunner(self.model, num_pages, page_size)
+        self.runner.fail_ids = set(self.fault_ids)
+        return self.runner.cache.nbytes()
 
-        gens = [sequence_generator(sampling.get("seed"), s) for s in seq_ids] if self.plan.head else []
-        self.subs[mb] = _SubBatch(list(seq_ids), self.model.new_cache(len(seq_ids), max_len),
-                                  dict(sampling), gens)
-
-    def step(self, mb: int, payload, new_lens: list[int], want: str = "sample",
-             keep: list[int] | None = None):
-        """One forward of micro-batch `mb` through this stage.
-
-        payload: first stage, token ids per sequence (prompt on prefill, one token on
-        decode); later stages, the previous stage's hidden states [b, t, D] (right-padded).
-        new_lens: tokens each sequence adds in this step. Returns the hidden states, or on
-        the last stage the sampled token id per sequence (want="sample") or the float32
-        logits of each sequence's new positions (want="logits"). keep: the cache rows that
-        stay (finished sequences leave first)."""
+    # ---- steps ------------------------------------------------------------------------
+    def step(self, plan: StepPlan, payload=None):
+        """This rank's column of one step (see ds3dist.serving.executor.run_column): the next
+        stage's payload, or on the last stage (sampled, failed)."""
         t0 = time.perf_counter()
         entered = self.collectives.entered
         try:
-            out = self._step(mb, payload, new_lens, want, keep)
+            out = run_column(self.runner, plan, plan.columns[self.plan.ep_rank],
+                             self.plan.embed, self.plan.head, payload)
         except Exception as e:
             log = self.collectives
             where = (f", in collective #{log.entered} ({log.last})" if log.entered > entered
                      else "")
-            raise RankStepError(f"step {self.steps + 1} (micro-batch {mb}){where}: "
-                                f"{type(e).__name__}: {e}") from e
+            p = self.plan
+            raise RankStepError(f"rank {p.rank} (stage {p.stage}, ep rank {p.ep_rank}), step "
+                                f"{plan.step_id}{where}: {type(e).__name__}: {e}") from e
+        if not self.plan.head and self.device.type == "cuda":
+            out = (out[0], out[1].cpu())
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         return out
-
-    def _step(self, mb: int, payload, new_lens: list[int], want: str, keep: list[int] | None):
-        sub = self.subs[mb]
-        if keep is not None and len(keep) < sub.cache.batch:
-            sub.cache.select(keep)
-            sub.seq_ids = [sub.seq_ids[k] for k in keep]
-            sub.generators = [sub.generators[k] for k in keep] if sub.generators else []
-        with torch.inference_mode():
-            if self.plan.embed:
-                h_btd = self.model.embed(_pad(payload, self.device))
-            elif self.transfer == "p2p":
-                h_btd = self._recv(new_lens)
-            else:
-                h_btd = payload.to(self.device)
-            t = h_btd.shape[1]
-            positions_bt = sub.cache.lens.view(-1, 1) + torch.arange(t).view(1, -1)
-            h_btd = self.model.forward_layers(h_btd, positions_bt, cache=sub.cache,
-                                              seq_lens_b=torch.tensor(new_lens, dtype=torch.long))
-            if not self.plan.head and self.transfer == "p2p":
-                out = self._send(h_btd)
-            elif not self.plan.head:
-                out = h_btd.cpu() if self.device.type == "cuda" else h_btd
-            elif want == "logits":
-                logits_btv = self.model.logits(h_btd).cpu()
-                out = [logits_btv[i, :n] for i, n in enumerate(new_lens)]
-            else:
-                out = self._sample(sub, h_btd, new_lens)
-        return out
-
-    def _recv(self, new_lens: list[int]) -> torch.Tensor:
-        src = self.layout.rank_of(self.plan.stage - 1, self.plan.ep_rank)
-        h_btd = torch.empty(len(new_lens), max(new_lens, default=1),
-                            self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
-        if h_btd.numel():
-            self.collectives.enter(f"recv of hidden states from rank {src}")
-            dist.recv(h_btd, src=src)
-        return h_btd
-
-    def _send(self, h_btd: torch.Tensor) -> None:
-        if h_btd.numel():
-            dst = self.layout.rank_of(self.plan.stage + 1, self.plan.ep_rank)
-            self.collectives.enter(f"send of hidden states to rank {dst}")
-            dist.send(h_btd.contiguous(), dst=dst)
-
-    def _sample(self, sub: _SubBatch, h_btd: torch.Tensor, new_lens: list[int]) -> list[int]:
-        from ds3dist.generation import sample_next
-
-        if h_btd.shape[0] == 0:
-            return []
-        last = torch.tensor([n - 1 for n in new_lens], device=h_btd.device)
-        h_last_bd = h_btd[torch.arange(h_btd.shape[0], device=h_btd.device), last]
-        logits_bv = self.model.logits(h_last_bd[:, None, :])[:, 0]
-        return sample_next(logits_bv, sub.sampling, sub.generators).tolist()
-
-    def end(self, mb: int) -> None:
-        self.subs.pop(mb, None)
 
     # ---- introspection --------------------------------------------------------------
     def stats(self) -> dict:
@@ -214,15 +148,6 @@ class StageWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _pad(token_lists: list[list[int]], device) -> torch.Tensor:
-    """Right-padded [b, t] token ids."""
-    t = max((len(ids) for ids in token_lists), default=1)
-    out = torch.zeros(len(token_lists), t, dtype=torch.long)
-    for i, ids in enumerate(token_lists):
-        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out.to(device)
 
 
 def _rss_bytes() -> int:
