@@ -110,7 +110,7 @@ def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
         resolved.layout,
         execution=schema.execution_mode(cfg),
         dtype=None if dtype is None else getattr(torch, dtype),
-        **schema.runtime_options(cfg),
+        **schema.runtime_options(cfg, resolved.layout.world_size),
     )
 
 
@@ -172,7 +172,6 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
             summary = run_batch_job(
                 engine, tokenizer, prep.input, out,
                 sampling=schema.sampling_defaults(cfg),
-                batch_size=int(cfg.job.batch_size),
                 errors_path=prep.paths[1], summary_path=prep.paths[2], plot_path=prep.paths[3],
                 max_prompt_tokens=cfg.job.max_prompt_tokens,
                 max_position_embeddings=resolved.model.max_position_embeddings,

@@ -163,7 +163,8 @@ def test_wrong_key_fails_naming_it():
     ("parallel.device=tpu", "parallel.device"),
     ("sampling.top_p=1.5", "sampling.top_p"),
     ("sampling.max_new_tokens=0", "sampling.max_new_tokens"),
-    ("job.batch_size=0", "job.batch_size"),
+    ("runtime.max_seqs=0", "runtime.max_seqs"),
+    ("runtime.control=fast", "runtime.control"),
     ("execution.dtype=float8", "execution.dtype"),
     ("model.preset=huge", "model.preset"),
 ])

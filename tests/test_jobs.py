@@ -17,42 +17,45 @@ import pytest
 
 from ds3dist.jobs.batch import JobError, run_batch_job
 from ds3dist.jobs.requests import PromptEncoder, detect_format
-
-
-@dataclass
-class Result:
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    prompt_tokens: int
+from ds3dist.serving.request import RequestStatus
 
 
 class FakeEngine:
-    """generate() -> tokens derived from a hash of (batch, prompt, sampling); stats() fixed."""
+    """stream() ends each request with tokens derived from a hash of (id, prompt, sampling):
+    what a request gets never depends on what it shares a step with. stats() fixed.
+    fail_after: raise (a simulated kill) after that many requests ended; fail_ids: requests
+    that fail on their own; reject_ids: requests rejected at admission."""
 
-    def __init__(self, tokenizer, fail_after: int | None = None):
+    def __init__(self, tokenizer, fail_after: int | None = None, fail_ids=(), reject_ids=()):
         self.tok = tokenizer
         self.calls: list[dict] = []
         self.fail_after = fail_after
+        self.fail_ids, self.reject_ids = set(fail_ids), set(reject_ids)
         self.shut = False
 
-    def generate(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop):
-        if self.fail_after is not None and len(self.calls) >= self.fail_after:
-            raise KeyboardInterrupt("simulated kill")
-        assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompts)
-        self.calls.append(dict(prompts=[list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                               stop=stop))
-        batch_h = hashlib.sha256(json.dumps(prompts).encode()).digest()
-        out = []
-        for p in prompts:
-            h = hashlib.sha256(batch_h + json.dumps([p, temperature, seed]).encode()).digest()
-            ids = [1000 + h[i % len(h)] * 7 + i for i in range(max_new_tokens)]
-            reason = "length"
-            if stop and (len(p) % 3 == 0):  # pretend a stop string matched
-                ids, reason = ids[: max(1, max_new_tokens // 2)], "stop"
-            out.append(Result(ids, self.tok.decode(ids), reason, len(p)))
-        return out
+    def stream(self, requests):
+        for req in requests:
+            if self.fail_after is not None and len(self.calls) >= self.fail_after:
+                raise KeyboardInterrupt("simulated kill")
+            assert all(isinstance(t, int) for t in req.prompt_ids)
+            p = req.params
+            self.calls.append(dict(id=req.id, prompt=list(req.prompt_ids), max_new_tokens=req.max_new_tokens,
+                                   temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                   seed=p.seed, stop=req.stop.stop_strings or None))
+            if req.id in self.reject_ids or req.id in self.fail_ids:
+                rejected = req.id in self.reject_ids
+                req.status = RequestStatus.REJECTED if rejected else RequestStatus.FAILED
+                req.error = "can never fit the cache pool" if rejected else "injected fault"
+                yield req
+                continue
+            h = hashlib.sha256(json.dumps([req.id, req.prompt_ids, p.temperature, p.seed])
+                               .encode()).digest()
+            for i in range(req.max_new_tokens):
+                req.output_ids.append(1000 + h[i % len(h)] * 7 + i)
+                if req.stop.update(req.output_ids):
+                    break
+            req.status = RequestStatus.FINISHED
+            yield req
 
     def stats(self):
         return {"expert_load": {1: [3, 0, 5, 2] * 4, 2: [1, 1, 1, 9] * 4},
@@ -99,7 +102,6 @@ def native_input(tmp_path: Path) -> Path:
 def run(engine, tok, inp, out, **kw):
     kw.setdefault("sampling", {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0,
                                "top_k": 0, "seed": 0, "stop": None})
-    kw.setdefault("batch_size", 4)
     kw.setdefault("progress", False)
     kw.setdefault("max_position_embeddings", 163840)
     return run_batch_job(engine, tok, inp, out, **kw)
@@ -139,17 +141,34 @@ def test_native_job_outputs_errors_summary_plot(tmp_path, tok):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_batches_group_equal_sampling_and_respect_batch_size(tmp_path, tok):
+def test_every_request_streams_with_its_own_sampling(tmp_path, tok):
+    """No grouping by sampling parameters: one stream, in input order, each request with its
+    own temperature and seed (line overrides, else the job's defaults)."""
     inp = native_input(tmp_path)
     eng = FakeEngine(tok)
     run(eng, tok, inp, tmp_path / "o.jsonl")
-    assert all(len(c["prompts"]) <= 4 for c in eng.calls)
-    keys = [(c["temperature"], c["seed"]) for c in eng.calls]
-    # two sampling groups: the default (greedy, seed 0) and the per-line override (0.8, seed 3)
-    assert set(keys) == {(0.0, 0), (0.8, 3)}
-    n_override = sum(len(c["prompts"]) for c in eng.calls if c["temperature"] == 0.8)
-    assert n_override == 2  # ids p2 and p7 (line 13 is malformed, 17 is a chat)
-    assert sum(len(c["prompts"]) for c in eng.calls) == 18
+    ids = [json.loads(c["id"]) for c in eng.calls]
+    want = [json.loads(x).get("id") for x in inp.read_text().splitlines()
+            if x.startswith("{") and "bad-json" not in x and "no-prompt" not in x]
+    assert ids == want and len(ids) == 18
+    keys = {json.loads(c["id"]): (c["temperature"], c["seed"]) for c in eng.calls}
+    assert keys["p2"] == keys["p7"] == (0.8, 3)
+    assert all(v == (0.0, 0) for k, v in keys.items() if k not in ("p2", "p7"))
+
+
+def test_engine_rejections_and_failures_go_to_the_errors_file(tmp_path, tok):
+    inp = native_input(tmp_path)
+    out = tmp_path / "o.jsonl"
+    s = run(FakeEngine(tok, fail_ids={'"p2"'}, reject_ids={"4"}), tok, inp, out)
+    assert {json.dumps(r["id"]) for r in read_jsonl(out)} >= {'"c1"', "0"}
+    assert len(read_jsonl(out)) == 16 and s["counts"]["failed"] == 2
+    errs = {e["id"]: e for e in read_jsonl(Path(str(out) + ".errors.jsonl"))}
+    assert errs["p2"]["code"] == "engine_error" and errs["p2"]["reason"] == "injected fault"
+    assert errs["p2"]["line"] == 3
+    assert errs[4]["code"] == "context_length_exceeded" and "cache pool" in errs[4]["reason"]
+    # a rerun (the fault gone) completes the two, duplicating nothing
+    s2 = run(FakeEngine(tok), tok, inp, out)
+    assert s2["counts"]["generated"] == 2 and len(read_jsonl(out)) == 18
 
 
 def test_chat_template_and_prompt_encoding(tmp_path, tok):
@@ -157,12 +176,12 @@ def test_chat_template_and_prompt_encoding(tmp_path, tok):
     inp = write_lines(tmp_path / "in.jsonl", [{"id": "c", "messages": msgs},
                                                {"id": "p", "prompt": "Hello world"}])
     eng = FakeEngine(tok)
-    run(eng, tok, inp, tmp_path / "o.jsonl", batch_size=1)
+    run(eng, tok, inp, tmp_path / "o.jsonl")
     chat_ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True),
                           add_special_tokens=False)
-    assert eng.calls[0]["prompts"][0] == chat_ids
+    assert eng.calls[0]["prompt"] == chat_ids
     assert chat_ids[0] == tok.bos_token_id  # the template starts with the BOS text, once
-    assert eng.calls[1]["prompts"][0] == PromptEncoder(tok, 1 << 30, "x").prompt("Hello world")
+    assert eng.calls[1]["prompt"] == PromptEncoder(tok, 1 << 30, "x").prompt("Hello world")
 
 
 def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tok):
@@ -176,7 +195,7 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tok):
         run(FakeEngine(tok, fail_after=2), tok, inp, out)
     first = read_jsonl(out)
     assert 0 < len(first) < 18
-    # a kill while writing leaves a truncated last line; a partly written batch loses a line
+    # a kill while writing leaves a truncated last line
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
 
@@ -323,7 +342,7 @@ def test_openai_batch_format(tmp_path, tok):
     assert (c2["top_p"], c2["seed"], c2["stop"], c2["max_new_tokens"]) == (0.9, 1, ["\n\n"], 6)
     errs = read_jsonl(tmp_path / "out.jsonl.errors.jsonl")
     assert [e["line"] for e in errs] == [3, 4, 6, 7, 8, 10]  # duplicate: errors file only
-    assert [0, 5, 7] in [p for c in eng.calls for p in c["prompts"]]  # token-id prompt as is
+    assert [0, 5, 7] in [c["prompt"] for c in eng.calls]  # token-id prompt as is
 
     # rerun: nothing duplicated, nothing regenerated
     eng2 = FakeEngine(tok)
@@ -372,7 +391,7 @@ def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_di
     with initialize_config_module(config_module="ds3dist.conf", version_base=None):
         cfg = compose(config_name="config",
                       overrides=["+parallel=pp2ep2", "sampling.max_new_tokens=4",
-                                 "job.progress=false", "job.batch_size=3"])
+                                 "job.progress=false"])
     s = launch.run(cfg, engine_factory=factory)
     assert (cache / "tiny-seed0" / "config.json").is_file()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left
@@ -387,36 +406,14 @@ def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_di
         (tiny_fp8_dir / "config.json").read_text()
 
 
-class LocalEngine:
-    """Stand-in engine: the single-process model and `ds3dist.generate` (no Ray)."""
-
-    def __init__(self, checkpoint, dtype=None):
-        import torch
-
-        import ds3dist
-        from ds3dist.tokenizer import load_tokenizer
-
-        self.model = ds3dist.load_model(checkpoint, execution="bf16",
-                                        dtype=dtype or torch.float32)
-        self.tok = load_tokenizer(checkpoint)
-        self.calls = 0
-
-    def generate(self, prompts, **sampling):
-        import ds3dist
-
-        self.calls += 1
-        return ds3dist.generate(self.model, self.tok, prompts, **sampling)
-
-    def shutdown(self):
-        pass
-
-
 def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, tok):
     """The whole launch path on the real tiny model: job outputs equal direct generate()."""
     import ds3dist
+    import torch
     from hydra import compose, initialize_config_module
 
     from ds3dist import launch
+    from ds3dist.generation import LocalEngine
 
     monkeypatch.chdir(tmp_path)
     inp = write_lines(tmp_path / "in.jsonl", [
@@ -427,17 +424,17 @@ def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, to
     made = []
 
     def factory(checkpoint, resolved, cfg):
-        made.append(LocalEngine(checkpoint))
+        made.append(LocalEngine(ds3dist.load_model(checkpoint, dtype=torch.float32), tok))
         return made[-1]
 
     with initialize_config_module(config_module="ds3dist.conf", version_base=None):
         cfg = compose(config_name="config", overrides=[
             f"model.path={tiny_fp8_dir}", f"job.input={inp}", "job.output=o/out.jsonl",
-            "sampling.temperature=0", "sampling.max_new_tokens=6", "job.batch_size=1",
+            "sampling.temperature=0", "sampling.max_new_tokens=6",
             "job.progress=false"])
     s = launch.run(cfg, engine_factory=factory)
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "out.jsonl")}
-    assert set(recs) == {"a", "b", "c"} and made[0].calls == 3
+    assert set(recs) == {"a", "b", "c"}
     model = made[0].model
     for rid, prompt, n in [("a", "The capital of France is", 6),
                            ("b", tok.apply_chat_template([{"role": "user", "content": "Hello!"}]),

@@ -112,8 +112,7 @@ def twenty_lines(path: Path) -> Path:
 
 def run_args(inp: Path, out: Path) -> list[str]:
     return ["model=tiny", "+parallel=pp2ep2", f"job.input={inp}", f"job.output={out}",
-            "sampling.temperature=0", f"sampling.max_new_tokens={NEW_TOKENS}",
-            "job.batch_size=4"]
+            "sampling.temperature=0", f"sampling.max_new_tokens={NEW_TOKENS}"]
 
 
 def test_default_command_runs_bundled_sample(tmp_path, cache_dir, ray_dir):

@@ -5,16 +5,17 @@ output file (lock, append, resume scan) is `ds3dist.jobs.output_file`, its recor
 `ds3dist.jobs.records`; the summary and expert-load plot are `ds3dist.jobs.report`. This
 module runs the job.
 
-Requests with equal sampling parameters are batched together. Batches are planned over the
-whole valid input (not only what is left to do), so a resumed run feeds the engine exactly the
-batches an uninterrupted run would. Each batch's output lines are appended with one write and
-fsync'd; a rerun with the same output file skips requests already there (a truncated last line
-left by a kill is cut off first). The errors file is rewritten by every run. The output file is
-locked while a job writes it, so two jobs cannot interleave their lines.
+Requests stream into the engine (`engine.stream(requests)`, continuous batching: each request
+keeps its own sampling parameters, no batch boundaries) and every request's line is written
+as soon as it ends. A seeded request draws from a generator keyed by (seed, its id), so its
+tokens do not depend on what it shares a step with: a resumed job gives the same texts as an
+uninterrupted one (exactly in float32; see README on bf16). A rerun with the same output skips
+the ids already there (a truncated last line left by a kill is cut off first). A request the
+engine rejects (too long for the model or the cache) or that fails on its own goes to the
+errors file and the job goes on. The output file is locked while a job writes it.
 
-The engine is a parameter: anything with `generate(prompts, max_new_tokens=, temperature=,
-top_p=, top_k=, seed=, stop=)` returning results with `.token_ids`, `.text`, `.finish_reason`
-(and optionally `.prompt_tokens`), and optionally `stats()`.
+The engine is a parameter: anything with `stream(requests)` yielding ended
+`ds3dist.serving.request.Request`s, and optionally `stats()`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from tqdm import tqdm
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.output_file import OutputFile
+from ds3dist.generation import GenerationResult, StopChecker, result_of
 from ds3dist.jobs.records import (
+    append_errors,
     native_record,
     openai_error_record,
     openai_record,
@@ -40,13 +43,15 @@ from ds3dist.jobs.records import (
 from ds3dist.jobs.report import engine_stats, plot_expert_load, write_summary
 from ds3dist.jobs.requests import (
     DEFAULT_SAMPLING,
+    LineError,
     PromptEncoder,
     Request,
     detect_format,
-    is_int,
     parse_input,
-    sampling_key,
 )
+from ds3dist.serving.params import SamplingParams
+from ds3dist.serving.request import Request as EngineRequest
+from ds3dist.serving.request import RequestStatus
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +78,26 @@ class _Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generated: int = 0
+    failed: int = 0
     seconds: float = 0.0
 
-    def add(self, res: Any, prompt_tokens: int) -> None:
+    def add(self, res: GenerationResult) -> None:
         self.finish[res.finish_reason] = self.finish.get(res.finish_reason, 0) + 1
-        self.prompt_tokens += prompt_tokens
+        self.prompt_tokens += res.prompt_tokens
         self.completion_tokens += len(res.token_ids)
         self.generated += 1
+
+
+@dataclass
+class _Job:
+    """The parts of a job the generation loop writes to."""
+    engine: Any
+    tokenizer: Any
+    out: OutputFile
+    errors: Path
+    fmt: str
+    model_name: str
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 def run_batch_job(
@@ -89,7 +107,6 @@ def run_batch_job(
     output_path: str | Path | OutputFile,
     *,
     sampling: dict[str, Any] | None = None,
-    batch_size: int = 8,
     errors_path: str | Path | None = None,
     summary_path: str | Path | None = None,
     plot_path: str | Path | None = None,
@@ -107,8 +124,6 @@ def run_batch_job(
     `OutputFile` the caller opened (and locked) and closes.
     """
     t_start = time.perf_counter()
-    if batch_size < 1:
-        raise JobError(f"job.batch_size: must be >= 1, got {batch_size}")
     inp = input_path if isinstance(input_path, InputText) else read_input(input_path)
     own = not isinstance(output_path, OutputFile)
     out = OutputFile.open(output_path) if own else output_path
@@ -124,14 +139,15 @@ def run_batch_job(
         write_errors(err_path, parsed.errors)
         for e in parsed.errors:
             log.warning("input line %d: %s", e.line, e.message)
-        batches, n_groups = _plan_batches(parsed.requests, batch_size)
         done = out.scan(lambda rec: output_key(rec, fmt))
         already = sum(r.key in done for r in parsed.requests)
         if fmt == "openai":  # malformed requests get their own output lines
             out.append([openai_error_record(e) for e in parsed.errors
                         if e.key is not None and e.key not in done])
-        todo = [b for b in batches if any(r.key not in done for r in b)]
-        tally = _generate(engine, todo, done, out, fmt, model_name, progress)
+        todo = [r for r in parsed.requests if r.key not in done]
+        job = _Job(engine, tokenizer, out, err_path, fmt, model_name)
+        tally = _generate(job, todo, progress)
+        out.sync()
         n_records = out.records
     finally:
         if own:
@@ -152,6 +168,7 @@ def run_batch_job(
             "lines": parsed.lines,
             "valid": len(parsed.requests),
             "errors": len(parsed.errors),
+            "failed": tally.failed,
             "already_done": already,
             "generated": tally.generated,
             "output_records": n_records,
@@ -163,8 +180,7 @@ def run_batch_job(
             "total": tally.prompt_tokens + tally.completion_tokens,
         },
         "throughput": _throughput(tally, time.perf_counter() - t_start),
-        "batches": {"planned": len(batches), "run": len(todo), "batch_size": batch_size,
-                    "sampling_groups": n_groups},
+        "scheduler": dict(stats.get("scheduler") or {}),
         "stage_seconds": list(stats.get("stage_seconds") or []),
         "expert_load": expert_load,
         "ranks": list(stats.get("ranks") or []),
@@ -187,50 +203,48 @@ def _encoder(tokenizer: Any, max_prompt_tokens: int | None,
     return PromptEncoder(tokenizer, limit, limit_name, max_position_embeddings)
 
 
-def _plan_batches(requests: list[Request], batch_size: int) -> tuple[list[list[Request]], int]:
-    """Batches over all valid requests, grouped by sampling parameters (first-seen order), so
-    a resumed job feeds the engine the same batches as an uninterrupted one."""
-    groups: dict[str, list[Request]] = {}
-    for r in requests:
-        groups.setdefault(sampling_key(r.sampling), []).append(r)
-    batches = [g[i: i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-    return batches, len(groups)
+def engine_request(req: Request, tokenizer: Any) -> EngineRequest:
+    """The engine's request for an input line: its own sampling parameters and stop rule;
+    its id is the line's identity, so its seeded draws are the same in every run."""
+    s = req.sampling
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return EngineRequest(
+        req.key, list(req.prompt_ids),
+        SamplingParams(s["temperature"], s["top_p"], s["top_k"], s["seed"]),
+        s["max_new_tokens"], StopChecker(tokenizer, s["stop"], s["max_new_tokens"], eos))
 
 
-def _generate(engine: Any, todo: list[list[Request]], done: set[str], out: OutputFile,
-              fmt: str, model_name: str, progress: bool) -> _Tally:
+def _generate(job: _Job, todo: list[Request], progress: bool) -> _Tally:
     tally = _Tally()
-    created = int(time.time())
-    n_todo = sum(r.key not in done for b in todo for r in b)
-    with tqdm(total=n_todo, unit="seq", desc="generate", disable=not progress,
+    by_key = {r.key: r for r in todo}
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo), unit="req", desc="generate", disable=not progress,
               dynamic_ncols=True) as bar:
-        for batch in todo:
-            s = batch[0].sampling
-            t0 = time.perf_counter()
-            results = list(engine.generate(
-                [r.prompt_ids for r in batch],
-                max_new_tokens=s["max_new_tokens"], temperature=s["temperature"],
-                top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"], stop=s["stop"],
-            ))
-            tally.seconds += time.perf_counter() - t0
-            if len(results) != len(batch):
-                raise JobError(f"engine returned {len(results)} results for {len(batch)} prompts")
-            records = []
-            for req, res in zip(batch, results):
-                if req.key in done:  # finished by an interrupted run: keep that line
-                    continue
-                pt = res.prompt_tokens if is_int(getattr(res, "prompt_tokens", None)) \
-                    else len(req.prompt_ids)
-                records.append(openai_record(req, res, pt, model_name, created)
-                               if fmt == "openai" else native_record(req, res, pt))
-                tally.add(res, pt)
-            out.append(records)
-            done.update(r.key for r in batch)
-            bar.update(len(records))
-            if tally.seconds > 0:
-                bar.set_postfix(tok_s=f"{tally.completion_tokens / tally.seconds:.1f}",
-                                seq_s=f"{tally.generated / tally.seconds:.2f}", refresh=False)
+        for ended in job.engine.stream(engine_request(r, job.tokenizer) for r in todo):
+            _write(job, by_key[ended.id], ended, tally)
+            tally.seconds = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tally.completion_tokens / max(tally.seconds, 1e-9):.1f}",
+                            refresh=False)
     return tally
+
+
+def _write(job: _Job, req: Request, ended: EngineRequest, tally: _Tally) -> None:
+    """The output line (or errors-file entry) of a request that ended."""
+    res = result_of(ended)
+    if res.finish_reason != "error":
+        job.out.append([openai_record(req, res, res.prompt_tokens, job.model_name, job.created)
+                        if job.fmt == "openai" else native_record(req, res, res.prompt_tokens)])
+        tally.add(res)
+        return
+    code = "context_length_exceeded" if ended.status is RequestStatus.REJECTED else "engine_error"
+    err = LineError(line=req.line, id=req.id, code=code, message=res.error or code,
+                    key=req.key if job.fmt == "openai" else None)
+    log.warning("input line %d: %s", req.line, err.message)
+    append_errors(job.errors, [err])
+    if job.fmt == "openai":
+        job.out.append([openai_error_record(err)])
+    tally.failed += 1
 
 
 def _throughput(t: _Tally, wall: float) -> dict[str, float | None]:

@@ -4,7 +4,7 @@
 writable) and takes an exclusive lock before anything is written, so a second job on the same
 output is refused at once and changes nothing. `scan()` finds the requests an earlier run
 already wrote (cutting off a truncated last line left by a kill); `append()` writes records
-as JSON lines and fsyncs. A failed write (full disk, permissions) is cut back to the last
+as JSON lines at once and fsyncs at least every `SYNC_S` seconds (and at `sync()`/`close()`). A failed write (full disk, permissions) is cut back to the last
 complete line and raised as a `JobError` that says how many lines are safely on disk.
 """
 
@@ -14,12 +14,14 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ds3dist.jobs.errors import JobError
 
 log = logging.getLogger(__name__)
+SYNC_S = 2.0  # longest a written line waits for its fsync
 
 
 def jsonl(records: list[dict]) -> str:
@@ -31,7 +33,8 @@ class OutputFile:
         self.path = path
         self.fd = fd
         self.key = key
-        self.records = 0  # complete records on disk (known after scan)
+        self.records = 0  # complete records written (known after scan)
+        self._synced = time.monotonic()
 
     @classmethod
     def open(cls, path: str | Path, key: str = "job.output") -> "OutputFile":
@@ -81,7 +84,7 @@ class OutputFile:
         return keys
 
     def append(self, records: list[dict]) -> None:
-        """Append records as JSON lines with one write, then fsync."""
+        """Append records as JSON lines with one write."""
         if not records:
             return
         view = memoryview(jsonl(records).encode())
@@ -91,10 +94,16 @@ class OutputFile:
             v = view
             while v:
                 v = v[os.write(self.fd, v):]
-            os.fsync(self.fd)
 
         self._guard(write, start)
         self.records += len(records)
+        if time.monotonic() - self._synced >= SYNC_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what was written."""
+        self._guard(lambda: os.fsync(self.fd))
+        self._synced = time.monotonic()
 
     def _guard(self, fn: Callable[[], Any], restore_size: int | None = None) -> None:
         try:
@@ -111,6 +120,10 @@ class OutputFile:
 
     def close(self) -> None:
         if self.fd >= 0:
+            try:
+                os.fsync(self.fd)
+            except OSError:  # reported by the write or sync that failed
+                pass
             os.close(self.fd)
             self.fd = -1
 

@@ -125,6 +125,22 @@ def write_atomic(path: Path, text: str, key: str) -> None:
         raise JobError(f"{key}: cannot write {path}: {e.strerror}") from None
 
 
+def _error_rows(errors: list[LineError]) -> str:
+    return jsonl([{"line": e.line, "id": e.id, "code": e.code, "reason": e.message,
+                   "raw": e.raw} for e in errors])
+
+
 def write_errors(path: Path, errors: list[LineError]) -> None:
-    write_atomic(path, jsonl([{"line": e.line, "id": e.id, "code": e.code, "reason": e.message,
-                                "raw": e.raw} for e in errors]), "job.errors")
+    """The errors file anew: this run's malformed input lines."""
+    write_atomic(path, _error_rows(errors), "job.errors")
+
+
+def append_errors(path: Path, errors: list[LineError]) -> None:
+    """Requests that failed in the engine, added as they fail (fsync'd)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(_error_rows(errors))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise JobError(f"job.errors: cannot write {path}: {e.strerror}") from None

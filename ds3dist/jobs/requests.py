@@ -119,10 +119,6 @@ def _check_sampling(over: dict[str, Any], defaults: dict[str, Any], prefix: str 
     return s
 
 
-def sampling_key(s: dict[str, Any]) -> str:
-    return json.dumps({k: s.get(k) for k in SAMPLING_KEYS}, sort_keys=True)
-
-
 def _message_text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, preset
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
+from ds3dist.serving.options import CONTROLS, ServingOptions
 
 SCHEMA_NAME = "ds3dist_schema"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,7 +82,6 @@ class JobConf:
     errors: Optional[str] = None
     summary: Optional[str] = None
     plot: Optional[str] = None
-    batch_size: int = 8
     max_prompt_tokens: Optional[int] = None
     format: JobFormat = JobFormat.auto
     progress: bool = True
@@ -93,11 +93,16 @@ class RuntimeConf:
     address: Optional[str] = None  # Ray address; null: $RAY_ADDRESS, else a new local cluster
     num_cpus: Optional[int] = None  # logical CPUs of a new local cluster
     connect_timeout_s: float = 30.0  # reaching an existing Ray cluster
+    cpus_per_rank: Optional[int] = None  # CPUs (= torch threads) per rank; null: by layout
     rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
     collective_timeout_s: float = 120.0
     startup_timeout_s: float = 600.0  # placement, process groups and weight loading
-    micro_batches: Optional[int] = None  # pipeline micro-batches (null: one per stage)
-    transfer: str = "ray"  # stage hand-off: "ray" (object store) | "p2p" (torch.distributed)
+    control: str = "compiled"  # compiled (one Ray compiled graph per step) | classic
+    cache_gb: Optional[float] = None  # paged cache per rank (null: 4 on CPU, 90% free on GPU)
+    page_size: int = 64  # tokens per cache page
+    max_tokens_per_step: int = 2048  # token budget of one step, per expert-parallel column
+    max_seqs: int = 64  # running requests per expert-parallel column
+    prefill_chunk: Optional[int] = None  # tokens one request may take per step (null: half)
 
 
 @dataclass
@@ -208,7 +213,6 @@ def validate(cfg: Any) -> Resolved:
     _check_range(problems, "sampling.temperature", _get(cfg, "sampling.temperature"), 0, None)
     _check_range(problems, "sampling.top_p", _get(cfg, "sampling.top_p"), 0, 1, lo_open=True)
     _check_range(problems, "sampling.top_k", _get(cfg, "sampling.top_k"), 0, None)
-    _check_range(problems, "job.batch_size", _get(cfg, "job.batch_size"), 1, None)
     _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
     _check_range(problems, "runtime.collective_timeout_s",
                  _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
@@ -218,10 +222,14 @@ def validate(cfg: Any) -> Resolved:
                  _get(cfg, "runtime.startup_timeout_s"), 0, None, lo_open=True)
     _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
     _check_range(problems, "runtime.num_cpus", _get(cfg, "runtime.num_cpus"), 1, None)
-    _check_range(problems, "runtime.micro_batches", _get(cfg, "runtime.micro_batches"), 1, None)
-    transfer = _get(cfg, "runtime.transfer")
-    if transfer not in ("ray", "p2p"):
-        problems.append(f"runtime.transfer: must be 'ray' or 'p2p', got {transfer!r}")
+    for key in ("cpus_per_rank", "page_size", "max_tokens_per_step", "max_seqs",
+                "prefill_chunk"):
+        _check_range(problems, f"runtime.{key}", _get(cfg, f"runtime.{key}"), 1, None)
+    _check_range(problems, "runtime.cache_gb", _get(cfg, "runtime.cache_gb"), 0, None,
+                 lo_open=True)
+    control = _get(cfg, "runtime.control")
+    if control not in CONTROLS:
+        problems.append(f"runtime.control: must be one of {list(CONTROLS)}, got {control!r}")
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
@@ -265,21 +273,31 @@ def job_format(cfg: Any) -> str:
     return str(_enum_value(_get(cfg, "job.format")))
 
 
-def runtime_options(cfg: Any) -> dict[str, Any]:
-    """Keyword arguments of the Engine taken from `runtime.*` (None: the Engine's default)."""
+def runtime_options(cfg: Any, world_size: int) -> dict[str, Any]:
+    """Keyword arguments of the Engine taken from `runtime.*`."""
     r = _get(cfg, "runtime")
     get = (lambda k: r[k]) if isinstance(r, dict) else (lambda k: getattr(r, k))
-    opts = {
+    return {
         "ray_address": get("address"),
         "num_cpus": get("num_cpus"),
+        "connect_timeout_s": float(get("connect_timeout_s")),
+        "cpus_per_rank": get("cpus_per_rank") or default_cpus_per_rank(get("address"), world_size),
         "rendezvous_port": get("rendezvous_port"),
         "collective_timeout_s": float(get("collective_timeout_s")),
-        "connect_timeout_s": float(get("connect_timeout_s")),
         "startup_timeout_s": float(get("startup_timeout_s")),
-        "micro_batches": get("micro_batches"),
-        "transfer": get("transfer"),
+        "serving": ServingOptions(
+            cache_gb=get("cache_gb"), page_size=int(get("page_size")),
+            max_tokens_per_step=int(get("max_tokens_per_step")), max_seqs=int(get("max_seqs")),
+            prefill_chunk=get("prefill_chunk"), control=str(get("control"))),
     }
-    return {k: v for k, v in opts.items() if v is not None}
+
+
+def default_cpus_per_rank(address: str | None, world_size: int) -> int:
+    """A new local cluster shares this machine's cores between its ranks; on an existing
+    cluster each rank gets one CPU unless runtime.cpus_per_rank says more."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return 1
+    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 def rank_table(model: ModelConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
