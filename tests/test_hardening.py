@@ -128,14 +128,15 @@ def test_rank_load_failure_reaches_the_user_whole(ray_cluster, tmp_path, tiny_fp
     from ds3dist.runtime.engine import Engine, EngineError
 
     ckpt = linked_copy(tiny_fp8_dir, tmp_path / "ckpt")
-    (ckpt / "model-00003-of-00004.safetensors").unlink()
+    (ckpt / "model-00001-of-00004.safetensors").unlink()
     with pytest.raises(EngineError) as e:
         Engine(ckpt, ParallelLayout(pp=2, ep=1), dtype=torch.float32, startup_timeout_s=120)
     msg = str(e.value)
     assert msg.startswith("loading failed")
-    assert "CheckpointError: model-00003-of-00004.safetensors: shard file is missing (needed " \
+    assert "rank 0 (stage 0, ep rank 0) on node" in msg
+    assert "CheckpointError: model-00001-of-00004.safetensors: shard file is missing (needed " \
            "for tensor 'model." in msg, msg
-    assert "stage 1" in msg and "ray::" not in msg
+    assert "ray::" not in msg
 
 
 def test_stopped_rank_is_named_when_a_collective_hangs(ray_cluster, tiny_fp8_dir):
@@ -172,7 +173,7 @@ def test_stopped_rank_is_named_when_a_collective_hangs(ray_cluster, tiny_fp8_dir
     lines = {ln.split(":")[0].strip(): ln for ln in msg.splitlines()[1:]}
     stopped = [v for k, v in lines.items() if k.startswith("rank 1 ")]
     waiting = [v for k, v in lines.items() if k.startswith("rank 0 ")]
-    assert stopped and ("has not finished" in stopped[0] or "did not answer" in stopped[0]), msg
+    assert stopped and "stopped or hung: last heard" in stopped[0], msg
     # rank 0 either timed out in the collective (and says where), or had finished its part
     # of the step and waits for nothing: it is never the one named as behind
     assert not waiting or ("RankStepError" in waiting[0] and "in collective #" in waiting[0]), msg

@@ -10,6 +10,7 @@ process runs too. Requests go in as a stream and come out as they end.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -23,8 +24,8 @@ from ds3dist.config import ModelConfig
 from ds3dist.generation import GenerationResult, requests_for, result_of
 from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import ParallelLayout
-from ds3dist.runtime import cluster
-from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor
+from ds3dist.runtime import cluster, progress
+from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor, cause_text
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.serving.loop import serve
 from ds3dist.serving.options import ServingOptions
@@ -73,6 +74,7 @@ class Engine:
         self.executor = None  # made on first use; a compiled graph holds the actors while it lives
         self.scheduler: Scheduler | None = None  # of the last stream
         self.cpus_per_rank = cpus_per_rank
+        self.engine_id = uuid.uuid4().hex  # keys the ranks' published progress
         cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size * cpus_per_rank),
                         connect_timeout_s)
         self.layout.check_resources(ray.available_resources())
@@ -108,7 +110,7 @@ class Engine:
                         self.pg, placement_group_bundle_index=plan.rank),
                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         threads, tuple(fault_ids))
+                         threads, tuple(fault_ids), self.engine_id)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
@@ -187,19 +189,24 @@ class Engine:
         return f"rank {rank} (stage {p.stage}, ep rank {p.ep_rank}) on node {node}"
 
     def _failure(self, what: str, cause: BaseException | None = None,
-                 calls: dict | None = None) -> EngineError:
+                 calls: dict | None = None, reports: dict[int, str] | None = None
+                 ) -> EngineError:
         """Name every rank's part in a failure (its error whole, dead, or stopped and behind),
-        release everything, and return the EngineError to raise."""
-        lines = _call_reports(calls or {})
-        first = _cause_text(cause) if cause is not None else None
+        release everything, and return the EngineError to raise. calls: refs of classic calls
+        in flight; reports: what a compiled graph's outputs said, per rank."""
+        lines = {**_call_reports(calls or {}), **(reports or {})}
+        published = progress.behind(progress.read(self.engine_id, len(self.plans)),
+                                    lambda r: self.plans[r].stage)
+        for rank, text in published.items():  # errors already named stay as they are
+            if rank not in lines or lines[rank].startswith("has not finished"):
+                lines[rank] = text
+        if reports is None:  # classic calls: a ping finds dead ranks
+            for rank, state in self._ping().items():
+                if state == "dead":
+                    lines[rank] = "died (its actor is gone)"
+        first = cause_text(cause) if cause is not None else None
         if first is not None and not any(first in text for text in lines.values()):
             lines.setdefault(-1, first)
-        for rank, state in self._ping().items():
-            if state == "dead":
-                lines[rank] = "died (its actor is gone)"
-            elif state == "silent":
-                note = f"did not answer a ping within {PING_TIMEOUT_S:.0f} s"
-                lines[rank] = f"{lines[rank]}; {note}" if rank in lines else note
         self.shutdown()
         if not lines:
             return EngineError(f"{what}; every rank answers, none reported an error")
@@ -241,15 +248,19 @@ class Engine:
                 "stage_seconds": stage_s, "scheduler": sched}
 
     def shutdown(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-            self.executor = None
-        for a in self.actors:
+        for a in self.actors:  # first: a stopped rank must not hold up the graph's teardown
             try:
                 ray.kill(a)
             except Exception:  # already gone
                 pass
         self.actors = []
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+        try:
+            progress.clear(self.engine_id, len(self.plans))
+        except Exception:  # the cluster is already gone
+            pass
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
@@ -264,15 +275,6 @@ class Engine:
         self.shutdown()
 
 
-def _cause_text(e: BaseException) -> str:
-    """The exception raised on a rank, type and message whole (Ray's wrapper removed)."""
-    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-        e = e.cause
-    if isinstance(e, ray.exceptions.RayActorError):
-        return "died (its actor is gone)"
-    return f"{type(e).__name__}: {e}".rstrip()
-
-
 def _call_reports(calls: dict) -> dict[int, str]:
     """rank -> what became of its calls: its error, or that it has not finished one."""
     if not calls:
@@ -284,7 +286,7 @@ def _call_reports(calls: dict) -> dict[int, str]:
         try:
             ray.get(ref)
         except Exception as e:
-            rank, text = calls[ref][0], _cause_text(e)
+            rank, text = calls[ref][0], cause_text(e)
             if rank in out:
                 continue
             src = first_with.setdefault(text, rank)

@@ -26,6 +26,15 @@ from ds3dist.serving.plan import StepPlan, StepResult
 OnFailure = Callable[..., BaseException]
 
 
+def cause_text(e: BaseException) -> str:
+    """The exception raised on a rank, type and message whole (Ray's wrapper removed)."""
+    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
+    if isinstance(e, ray.exceptions.RayActorError):
+        return "died (its actor is gone)"
+    return f"{type(e).__name__}: {e}".rstrip()
+
+
 def merge(step_id: int, outs: list) -> StepResult:
     """The last stage's (sampled, failed) of every column -> one StepResult."""
     res = StepResult(step_id)
@@ -56,15 +65,20 @@ class ClassicExecutor:
 
     def result(self, timeout_s: float | None = None) -> StepResult:
         step_id, last, calls = self._pending.popleft()
-        ready, _ = ray.wait(last, num_returns=len(last), timeout=timeout_s)
-        if len(ready) < len(last):
-            raise self.on_failure(f"step {step_id} did not finish within {timeout_s:.0f} s",
-                                  None, self._calls(calls))
-        try:
-            outs = ray.get(last)
-        except Exception as e:  # a rank raised or died
-            raise self.on_failure(f"step {step_id} failed", e, self._calls(calls)) from e
-        return merge(step_id, outs)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        outs, left = {}, list(last)
+        while left:  # column by column as they finish: the first error fails the step at once
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, left = ray.wait(left, num_returns=1, timeout=wait)
+            if not ready:
+                raise self.on_failure(f"step {step_id} did not finish within {timeout_s:.0f} s",
+                                      None, calls=self._calls(calls))
+            try:
+                outs[ready[0]] = ray.get(ready[0])
+            except Exception as e:  # a rank raised or died
+                raise self.on_failure(f"step {step_id} failed", e,
+                                      calls=self._calls(calls)) from e
+        return merge(step_id, [outs[ref] for ref in last])
 
     def _calls(self, first: dict) -> dict:
         out = dict(first)
@@ -93,29 +107,54 @@ class CompiledExecutor:
                 last.append(node)
             dag = MultiOutputNode(last)
         self.dag = dag.experimental_compile(_max_inflight_executions=layout.pp)
-        self._pending: deque[tuple[int, object]] = deque()
+        self._pending: deque[tuple[int, list]] = deque()
 
     def submit(self, plan: StepPlan) -> None:
         self._pending.append((plan.step_id, self.dag.execute(plan)))
 
     def result(self, timeout_s: float | None = None) -> StepResult:
-        step_id, ref = self._pending.popleft()
-        t0 = time.monotonic()
-        try:
-            outs = ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.RayChannelTimeoutError:
-            self.close()
-            raise self.on_failure(f"step {step_id} did not finish within "
-                                  f"{time.monotonic() - t0:.0f} s", None, {}) from None
-        except Exception as e:  # a rank raised or died
-            self.close()
-            raise self.on_failure(f"step {step_id} failed", e, {}) from e
+        step_id, refs = self._pending.popleft()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        outs, errors = [], {}
+        for r, ref in enumerate(refs):  # one column at a time: each output is read once
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                outs.append(ray.get(ref, timeout=1.0 if errors else left))
+            except Exception as e:  # a rank raised or died, or no result in time
+                errors[r] = e
+        if errors:
+            timed_out = all(isinstance(e, ray.exceptions.RayChannelTimeoutError)
+                            for e in errors.values())
+            what = f"step {step_id} " + ("did not finish in time" if timed_out else "failed")
+            cause = next((e for e in errors.values()
+                          if not isinstance(e, ray.exceptions.RayChannelTimeoutError)), None)
+            raise self.on_failure(what, cause, reports=self._reports(step_id, errors))
         return merge(step_id, outs)
+
+    def _reports(self, step_id: int, errors: dict[int, BaseException]) -> dict[int, str]:
+        """rank -> its part, from the columns' outputs (a compiled graph's actors answer
+        nothing else while it lives): the error a rank raised, or a dead actor. The ranks'
+        published progress (ds3dist.runtime.progress) says who else is behind."""
+        out: dict[int, str] = {}
+        for e in errors.values():
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+            if isinstance(e, ray.exceptions.RayActorError):
+                out[self._rank_of_actor(e)] = "died (its actor is gone)"
+            elif getattr(cause, "rank", None) is not None:
+                out[cause.rank] = cause_text(e)
+        return out
+
+    def _rank_of_actor(self, e: BaseException) -> int:
+        dead = getattr(e, "actor_id", None)
+        return next((rank for rank, a in enumerate(self.actors)
+                     if dead is not None and a._actor_id.hex() == dead), -1)
 
     def in_flight(self) -> int:
         return len(self._pending)
 
     def close(self) -> None:
+        """Release the graph (after a failure the engine kills the actors first, so a
+        stopped rank cannot hold the teardown up)."""
         self._pending.clear()
         if self.dag is not None:
             try:

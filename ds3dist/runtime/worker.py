@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ds3dist.model.load import load_model
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
-from ds3dist.runtime import rendezvous
+from ds3dist.runtime import progress, rendezvous
 from ds3dist.serving.executor import run_column
 from ds3dist.serving.plan import StepPlan
 from ds3dist.serving.runner import StepRunner
@@ -32,11 +32,18 @@ class RankStepError(RuntimeError):
     """A step failed on this rank; the message says where (step, last collective) and keeps
     the original exception's type and message whole."""
 
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+    def __reduce__(self):
+        return RankStepError, (str(self), self.rank)
+
 
 class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
-                 threads: int = 1, fault_ids: tuple[str, ...] = ()):
+                 threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = ""):
         torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
         self.plan = plan
         self.layout = layout
@@ -54,6 +61,7 @@ class StageWorker:
         self.load_info: dict = {}
         self.net: dict = {}
         self.collectives = CollectiveLog()
+        self.engine_id = engine_id  # the key of this rank's published progress
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -81,6 +89,7 @@ class StageWorker:
             group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if stage == self.plan.stage:
                 self.ep_group = group
+        progress.start_heartbeat(self.engine_id, self.plan.rank, self._progress)
         self.net = {"node_ip": ip, "rendezvous": f"{addr}:{port}",
                     "socket_ifname": {v: os.environ.get(v) for v in
                                       ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")},
@@ -112,6 +121,10 @@ class StageWorker:
         self.runner.fail_ids = set(self.fault_ids)
         return self.runner.cache.nbytes()
 
+    def _progress(self) -> dict:
+        return {"step": self.steps, "entered": self.collectives.entered,
+                "last": self.collectives.last}
+
     # ---- steps ------------------------------------------------------------------------
     def step(self, plan: StepPlan, payload=None):
         """This rank's column of one step (see ds3dist.serving.executor.run_column): the next
@@ -126,8 +139,11 @@ class StageWorker:
             where = (f", in collective #{log.entered} ({log.last})" if log.entered > entered
                      else "")
             p = self.plan
-            raise RankStepError(f"rank {p.rank} (stage {p.stage}, ep rank {p.ep_rank}), step "
-                                f"{plan.step_id}{where}: {type(e).__name__}: {e}") from e
+            err = RankStepError(f"rank {p.rank} (stage {p.stage}, ep rank {p.ep_rank}), step "
+                                f"{plan.step_id}{where}: {type(e).__name__}: {e}", p.rank)
+            progress.publish(self.engine_id, p.rank,
+                             {**self._progress(), "error": f"RankStepError: {err}"})
+            raise err from e
         if not self.plan.head and self.device.type == "cuda":
             out = (out[0], out[1].cpu())
         self.busy_s += time.perf_counter() - t0
