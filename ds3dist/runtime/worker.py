@@ -159,18 +159,20 @@ class StageWorker:
                 if s is not None:
                     load[layer_id] = s()
         return {**self.node_info(), **self.load_info, "net": self.net, "rss_bytes": _rss_bytes(),
-                "busy_seconds": self.busy_s, "steps": self.steps, "dispatch": load}
+                "peak_rss_bytes": _rss_bytes("VmHWM"), "busy_seconds": self.busy_s,
+                "steps": self.steps, "dispatch": load}
 
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _rss_bytes() -> int:
+def _rss_bytes(field: str = "VmRSS") -> int:
+    """Resident memory now (VmRSS) or at its peak (VmHWM), from /proc; 0 where unknown."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
