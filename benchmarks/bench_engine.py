@@ -1,85 +1,86 @@
-"""Engine throughput on a local CPU Ray cluster, and stage-to-stage transfer: Ray objects vs p2p.
+"""Engine throughput on a local CPU Ray cluster: compiled graph vs classic actor calls, next
+to the same serving loop in one process.
 
-    python benchmarks/bench_engine.py [--preset tiny] [--layouts pp2,pp2ep2] [--batch 8]
+    python benchmarks/bench_engine.py [--preset tiny] [--layouts pp1ep1,pp2,pp2ep2]
+                                      [--controls compiled,classic] [--batch 8]
 
-Prints prefill and decode tokens/s per layout and transfer mode (same machine, same run).
+Per layout and control plane: prefill tok/s (batch x prompt-len, 1 new token) and decode
+ms/step (the rest of new-tokens greedy steps); the first row is one process (LocalEngine).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
+
+import ds3dist
+from ds3dist.checkpoint.synthesize import synthesize
+from ds3dist.generation import LocalEngine
+from ds3dist.parallel.layout import ParallelLayout
+from ds3dist.runtime.engine import Engine
+from ds3dist.serving.options import ServingOptions
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def parse_layout(s: str):
-    from ds3dist.parallel.layout import ParallelLayout
+def parse_layout(s: str) -> ParallelLayout:
+    pp, ep = (re.search(rf"{k}(\d+)", s) for k in ("pp", "ep"))
+    return ParallelLayout(pp=int(pp.group(1)) if pp else 1, ep=int(ep.group(1)) if ep else 1)
 
-    pp = ep = 1
-    for part in ("pp", "ep"):
-        if part in s:
-            digits = s.split(part, 1)[1]
-            n = ""
-            for ch in digits:
-                if not ch.isdigit():
-                    break
-                n += ch
-            if part == "pp":
-                pp = int(n)
-            else:
-                ep = int(n)
-    return ParallelLayout(pp=pp, ep=ep)
+
+def timed(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per step)."""
+    engine.generate(prompts[:2], max_new_tokens=2)  # warm-up
+    t0 = time.perf_counter()
+    engine.generate(prompts, max_new_tokens=1)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine.generate(prompts, max_new_tokens=new_tokens + 1)
+    return t_prefill, max(time.perf_counter() - t0 - t_prefill, 1e-9) / new_tokens
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--layouts", default="pp2,pp2ep2")
-    ap.add_argument("--transfers", default="ray,p2p")
+    ap.add_argument("--layouts", default="pp1ep1,pp2,pp2ep2")
+    ap.add_argument("--controls", default="compiled,classic")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--execution", default="bf16")
     args = ap.parse_args()
 
-    import ray
-
-    from ds3dist.checkpoint.synthesize import synthesize
-    from ds3dist.runtime.engine import Engine
-
-    ckpt = args.checkpoint
-    if ckpt is None:
-        ckpt = Path(tempfile.mkdtemp()) / args.preset
-        synthesize(ckpt, preset=args.preset, seed=0)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ckpt = args.checkpoint or synthesize(Path(tempfile.mkdtemp()) / args.preset,
+                                         preset=args.preset, seed=0)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1000, 100000, (args.prompt_len,), generator=g).tolist()
                for _ in range(args.batch)]
-    print(f"{'layout':8} {'transfer':8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8}")
+    print(f"{'layout':8} {'control':9} {'prefill tok/s':>14} {'decode ms/step':>15}")
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = ds3dist.load_model(ckpt, execution=args.execution, mtp=False)
+    t_pre, t_step = timed(LocalEngine(model, cache_gb=1.0), prompts, args.new_tokens)
+    print(f"{'local':8} {'-':9} {args.batch * args.prompt_len / t_pre:14.0f} "
+          f"{1000 * t_step:15.1f}", flush=True)
+    del model
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for lay in args.layouts.split(","):
-        for transfer in args.transfers.split(","):
-            layout = parse_layout(lay)
-            if layout.pp == 1 and transfer == "p2p":
-                continue
-            with Engine(ckpt, layout, execution=args.execution, transfer=transfer) as engine:
-                engine.generate(prompts[:2], max_new_tokens=2)  # warm-up
-                t0 = time.perf_counter()
-                engine.generate(prompts, max_new_tokens=1)
-                t_prefill = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                engine.generate(prompts, max_new_tokens=args.new_tokens + 1)
-                t_all = time.perf_counter() - t0
-            t_decode = max(t_all - t_prefill, 1e-9)
-            dec = args.batch * args.new_tokens / t_decode
-            print(f"{lay:8} {transfer:8} {args.batch * args.prompt_len / t_prefill:14.0f} "
-                  f"{dec:13.1f} {1000 * t_decode / args.new_tokens:8.1f}")
+        layout = parse_layout(lay)
+        cpus = max(1, (os.cpu_count() or 1) // layout.world_size)
+        for control in args.controls.split(","):
+            with Engine(ckpt, layout, execution=args.execution, cpus_per_rank=cpus,
+                        serving=ServingOptions(control=control, cache_gb=1.0)) as engine:
+                t_pre, t_step = timed(engine, prompts, args.new_tokens)
+            print(f"{lay:8} {control:9} {args.batch * args.prompt_len / t_pre:14.0f} "
+                  f"{1000 * t_step:15.1f}", flush=True)
     ray.shutdown()
 
 

@@ -5,8 +5,9 @@
                                      [--threads 2] [--checkpoint DIR]
 
 Synthesizes an FP8 checkpoint per preset (unless --checkpoint is given), loads it in each
-execution mode and times: prefill of batch x prompt-len tokens into a latent cache (logits
-of the last positions only), then new-tokens greedy decode steps of the whole batch.
+execution mode and times, on the flat token batch and paged cache the engine uses: prefill of
+batch x prompt-len tokens (logits of the last positions only), then new-tokens greedy decode
+steps of the whole batch.
 """
 
 from __future__ import annotations
@@ -21,42 +22,44 @@ import torch
 
 
 def bench(ckpt: Path, execution: str, batch: int, prompt_len: int, new_tokens: int,
-          attn_form: str) -> dict:
+          attn_form: str, page: int = 64) -> dict:
     from ds3dist.model.load import load_model
 
-    model = load_model(ckpt, execution=execution, attn_form=attn_form)
+    model = load_model(ckpt, execution=execution, attn_form=attn_form, mtp=False)
     g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=g)
-    pos = torch.arange(prompt_len).expand(batch, prompt_len)
-    rows = torch.arange(batch)
+    toks = torch.randint(0, model.cfg.vocab_size, (batch * prompt_len,), generator=g)
+    per_seq = -(-(prompt_len + new_tokens) // page)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
 
     def prefill():
-        cache = model.new_cache(batch, prompt_len + new_tokens)
-        h = model.forward_layers(model.embed(toks), pos, cache)
-        return cache, model.logits(h[rows, -1:])[:, 0]
+        cache = model.new_cache(batch * per_seq, page)
+        tb = model.token_batch([0] * batch, [prompt_len] * batch, tables, page)
+        h = model.forward_layers(model.embed(toks), tb, cache)
+        return cache, model.logits(h[tb.last_rows])
 
     def decode(cache, logits, steps):
-        for _ in range(steps):
+        for i in range(steps):
             nxt = logits.argmax(-1)
-            h = model.forward_layers(model.embed(nxt[:, None]), cache.lens[:, None], cache)
-            logits = model.logits(h)[:, 0]
+            tb = model.token_batch([prompt_len + i] * batch, [1] * batch, tables, page)
+            logits = model.logits(model.forward_layers(model.embed(nxt), tb, cache))
         return logits
 
-    cache, logits = prefill()  # warm-up (allocator, kernels)
-    decode(cache, logits, 2)
-    t0 = time.perf_counter()
-    cache, logits = prefill()
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decode(cache, logits, new_tokens)
-    t_decode = time.perf_counter() - t0
+    with torch.inference_mode():
+        cache, logits = prefill()  # warm-up (allocator, kernels)
+        decode(cache, logits, 2)
+        t0 = time.perf_counter()
+        cache, logits = prefill()
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        decode(cache, logits, new_tokens)
+        t_decode = time.perf_counter() - t0
     return {
         "load_s": model.load_stats["seconds"],
         "bytes_read": model.load_stats["bytes_read"],
         "prefill_tok_s": batch * prompt_len / t_prefill,
         "decode_tok_s": batch * new_tokens / t_decode,
         "decode_ms_step": 1000 * t_decode / new_tokens,
-        "cache_bytes_per_token": cache.nbytes() // (batch * cache.max_len),
+        "cache_bytes_per_token": cache.nbytes() // (cache.num_pages * page),
     }
 
 

@@ -194,7 +194,8 @@ def _print_closing(summary: dict[str, Any], paths: tuple[Path, ...], synthesized
     c, t = summary["counts"], summary["throughput"]
     print(f"outputs: {paths[0].resolve()} ({c['output_records']} records; {c['generated']} "
           f"generated now, {c['already_done']} already done)")
-    print(f"errors:  {paths[1].resolve()} ({c['errors']} malformed lines)")
+    print(f"errors:  {paths[1].resolve()} ({c['errors']} malformed lines, {c['failed']} "
+          f"requests failed in the engine)")
     print(f"summary: {paths[2].resolve()}")
     if summary.get("plot"):
         print(f"plot:    {Path(summary['plot']).resolve()}")

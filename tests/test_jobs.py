@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
