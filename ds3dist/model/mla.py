@@ -76,10 +76,14 @@ class MLA(nn.Module):
                 continue
             kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
             outs.append(self._attend(q_thc[o:o + n], kv_sc, tb.positions_t[o:o + n]))
-        return self.o_proj(torch.cat(outs).flatten(1))
+        o_th = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if self.form == "absorbed":  # kv_b's value part, once for every sequence's latents
+            o_th = torch.einsum("thr,hvr->thv", o_th, self.wkv_b(o_th.dtype)[:, self.n:])
+        return self.o_proj(o_th.flatten(1))
 
     def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
-        """One sequence: queries at positions pos_t over its keys 0..s-1 -> [t, h, v]."""
+        """One sequence: queries at positions pos_t over its keys 0..s-1 -> [t, h, v] (naive)
+        or the attended latents [t, h, r] (absorbed)."""
         t, s = q_thc.shape[0], kv_sc.shape[0]
         if self.form == "naive":
             k_hcs, v_hsv = self._naive_kv(kv_sc)
@@ -95,8 +99,7 @@ class MLA(nn.Module):
             if self.form == "naive":
                 out.append(torch.einsum("ths,hsv->thv", probs, v_hsv))
             else:
-                o_lat = (probs.view(-1, s) @ kv_sc[:, : self.r]).view(q.shape[0], self.h, self.r)
-                out.append(torch.einsum("thr,hvr->thv", o_lat, self.wkv_b(q.dtype)[:, self.n:]))
+                out.append((probs.view(-1, s) @ kv_sc[:, : self.r]).view(q.shape[0], self.h, self.r))
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def _softmax(self, scores_ths: torch.Tensor, pos_t: torch.Tensor, s: int,
