@@ -18,6 +18,7 @@ from ds3dist.checkpoint.layout import SCALE_SUFFIX
 from ds3dist.checkpoint.reader import CheckpointError
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
+from ds3dist.model.mlp import MLP
 from ds3dist.model.options import BuildOptions
 from ds3dist.model.transformer import Transformer, checkpoint_name
 
@@ -86,6 +87,8 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
     for mod in model.modules():
         if isinstance(mod, MLA) and mod.form == "absorbed" and mod.kv_b_proj.is_fp8:
             mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
+        if isinstance(mod, MLP):
+            mod.fuse()
     left = [k for k, v in model.state_dict().items() if v.is_meta]
     if left:
         raise RuntimeError(f"tensors not loaded: {left[:5]}")

@@ -17,6 +17,20 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, inter, fp8, dt, blk)
         self.up_proj = Linear(d, inter, fp8, dt, blk)
         self.down_proj = Linear(inter, d, fp8, dt, blk)
+        self.inter = inter
+        self.gate_up: torch.Tensor | None = None  # [2 * inter, d] once fused
+
+    def fuse(self) -> None:
+        """Plain weights: one [gate; up] matrix, one GEMM instead of two. gate_proj and up_proj
+        keep their (checkpoint-named) weights as views into it, so memory does not grow."""
+        if self.gate_proj.is_fp8 or self.gate_up is not None:
+            return
+        self.gate_up = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+        self.gate_proj._buffers["weight"] = self.gate_up[: self.inter]
+        self.up_proj._buffers["weight"] = self.gate_up[self.inter:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
