@@ -148,48 +148,49 @@ def run_batch_job(
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name)
         tally = _generate(job, todo, progress)
         out.sync()
-        n_records = out.records
+        counts = {"lines": parsed.lines, "valid": len(parsed.requests),
+                  "errors": len(parsed.errors), "failed": tally.failed, "already_done": already,
+                  "generated": tally.generated, "output_records": out.records,
+                  "finish_reason": tally.finish}
     finally:
         if own:
             out.close()
-
-    stats = engine_stats(engine)
-    expert_load = {str(k): list(v) for k, v in (stats.get("expert_load") or {}).items()}
-    plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}",
-                            mtp_layers=mtp_layers)
-    summary = {
-        "input": str(inp.path),
-        "output": str(out.path),
-        "errors_file": str(err_path),
-        "plot": None if plot is None else str(plot),
-        "format": fmt,
-        "input_encoding": inp.encoding,
-        "counts": {
-            "lines": parsed.lines,
-            "valid": len(parsed.requests),
-            "errors": len(parsed.errors),
-            "failed": tally.failed,
-            "already_done": already,
-            "generated": tally.generated,
-            "output_records": n_records,
-            "finish_reason": tally.finish,
-        },
-        "tokens": {
-            "prompt": tally.prompt_tokens,
-            "completion": tally.completion_tokens,
-            "total": tally.prompt_tokens + tally.completion_tokens,
-        },
-        "throughput": _throughput(tally, time.perf_counter() - t_start),
-        "scheduler": dict(stats.get("scheduler") or {}),
-        "stage_seconds": list(stats.get("stage_seconds") or []),
-        "expert_load": expert_load,
-        "ranks": list(stats.get("ranks") or []),
-    }
+    summary = _summary(engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
+                       counts, tally, time.perf_counter() - t_start)
     if meta:
         summary["meta"] = meta
     write_summary(sum_path, summary)
     summary["summary"] = str(sum_path)
     return summary
+
+
+def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_path: Path,
+             fmt: str, model_name: str, mtp_layers: Sequence[int], counts: dict,
+             tally: _Tally, wall: float) -> dict[str, Any]:
+    """The job's summary: counts, tokens, throughput, the engine's figures; draws the plot."""
+    stats = engine_stats(engine)
+    expert_load = {str(k): list(v) for k, v in (stats.get("expert_load") or {}).items()}
+    plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}",
+                            mtp_layers=mtp_layers)
+    return {
+        "input": str(inp.path),
+        "output": str(out_path),
+        "errors_file": str(err_path),
+        "plot": None if plot is None else str(plot),
+        "format": fmt,
+        "input_encoding": inp.encoding,
+        "counts": counts,
+        "tokens": {
+            "prompt": tally.prompt_tokens,
+            "completion": tally.completion_tokens,
+            "total": tally.prompt_tokens + tally.completion_tokens,
+        },
+        "throughput": _throughput(tally, wall),
+        "scheduler": dict(stats.get("scheduler") or {}),
+        "stage_seconds": list(stats.get("stage_seconds") or []),
+        "expert_load": expert_load,
+        "ranks": list(stats.get("ranks") or []),
+    }
 
 
 def _encoder(tokenizer: Any, max_prompt_tokens: int | None,
