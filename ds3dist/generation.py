@@ -138,6 +138,22 @@ def requests_for(tokenizer: Any, prompts: Sequence[str | Sequence[int]], max_new
             for i, p in enumerate(ids)]
 
 
+def special_ids(tokenizer: Any, cfg) -> tuple[int | None, int | None]:
+    """(BOS, EOS): the tokenizer's, else the model config's."""
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return (cfg.bos_token_id if bos is None else bos), (cfg.eos_token_id if eos is None else eos)
+
+
+def generate_with(engine: Any, tokenizer: Any, cfg, prompts: Sequence[str | Sequence[int]],
+                  max_new_tokens: int, params: SamplingParams, stop=None) -> list[GenerationResult]:
+    """Prompts through any engine's `stream` (one process or ranks); results in prompt order."""
+    bos, eos = special_ids(tokenizer, cfg)
+    reqs = requests_for(tokenizer, prompts, max_new_tokens, params, stop, eos, bos)
+    ended = {r.id: r for r in engine.stream(reqs)}
+    return [result_of(ended[r.id]) for r in reqs]
+
+
 def result_of(req: Request) -> GenerationResult:
     if req.status is not RequestStatus.FINISHED:
         return GenerationResult(list(req.output_ids), "", "error", len(req.prompt_ids),
@@ -174,15 +190,8 @@ class LocalEngine:
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, stop=None) -> list[GenerationResult]:
-        cfg, tok = self.model.cfg, self.tokenizer
-        bos = getattr(tok, "bos_token_id", None) if tok is not None else None
-        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-        reqs = requests_for(tok, prompts, max_new_tokens,
-                            SamplingParams(temperature, top_p, top_k, seed), stop,
-                            cfg.eos_token_id if eos is None else eos,
-                            cfg.bos_token_id if bos is None else bos)
-        ended = {r.id: r for r in self.stream(reqs)}
-        return [result_of(ended[r.id]) for r in reqs]
+        return generate_with(self, self.tokenizer, self.model.cfg, prompts, max_new_tokens,
+                             SamplingParams(temperature, top_p, top_k, seed), stop)
 
     def stats(self) -> dict:
         load = {i: moe.dispatcher.stats()["received_per_expert"]
@@ -201,8 +210,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_t
     its longest, so nothing is preempted). Request i samples from its own generator keyed by
     (seed, str(i))."""
     if cache_pages is None:
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-        ids = encode_prompts(tokenizer, prompts, model.cfg.bos_token_id if bos is None else bos)
+        ids = encode_prompts(tokenizer, prompts, special_ids(tokenizer, model.cfg)[0])
         cache_pages = max(1, sum(-(-(len(p) + max_new_tokens) // page_size) for p in ids))
     engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs)
     return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop)

@@ -21,7 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ds3dist.config import ModelConfig
-from ds3dist.generation import GenerationResult, requests_for, result_of
+from ds3dist.generation import GenerationResult, generate_with
 from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime import cluster, progress
@@ -124,7 +124,7 @@ class Engine:
         """Pages per column: what cache_gb holds on the stage with the most layers (every
         stage of a column uses the same page ids)."""
         opt, cfg = self.serving, self.config
-        dtype = torch.float32 if self.load_info[0]["dtype"] == "torch.float32" else torch.bfloat16
+        dtype = getattr(torch, self.load_info[0]["dtype"].removeprefix("torch."))
         if opt.cache_gb is None and self.layout.device == "cuda":
             free = min(i["cuda_free_bytes"] for i in self.load_info)
             nbytes = 0.9 * free
@@ -164,11 +164,8 @@ class Engine:
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  stop=None) -> list[GenerationResult]:
         """Same arguments and results as `ds3dist.generate` on one process."""
-        reqs = requests_for(self.tokenizer, prompts, max_new_tokens,
-                            SamplingParams(temperature, top_p, top_k, seed), stop,
-                            self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
-        ended = {r.id: r for r in self.stream(reqs)}
-        return [result_of(ended[r.id]) for r in reqs]
+        return generate_with(self, self.tokenizer, self.config, prompts, max_new_tokens,
+                             SamplingParams(temperature, top_p, top_k, seed), stop)
 
     # ---- failure, stats, shutdown -----------------------------------------------------
     def _get(self, refs, timeout, what, ranks=None):
@@ -201,9 +198,8 @@ class Engine:
             if rank not in lines or lines[rank].startswith("has not finished"):
                 lines[rank] = text
         if reports is None:  # classic calls: a ping finds dead ranks
-            for rank, state in self._ping().items():
-                if state == "dead":
-                    lines[rank] = "died (its actor is gone)"
+            for rank in self._dead_ranks():
+                lines[rank] = "died (its actor is gone)"
         first = cause_text(cause) if cause is not None else None
         if first is not None and not any(first in text for text in lines.values()):
             lines.setdefault(-1, first)
@@ -214,18 +210,18 @@ class Engine:
                          for r, text in sorted(lines.items()))
         return EngineError(f"{what}:\n{body}")
 
-    def _ping(self) -> dict[int, str]:
-        """rank -> 'ok', 'dead' (actor gone) or 'silent' (no answer: stopped, hung, or busy)."""
+    def _dead_ranks(self) -> list[int]:
+        """Ranks whose actor is gone (a ping fails); a rank that cannot answer within
+        PING_TIMEOUT_S is left to its published progress."""
         pings = {a.node_info.remote(): i for i, a in enumerate(self.actors)}
         ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=PING_TIMEOUT_S)
-        state = {i: "silent" for i in pings.values()}
+        dead = []
         for ref in ready:
             try:
                 ray.get(ref)
-                state[pings[ref]] = "ok"
             except Exception:
-                state[pings[ref]] = "dead"
-        return state
+                dead.append(pings[ref])
+        return dead
 
     def stats(self) -> dict:
         """Per-rank figures, tokens routed per expert, busy seconds per stage, scheduler
