@@ -156,17 +156,7 @@ def convert(
                 bar.update(sum(s.nbytes for s in src_specs[shard]))
         reader.close()
 
-        write_json(tmp / CONFIG_NAME, new_cfg.to_json_dict())
-        write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        for p in sorted(src.iterdir()):
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in (CONFIG_NAME, INDEX_NAME,
-                                                                              MANIFEST):
-                shutil.copy2(p, tmp / p.name)
-        for p in tmp.iterdir():
-            if p.name not in digests:
-                digests[p.name] = sha256_file(p)
-        write_manifest(tmp, digests)
-
+        _write_side_files(src, tmp, new_cfg, weight_map, total, digests)
         problems = validate(tmp)
         if problems:
             raise CheckpointError("converted checkpoint failed validation:\n  "
@@ -180,6 +170,22 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _write_side_files(src: Path, tmp: Path, new_cfg, weight_map: dict[str, str], total: int,
+                      digests: dict[str, str]) -> None:
+    """config.json, the index, the source's other files copied, and SHA256SUMS of them all
+    (digests: the shards', hashed as they were written)."""
+    write_json(tmp / CONFIG_NAME, new_cfg.to_json_dict())
+    write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in (CONFIG_NAME, INDEX_NAME,
+                                                                          MANIFEST):
+            shutil.copy2(p, tmp / p.name)
+    for p in tmp.iterdir():
+        if p.name not in digests:
+            digests[p.name] = sha256_file(p)
+    write_manifest(tmp, digests)
 
 
 def main(argv: list[str] | None = None) -> int:
