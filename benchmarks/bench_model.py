@@ -22,10 +22,10 @@ import torch
 
 
 def bench(ckpt: Path, execution: str, batch: int, prompt_len: int, new_tokens: int,
-          attn_form: str, page: int = 64) -> dict:
+          attn_form: str, dtype: torch.dtype | None = None, page: int = 64) -> dict:
     from ds3dist.model.load import load_model
 
-    model = load_model(ckpt, execution=execution, attn_form=attn_form, mtp=False)
+    model = load_model(ckpt, execution=execution, dtype=dtype, attn_form=attn_form, mtp=False)
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(0, model.cfg.vocab_size, (batch * prompt_len,), generator=g)
     per_seq = -(-(prompt_len + new_tokens) // page)
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="compute dtype (default: the execution's)")
     ap.add_argument("--attn-form", default="absorbed", choices=["absorbed", "naive"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,7 +93,8 @@ def main() -> None:
             ckpt = synthesize(tmp / preset, preset=preset, seed=0, progress=False)
         try:
             for ex in args.executions.split(","):
-                r = bench(ckpt, ex, args.batch, args.prompt_len, args.new_tokens, args.attn_form)
+                r = bench(ckpt, ex, args.batch, args.prompt_len, args.new_tokens, args.attn_form,
+                          getattr(torch, args.dtype) if args.dtype else None)
                 print(f"{preset:<8}{ex:<6}{r['prefill_tok_s']:>15.1f}{r['decode_tok_s']:>14.1f}"
                       f"{r['decode_ms_step']:>9.1f}{r['load_s']:>8.1f}{r['bytes_read'] / 1e6:>9.1f}"
                       f"{r['cache_bytes_per_token']:>12}", flush=True)

@@ -9,7 +9,7 @@ from ds3dist.generation import (GenerationResult, StopChecker, encode_prompts, g
                                 right_pad)
 from ds3dist.model.load import load_model
 from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.sampling import draw_seed, sample_rows
+from ds3dist.serving.sampling import candidates, draw_seed, sample_rows
 
 torch.set_num_threads(2)
 
@@ -36,6 +36,25 @@ def test_draws_depend_only_on_seed_request_and_index():
     assert mixed[0] == together[0] and mixed[2] == together[2]
     assert mixed[1] == int(logits[1].argmax())
     assert draw_seed(4, "a", 0) != draw_seed(4, "a", 1) != draw_seed(5, "a", 1)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (nucleus past 1024 entries) .. peaked
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.95), (0, 0.5), (3000, 0.9), (50, 1.0), (0, 1e-6)])
+def test_candidates_equal_a_full_sort(scale, top_k, top_p):
+    g = torch.Generator().manual_seed(int(scale * 10) + top_k)
+    row = torch.randn(20000, generator=g) * scale
+    vals, idx = row.sort(descending=True)
+    if top_k:
+        vals, idx = vals[:top_k], idx[:top_k]
+    probs = vals.double().softmax(-1)
+    keep = idx[(probs.cumsum(-1) - probs) < top_p]  # the smallest prefix reaching top_p
+    want = torch.zeros(20000, dtype=torch.bool)
+    want[keep] = True
+    got_ids = candidates(row, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))
+    got = torch.ones(20000, dtype=torch.bool) if got_ids is None else torch.zeros(20000, dtype=torch.bool)
+    if got_ids is not None:
+        got[got_ids] = True
+    assert int(got.sum()) == int(want.sum()) and bool((got == want).all())
 
 
 def _freq(logits, params, n=20000):

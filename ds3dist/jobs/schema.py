@@ -56,7 +56,7 @@ class ExecutionMode(Enum):
 @dataclass
 class ExecutionConf:
     mode: ExecutionMode = ExecutionMode.bf16
-    dtype: Optional[str] = None  # float32 | bfloat16 | float16 (null: the mode's default)
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16 (null: model.options.default_dtype)
 
 
 @dataclass

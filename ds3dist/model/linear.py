@@ -31,6 +31,8 @@ class Linear(nn.Module):
         else:
             self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
             self.register_buffer("weight_scale_inv", None)
+        self.packed: torch.Tensor | None = None  # oneDNN copy of `weight` for few rows (pack)
+        self.packed_rows = 0
 
     @property
     def is_fp8(self) -> bool:
@@ -42,9 +44,25 @@ class Linear(nn.Module):
             return weight_dequant(self.weight, self.weight_scale_inv, self.block, dtype)
         return self.weight.to(dtype)
 
+    def pack(self, rows: int = 16) -> bool:
+        """Keep a oneDNN-packed copy of a float32 CPU weight, used for inputs of at most
+        `rows` rows: for the 129k-row head at 8 rows it runs about 2x faster than F.linear
+        (MKL's skinny GEMM reaches half the memory bandwidth). Costs the weight's bytes again.
+        Returns whether it packed (not for FP8, other dtypes, GPUs or builds without oneDNN)."""
+        w = self.weight
+        if self.is_fp8 or w.dtype != torch.float32 or w.device.type != "cpu" \
+                or not torch.backends.mkldnn.is_available():
+            return False
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        self.packed_rows = rows
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_fp8:
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, out_dtype=x.dtype)
+        if self.packed is not None and x.dim() == 2 and x.shape[0] <= self.packed_rows \
+                and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

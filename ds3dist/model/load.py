@@ -19,7 +19,7 @@ from ds3dist.checkpoint.reader import CheckpointError
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
 from ds3dist.model.mlp import MLP
-from ds3dist.model.options import BuildOptions
+from ds3dist.model.options import BuildOptions, default_dtype
 from ds3dist.model.transformer import Transformer, checkpoint_name
 
 
@@ -29,7 +29,7 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
                head: bool | None = None, attn_form: str = "absorbed") -> Transformer:
     """Load (part of) a checkpoint as a Transformer.
 
-    execution: 'bf16' (weights dequantized into `dtype`, default bfloat16) or 'fp8' (FP8
+    execution: 'bf16' (weights dequantized into `dtype`, default `default_dtype(device)`) or 'fp8' (FP8
     weights with block scales, activations quantized per token; needs an FP8 checkpoint).
     layers: layer ids to hold (None = all); experts: routed expert ids held in every MoE
     layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
@@ -48,7 +48,7 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
             raise ValueError(f"execution='fp8' needs an FP8 checkpoint (weights with _scale_inv "
                              f"block scales); {getattr(reader, 'path', checkpoint_dir)} is a bf16 "
                              f"checkpoint: use execution='bf16'")
-        dtype = dtype or torch.bfloat16
+        dtype = dtype or default_dtype(device)
         expert_ids = None if experts is None else tuple(sorted({int(e) for e in experts}))
         if expert_ids is not None and not all(0 <= e < cfg.n_routed_experts for e in expert_ids):
             raise ValueError(f"expert ids must be in 0..{cfg.n_routed_experts - 1}, got {list(expert_ids)}")
@@ -89,6 +89,8 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
             mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
         if isinstance(mod, MLP):
             mod.fuse()
+    if model.lm_head is not None:
+        model.lm_head.pack()
     left = [k for k, v in model.state_dict().items() if v.is_meta]
     if left:
         raise RuntimeError(f"tensors not loaded: {left[:5]}")
