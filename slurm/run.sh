@@ -33,6 +33,8 @@ if [[ -n "${DS3DIST_VENV:-}" ]]; then
     source "$DS3DIST_VENV/bin/activate"
 fi
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# Ray starts workers at nice 15; the ranks are the job's computation, so run them at 0.
+export RAY_worker_niceness=${RAY_worker_niceness:-0}
 unset RAY_ADDRESS
 
 job_id=${SLURM_JOB_ID:?run this script with sbatch (or inside an salloc allocation)}

@@ -50,10 +50,10 @@ def test_candidates_equal_a_full_sort(scale, top_k, top_p):
     keep = idx[(probs.cumsum(-1) - probs) < top_p]  # the smallest prefix reaching top_p
     want = torch.zeros(20000, dtype=torch.bool)
     want[keep] = True
-    got_ids = candidates(row, SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))
+    got_ids = candidates(row.numpy(), SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))
     got = torch.ones(20000, dtype=torch.bool) if got_ids is None else torch.zeros(20000, dtype=torch.bool)
     if got_ids is not None:
-        got[got_ids] = True
+        got[torch.from_numpy(got_ids)] = True
     assert int(got.sum()) == int(want.sum()) and bool((got == want).all())
 
 

@@ -70,6 +70,8 @@ def connect(configured: str | None, num_cpus: int, timeout_s: float) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address, source = ray_address(configured)
     if not address:
+        # Ray starts workers at nice 15; here the workers are the computation, not background
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         return
     check_address(address, source, timeout_s)

@@ -71,7 +71,7 @@ class Engine:
         self.actors: list = []
         self.infos: list[dict] = []
         self.pg = None
-        self.executor = None  # made on first use; a compiled graph holds the actors while it lives
+        self.executor = None  # a compiled graph holds the actors while it lives (stats frees it)
         self.scheduler: Scheduler | None = None  # of the last stream
         self.cpus_per_rank = cpus_per_rank
         self.engine_id = uuid.uuid4().hex  # keys the ranks' published progress
@@ -82,6 +82,7 @@ class Engine:
             self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s,
                         fault_ids)
             self.sched_cfg = self._setup_caches(startup_timeout_s)
+            self.executor = self._executor()  # compiled here: not in the first step's time
         except BaseException:
             self.shutdown()
             raise
