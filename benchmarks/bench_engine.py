@@ -5,7 +5,8 @@ to the same serving loop in one process.
                                       [--controls compiled,classic] [--batch 8]
 
 Per layout and control plane: prefill tok/s (batch x prompt-len, 1 new token) and decode
-ms/step (the rest of new-tokens greedy steps); the first row is one process (LocalEngine).
+ms/step (the rest of new-tokens greedy steps); the first and last rows are one process
+(LocalEngine), before and after the engines.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ds3dist.runtime.engine import Engine
 from ds3dist.serving.options import ServingOptions
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_worker_niceness", "0")  # as ds3dist.runtime.cluster starts it
 
 
 def parse_layout(s: str) -> ParallelLayout:
@@ -67,10 +69,14 @@ def main() -> None:
     print(f"{'layout':8} {'control':9} {'prefill tok/s':>14} {'decode ms/step':>15}")
     torch.set_num_threads(os.cpu_count() or 1)
     model = ds3dist.load_model(ckpt, execution=args.execution, mtp=False)
-    t_pre, t_step = timed(LocalEngine(model, cache_gb=1.0), prompts, args.new_tokens)
-    print(f"{'local':8} {'-':9} {args.batch * args.prompt_len / t_pre:14.0f} "
-          f"{1000 * t_step:15.1f}", flush=True)
-    del model
+    local = LocalEngine(model, cache_gb=1.0)
+
+    def run_local(name: str) -> None:
+        t_pre, t_step = timed(local, prompts, args.new_tokens)
+        print(f"{name:8} {'-':9} {args.batch * args.prompt_len / t_pre:14.0f} "
+              f"{1000 * t_step:15.1f}", flush=True)
+
+    run_local("local")
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     for lay in args.layouts.split(","):
         layout = parse_layout(lay)
@@ -82,6 +88,7 @@ def main() -> None:
             print(f"{lay:8} {control:9} {args.batch * args.prompt_len / t_pre:14.0f} "
                   f"{1000 * t_step:15.1f}", flush=True)
     ray.shutdown()
+    run_local("local")  # again: a 2-core machine drifts, this brackets the engine rows
 
 
 if __name__ == "__main__":

@@ -177,3 +177,25 @@ def test_more_ranks_than_the_cluster_has(ray_cluster, tiny_fp8_dir):
     assert "needs 12 ranks" in str(e.value) and "Ray reports" in str(e.value)
     assert ray_cluster.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
+
+
+def test_napper_sleeps_most_of_the_shortest_recent_wait(monkeypatch):
+    """The driver's nap before a compiled-graph read: share x the shortest measured wait,
+    never past the deadline; an immediate read (result already there) halves the estimate."""
+    from ds3dist.runtime import executor
+
+    clock = [100.0]
+    monkeypatch.setattr(executor.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(executor.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    nap = executor.Napper(share=0.8)
+    nap.begin = 100.0
+    assert nap.nap(None) == 100.0  # nothing measured yet: read at once
+    clock[0] = 100.05  # the read spun 50 ms: the result took 50 ms from the start of the wait
+    nap.observe(100.0)
+    assert nap.waits[-1] == pytest.approx(0.05)
+    start = nap.nap(None)  # sleeps 0.8 x 50 ms from the new begin
+    assert start == pytest.approx(100.05 + 0.04)
+    nap.observe(start)  # returned at once: the result was already there
+    assert min(nap.waits) == pytest.approx(0.025)
+    now = nap.begin = clock[0]
+    assert nap.nap(deadline=now + 0.001) == pytest.approx(now + 0.001)  # capped by the deadline
