@@ -29,8 +29,13 @@ class MLP(nn.Module):
         self.gate_proj._buffers["weight"] = self.gate_up[: self.inter]
         self.up_proj._buffers["weight"] = self.gate_up[self.inter:]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """out: where to write the result (a routed expert's rows of the layer's output)."""
         if self.gate_up is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return y if out is None else out.copy_(y)
         gate, up = F.linear(x, self.gate_up).split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate).mul_(up)
+        if out is None:
+            return F.linear(h, self.down_proj.weight)
+        return torch.mm(h, self.down_proj.weight.t(), out=out)
