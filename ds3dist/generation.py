@@ -170,14 +170,15 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer: Any = None, cache_pages: int | None = None,
                  page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
-                 max_seqs: int = 64, cache_gb: float = 4.0):
+                 max_seqs: int = 64, cache_gb: float = 4.0, prefill_chunk: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         width = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
         pages = cache_pages or PagedCache.pages_for_bytes(
             cache_gb * 1e9, len(model.layer_ids), page_size, width, model.dtype)
         self.sched_cfg = SchedulerConfig(
             pages_per_column=pages, page_size=page_size, max_tokens_per_step=max_tokens_per_step,
-            max_seqs=max_seqs, max_model_len=model.cfg.max_position_embeddings)
+            max_seqs=max_seqs, prefill_chunk=prefill_chunk,
+            max_model_len=model.cfg.max_position_embeddings)
         self.executor = LocalExecutor(model, pages, page_size)
         self.scheduler: Scheduler | None = None
 

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.config import ConfigError
+from ds3dist.generation import LocalEngine
 from ds3dist.jobs import schema
 from ds3dist.jobs.batch import default_paths, run_batch_job
 from ds3dist.jobs.errors import JobError
@@ -45,9 +46,10 @@ from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.output_file import OutputFile
 from ds3dist.jobs.preflight import check_checkpoint, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
+from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import LayoutError
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
-from ds3dist.runtime.engine import Engine, EngineError
+from ds3dist.runtime.engine import DEFAULT_CPU_CACHE_GB, Engine, EngineError
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
 
@@ -103,15 +105,27 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
 
 
 def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
-    """The distributed Engine for this config (Ray cluster started or joined by the Engine)."""
-    dtype = cfg.execution.dtype
-    return Engine(
-        checkpoint,
-        resolved.layout,
-        execution=schema.execution_mode(cfg),
-        dtype=None if dtype is None else getattr(torch, dtype),
-        **schema.runtime_options(cfg, resolved.layout.world_size),
-    )
+    """The distributed Engine for this config (Ray cluster started or joined by the Engine),
+    or with runtime.control=local the whole model in this process (no Ray)."""
+    dtype = None if cfg.execution.dtype is None else getattr(torch, cfg.execution.dtype)
+    opts = schema.runtime_options(cfg, resolved.layout.world_size)
+    if opts["serving"].control == "local":
+        return local_engine(checkpoint, resolved, cfg, dtype, opts)
+    return Engine(checkpoint, resolved.layout, execution=schema.execution_mode(cfg), dtype=dtype,
+                  **opts)
+
+
+def local_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any, dtype,
+                 opts: dict[str, Any]) -> LocalEngine:
+    """The serving loop with the whole model in the launch's process (runtime.control=local):
+    as many torch threads as runtime.cpus_per_rank (default: every core)."""
+    torch.set_num_threads(int(opts["cpus_per_rank"]))
+    model = load_model(checkpoint, execution=schema.execution_mode(cfg), dtype=dtype,
+                       device=resolved.layout.device, mtp=False)
+    s = opts["serving"]
+    return LocalEngine(model, load_tokenizer(checkpoint), page_size=s.page_size,
+                       max_tokens_per_step=s.max_tokens_per_step, max_seqs=s.max_seqs,
+                       cache_gb=s.cache_gb or DEFAULT_CPU_CACHE_GB, prefill_chunk=s.prefill_chunk)
 
 
 @dataclass
@@ -136,8 +150,9 @@ def preflight(cfg: Any, progress: bool) -> _Prepared | None:
     out = OutputFile.open(paths[0])
     try:
         check_side_files({"job.errors": paths[1], "job.summary": paths[2], "job.plot": paths[3]})
-        address, source = ray_address(cfg.runtime.address)
-        check_address(address, source, float(cfg.runtime.connect_timeout_s))
+        if cfg.runtime.control != "local":  # local: no Ray cluster
+            address, source = ray_address(cfg.runtime.address)
+            check_address(address, source, float(cfg.runtime.connect_timeout_s))
         checkpoint = resolve_checkpoint(cfg, progress=progress)
         check_checkpoint(checkpoint, verify=bool(cfg.model.verify), progress=progress)
     except BaseException:

@@ -84,10 +84,12 @@ def env_for(cache_dir: Path, ray_dir: str) -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], cwd: Path, cache_dir: Path, ray_dir: str, timeout: float = 600):
+def launch(args: list[str], cwd: Path, cache_dir: Path, ray_dir: str, timeout: float = 600,
+           env: dict[str, str] | None = None):
     return subprocess.run([sys.executable, "-m", "ds3dist.launch", *args], cwd=cwd,
-                          env=env_for(cache_dir, ray_dir), capture_output=True, text=True,
-                          timeout=timeout, start_new_session=True)
+                          env={**env_for(cache_dir, ray_dir), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -113,9 +115,10 @@ def twenty_lines(path: Path) -> Path:
     return path
 
 
-def run_args(inp: Path, out: Path) -> list[str]:
-    return ["model=tiny", "+parallel=pp2ep2", f"job.input={inp}", f"job.output={out}",
-            "sampling.temperature=0", f"sampling.max_new_tokens={NEW_TOKENS}"]
+def run_args(inp: Path, out: Path, layout: str = "+parallel=pp2ep2") -> list[str]:
+    return ["model=tiny", layout, f"job.input={inp}", f"job.output={out}",
+            "execution.dtype=float32", "sampling.temperature=0",
+            f"sampling.max_new_tokens={NEW_TOKENS}"]
 
 
 def test_default_command_runs_bundled_sample(tmp_path, cache_dir, ray_dir):
@@ -172,6 +175,23 @@ def test_pp2ep2_outputs_errors_summary(uninterrupted):
     assert summary["throughput"]["completion_tokens_per_second"] > 0
     print("pp2ep2 throughput:", summary["throughput"], "stage_seconds:",
           summary["stage_seconds"])
+
+
+def test_local_control_runs_without_ray_and_equals_pp2ep2(tmp_path, uninterrupted, cache_dir):
+    """runtime.control=local: the whole model in the launch's process (no Ray cluster is
+    started: RAY_ADDRESS points nowhere and is never tried); the same records as pp2ep2."""
+    inp, ref = uninterrupted
+    out = tmp_path / "local.jsonl"
+    p = launch(run_args(inp, out, "runtime.control=local"), cwd=tmp_path, cache_dir=cache_dir,
+               ray_dir=str(tmp_path), env={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    key = lambda r: json.dumps(r["id"])  # noqa: E731
+    got, want = sorted(read_jsonl(out), key=key), sorted(read_jsonl(ref), key=key)
+    assert [(r["id"], r["token_ids"], r["text"]) for r in got] == \
+        [(r["id"], r["token_ids"], r["text"]) for r in want]
+    bad = launch(["model=tiny", "+parallel=pp2ep2", "runtime.control=local"], cwd=tmp_path,
+                 cache_dir=cache_dir, ray_dir=str(tmp_path))
+    assert bad.returncode == 2 and "runtime.control: local" in bad.stderr and "pp=2" in bad.stderr
 
 
 def _group_alive(pgid: int) -> bool:

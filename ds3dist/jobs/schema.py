@@ -97,7 +97,7 @@ class RuntimeConf:
     rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
     collective_timeout_s: float = 120.0
     startup_timeout_s: float = 600.0  # placement, process groups and weight loading
-    control: str = "compiled"  # compiled (one Ray compiled graph per step) | classic
+    control: str = "compiled"  # compiled (one Ray compiled graph per step) | classic | local
     cache_gb: Optional[float] = None  # paged cache per rank (null: 4 on CPU, 90% free on GPU)
     page_size: int = 64  # tokens per cache page
     max_tokens_per_step: int = 2048  # token budget of one step, per expert-parallel column
@@ -230,6 +230,10 @@ def validate(cfg: Any) -> Resolved:
     control = _get(cfg, "runtime.control")
     if control not in CONTROLS:
         problems.append(f"runtime.control: must be one of {list(CONTROLS)}, got {control!r}")
+    elif control == "local" and (_get(cfg, "parallel.pp"), _get(cfg, "parallel.ep")) != (1, 1):
+        problems.append(f"runtime.control: local runs the whole model in the launch's process; "
+                        f"it needs parallel.pp=1 and parallel.ep=1, got pp="
+                        f"{_get(cfg, 'parallel.pp')} ep={_get(cfg, 'parallel.ep')}")
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")

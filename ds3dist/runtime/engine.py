@@ -66,6 +66,9 @@ class Engine:
         self.config = ModelConfig.from_json(self.checkpoint)
         self.plans = self.layout.plan(self.config)
         self.serving = serving or ServingOptions()
+        if self.serving.control == "local":
+            raise EngineError("runtime.control=local runs the model in one process without Ray "
+                              "(LocalEngine, which the launch uses for it), not in an Engine")
         self.collective_timeout_s = collective_timeout_s
         self.step_timeout_s = collective_timeout_s + 30.0
         self.actors: list = []
