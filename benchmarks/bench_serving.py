@@ -12,8 +12,9 @@ random weights, then converted to bf16; both kept under --ckpt-dir and reused by
    for HF `model.generate`, ds3dist `generate` in this process, and vLLM `LLM.generate`.
 2. Heterogeneous offline workload: 48 requests, prompt lengths log-uniform in 16..1024,
    max_tokens uniform in 8..128, greedy, seeded RNG. ds3dist runs it as an OpenAI batch file
-   through `python -m ds3dist.launch` (a subprocess; completion tok/s from its summary JSON);
-   HF in static batches of 8 in request order, left-padded, each batch generating its largest
+   through `python -m ds3dist.launch` (a subprocess; completion tok/s from its summary JSON),
+   twice: runtime.control=compiled (one Ray actor, pp1ep1) and runtime.control=local (one
+   process); HF in static batches of 8 in request order, left-padded, each batch generating its largest
    max_tokens (only each request's own max_tokens count as completion tokens); vLLM in one
    `LLM.generate` call. Reported: completion tok/s and wall seconds.
 3. vLLM runs in its own venv (--vllm-python) through benchmarks/_vllm_worker.py; skipped with
@@ -301,12 +302,14 @@ def ds3dist_fixed(bf16_dir: Path, prompts: list[list[int]], new_tokens: int,
 
 
 def ds3dist_launch(model_dir: Path, preset: str, reqs: list[dict], work: Path,
-                   timeout: float) -> dict:
-    """The workload through `python -m ds3dist.launch` (default single-rank layout)."""
-    inp, out = work / "workload.jsonl", work / "launch_out" / "results.jsonl"
+                   timeout: float, control: str) -> dict:
+    """The workload through `python -m ds3dist.launch` (single-rank layout) with
+    runtime.control=control: `local` is one process, the others one Ray actor (pp1ep1)."""
+    inp, out = work / "workload.jsonl", work / f"launch_{control}" / "results.jsonl"
     write_openai_batch(reqs, inp)
     cmd = [sys.executable, "-m", "ds3dist.launch", f"model={preset}", f"model.path={model_dir}",
-           f"job.input={inp}", f"job.output={out}", "job.progress=false"]
+           f"job.input={inp}", f"job.output={out}", "job.progress=false",
+           f"runtime.control={control}"]
     print("[ds3dist] " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=work)
@@ -334,12 +337,13 @@ def run_ds3dist(bf16_dir: Path, preset: str, prompts, new_tokens, reqs, work: Pa
               flush=True)
     except Exception as e:  # noqa: BLE001
         res["fixed"] = failed({}, e)
-    try:
-        res["workload"] = ds3dist_launch(bf16_dir, preset, reqs, work, timeout)
-        print(f"[ds3dist] launch workload: "
-              f"{res['workload']['completion_tokens_per_second']} tok/s", flush=True)
-    except Exception as e:  # noqa: BLE001
-        res["workload"] = failed({}, e)
+    for control, key in (("compiled", "workload"), ("local", "workload_local")):
+        try:
+            res[key] = ds3dist_launch(bf16_dir, preset, reqs, work, timeout, control)
+            print(f"[ds3dist] launch workload, runtime.control={control}: "
+                  f"{res[key]['completion_tokens_per_second']} tok/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            res[key] = failed({}, e)
     return res
 
 
@@ -409,6 +413,10 @@ def ratios(res: dict) -> dict:
         "decode_speedup_ds3dist_vs_vllm": _ratio(ms["vllm"], ms["ds3dist"]),
         "workload_tok_s_ds3dist_launch_vs_vllm": _ratio(tps["ds3dist"], tps["vllm"]),
         "workload_tok_s_ds3dist_launch_vs_hf": _ratio(tps["ds3dist"], tps["hf"]),
+        "workload_tok_s_ds3dist_local_launch_vs_vllm": _ratio(
+            _get(res, "ds3dist", "workload_local", "completion_tokens_per_second"), tps["vllm"]),
+        "workload_tok_s_pp1ep1_vs_local": _ratio(
+            tps["ds3dist"], _get(res, "ds3dist", "workload_local", "completion_tokens_per_second")),
     }
 
 
@@ -428,7 +436,9 @@ def print_table(res: dict) -> None:
         if key == "ds3dist":
             bad = _get(res, key, "workload", "request_errors")
             extra = f"; {bad} requests refused/failed: not comparable" if bad else ""
-            note = "workload via launch" + extra + ("; " + note if note else "")
+            local = _fmt(_get(res, key, "workload_local", "completion_tokens_per_second"))
+            note = (f"workload via launch, pp1ep1 on Ray (one process, runtime.control=local: "
+                    f"{local} tok/s)" + extra + ("; " + note if note else ""))
         print(f"{name:18} {_fmt(_get(res, key, 'fixed', 'ms_per_decode_step')):>15} "
               f"{_fmt(_get(res, key, 'workload', 'completion_tokens_per_second')):>15} "
               f"{_fmt(_get(res, key, 'workload', 'wall_seconds')):>16}  {note}")
@@ -439,7 +449,10 @@ def print_table(res: dict) -> None:
           f"{_fmt(r['decode_speedup_ds3dist_vs_hf_float32'], '.2f')}x")
     print(f"decode:   ds3dist vs vLLM {_fmt(r['decode_speedup_ds3dist_vs_vllm'], '.2f')}x faster")
     print(f"workload: ds3dist launch vs vLLM {_fmt(r['workload_tok_s_ds3dist_launch_vs_vllm'], '.2f')}x"
-          f" completion tok/s; vs HF {_fmt(r['workload_tok_s_ds3dist_launch_vs_hf'], '.2f')}x")
+          f" completion tok/s (one process: "
+          f"{_fmt(r['workload_tok_s_ds3dist_local_launch_vs_vllm'], '.2f')}x); vs HF "
+          f"{_fmt(r['workload_tok_s_ds3dist_launch_vs_hf'], '.2f')}x; pp1ep1 / one process "
+          f"{_fmt(r['workload_tok_s_pp1ep1_vs_local'], '.2f')}")
     print("=" * 78)
 
 
