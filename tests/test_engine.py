@@ -179,9 +179,10 @@ def test_more_ranks_than_the_cluster_has(ray_cluster, tiny_fp8_dir):
         pg["state"] == "REMOVED" for pg in ray_cluster.util.placement_group_table().values())
 
 
-def test_napper_sleeps_most_of_the_shortest_recent_wait(monkeypatch):
-    """The driver's nap before a compiled-graph read: share x the shortest measured wait,
-    never past the deadline; an immediate read (result already there) halves the estimate."""
+def test_napper_sleeps_a_share_of_a_smaller_steps_wait(monkeypatch):
+    """The driver's nap before a compiled-graph read: share x the longest recent wait of a step
+    with no more tokens, never past the deadline; no such step, no nap; a read that finds its
+    result already there halves what is remembered."""
     from ds3dist.runtime import executor
 
     clock = [100.0]
@@ -189,13 +190,17 @@ def test_napper_sleeps_most_of_the_shortest_recent_wait(monkeypatch):
     monkeypatch.setattr(executor.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     nap = executor.Napper(share=0.8)
     nap.begin = 100.0
-    assert nap.nap(None) == 100.0  # nothing measured yet: read at once
-    clock[0] = 100.05  # the read spun 50 ms: the result took 50 ms from the start of the wait
-    nap.observe(100.0)
-    assert nap.waits[-1] == pytest.approx(0.05)
-    start = nap.nap(None)  # sleeps 0.8 x 50 ms from the new begin
-    assert start == pytest.approx(100.05 + 0.04)
-    nap.observe(start)  # returned at once: the result was already there
-    assert min(nap.waits) == pytest.approx(0.025)
+    assert nap.nap(8, None) == 100.0  # nothing measured yet: read at once
+    clock[0] = 100.05  # the read spun: an 8-token step took 50 ms from the start of the wait
+    nap.observe(8, 100.0)
+    assert list(nap.waits) == [(8, pytest.approx(0.05))]
+    clock[0] += 1.0  # a 2048-token step, 1 s
+    nap.observe(2048, clock[0] - 0.5)
+    begin = nap.begin
+    assert nap.nap(4, None) == begin  # no step this small seen: no nap
+    start = nap.nap(8, None)  # 0.8 x the 8-token step's 50 ms, not the long step's
+    assert start == pytest.approx(begin + 0.04)
+    nap.observe(8, start)  # returned at once: the result was already there
+    assert [w for _, w in nap.waits] == [pytest.approx(0.025), pytest.approx(0.5)]
     now = nap.begin = clock[0]
-    assert nap.nap(deadline=now + 0.001) == pytest.approx(now + 0.001)  # capped by the deadline
+    assert nap.nap(4096, deadline=now + 0.001) == pytest.approx(now + 0.001)  # the deadline

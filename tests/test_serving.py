@@ -90,15 +90,16 @@ def test_mixed_workload_in_one_process(model, tok, workload):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pp,ep", [(2, 2), (1, 4)])
-def test_mixed_workload_on_ranks(ray_cluster, tiny_fp8_dir, tok, workload, pp, ep):
+@pytest.mark.parametrize("pp,ep,control", [(2, 2, "compiled"), (1, 4, "classic")])
+def test_mixed_workload_on_ranks(ray_cluster, tiny_fp8_dir, tok, workload, pp, ep, control):
     from ds3dist import Engine
 
     specs, alone = workload
     cfg = ModelConfig.from_json(tiny_fp8_dir)
     layers = max(len(p.layers) for p in ParallelLayout(pp=pp, ep=ep).plan(cfg))
     gb = 260 * layers * PAGE * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 / 1e9
-    serving = ServingOptions(cache_gb=gb, page_size=PAGE, max_tokens_per_step=256, max_seqs=12)
+    serving = ServingOptions(cache_gb=gb, page_size=PAGE, max_tokens_per_step=256, max_seqs=12,
+                             control=control)
     with Engine(tiny_fp8_dir, ParallelLayout(pp=pp, ep=ep), dtype=torch.float32,
                 serving=serving) as engine:
         assert engine.sched_cfg.pages_per_column == 260

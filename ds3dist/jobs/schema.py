@@ -97,7 +97,7 @@ class RuntimeConf:
     rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
     collective_timeout_s: float = 120.0
     startup_timeout_s: float = 600.0  # placement, process groups and weight loading
-    control: str = "compiled"  # compiled (one Ray compiled graph per step) | classic | local
+    control: str = "auto"  # auto (compiled on GPU, classic on CPU) | compiled | classic | local
     cache_gb: Optional[float] = None  # paged cache per rank (null: 4 on CPU, 90% free on GPU)
     page_size: int = 64  # tokens per cache page
     max_tokens_per_step: int = 2048  # token budget of one step, per expert-parallel column

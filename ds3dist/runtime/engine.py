@@ -149,7 +149,10 @@ class Engine:
                                max_model_len=cfg.max_position_embeddings)
 
     def _executor(self):
-        if self.serving.control == "compiled":
+        control = self.serving.control
+        if control == "auto":
+            control = "compiled" if self.layout.device == "cuda" else "classic"
+        if control == "compiled":
             return CompiledExecutor(self.actors, self.layout, self._failure)
         return ClassicExecutor(self.actors, self.layout, self._failure)
 

@@ -95,33 +95,34 @@ class ClassicExecutor:
 
 class Napper:
     """Ray's compiled-graph reads spin a CPU core while they wait (Ray 2.60). On a machine with
-    few cores that core is taken from the ranks, so the driver first sleeps `share` of the
-    shortest recent wait for a result and spins only for the rest. A wait is measured only
-    when the read had to spin (else the result was already there: the nap was too long, and
-    the next one is halved)."""
+    few cores that core is taken from the ranks, so the driver first sleeps `share` of a lower
+    bound on the wait and spins only for the rest. The bound is the longest recent wait of a
+    step with no more tokens than this one (a smaller step never takes longer, give or take
+    noise); none: no nap. A wait is measured only when the read had to spin; a read that finds
+    its result already there means the nap was too long, and the history is halved."""
 
     SPUN_S = 2e-4  # a read that returns faster than this found its result waiting
 
-    def __init__(self, share: float = 0.8, history: int = 4):
+    def __init__(self, share: float = 0.8, history: int = 16):
         self.share = share
-        self.waits: deque[float] = deque(maxlen=history)
+        self.waits: deque[tuple[int, float]] = deque(maxlen=history)  # (tokens, seconds)
         self.begin = time.monotonic()
 
-    def nap(self, deadline: float | None) -> float:
+    def nap(self, tokens: int, deadline: float | None) -> float:
         """Sleep until the result is probably near; returns when the read starts."""
-        if self.waits:
-            until = self.begin + self.share * min(self.waits)
-            if deadline is not None:
-                until = min(until, deadline)
-            time.sleep(max(0.0, until - time.monotonic()))
+        bound = max((w for t, w in self.waits if t <= tokens), default=0.0)
+        until = self.begin + self.share * bound
+        if deadline is not None:
+            until = min(until, deadline)
+        time.sleep(max(0.0, until - time.monotonic()))
         return time.monotonic()
 
-    def observe(self, read_start: float) -> None:
+    def observe(self, tokens: int, read_start: float) -> None:
         now = time.monotonic()
         if now - read_start > self.SPUN_S:
-            self.waits.append(now - self.begin)
-        elif self.waits and read_start > self.begin:
-            self.waits.append(0.5 * min(self.waits))
+            self.waits.append((tokens, now - self.begin))
+        elif read_start > self.begin + 1e-3:  # it napped, and too long
+            self.waits = deque(((t, 0.5 * w) for t, w in self.waits), maxlen=self.waits.maxlen)
         self.begin = now
 
 
@@ -140,17 +141,17 @@ class CompiledExecutor:
                 last.append(node)
             dag = MultiOutputNode(last)
         self.dag = dag.experimental_compile(_max_inflight_executions=layout.pp)
-        self._pending: deque[tuple[int, list]] = deque()
+        self._pending: deque[tuple[int, int, list]] = deque()  # step id, tokens, refs
 
     def submit(self, plan: StepPlan) -> None:
         if not self._pending:  # the wait for its result begins now
             self.napper.begin = time.monotonic()
-        self._pending.append((plan.step_id, self.dag.execute(plan)))
+        self._pending.append((plan.step_id, plan.num_tokens, self.dag.execute(plan)))
 
     def result(self, timeout_s: float | None = None) -> StepResult:
-        step_id, refs = self._pending.popleft()
+        step_id, tokens, refs = self._pending.popleft()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        read_start = self.napper.nap(deadline)
+        read_start = self.napper.nap(tokens, deadline)
         outs, errors = [], {}
         for r, ref in enumerate(refs):  # one column at a time: each output is read once
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -158,7 +159,7 @@ class CompiledExecutor:
                 outs.append(ray.get(ref, timeout=1.0 if errors else left))
             except Exception as e:  # a rank raised or died, or no result in time
                 errors[r] = e
-        self.napper.observe(read_start)
+        self.napper.observe(tokens, read_start)
         if errors:
             timed_out = all(isinstance(e, ray.exceptions.RayChannelTimeoutError)
                             for e in errors.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CONTROLS = ("compiled", "classic", "local")  # local: one process, no Ray (launch only)
+CONTROLS = ("auto", "compiled", "classic", "local")  # local: one process, no Ray (launch only)
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,10 @@ class ServingOptions:
     max_tokens_per_step: int = 2048  # per expert-parallel column
     max_seqs: int = 64  # running sequences per column
     prefill_chunk: int | None = None
-    control: str = "compiled"  # compiled (Ray compiled graph) | classic (actor calls) | local
+    # auto: compiled on GPU, classic on CPU (Ray 2.60's compiled-graph actors spin a core each,
+    # which on a CPU layout costs the ranks more than the cheaper calls save); compiled (Ray
+    # compiled graph) | classic (actor calls) | local (launch only)
+    control: str = "auto"
     threads: int | None = None  # torch threads per rank (None: the CPUs a rank was given)
 
     def __post_init__(self) -> None:
