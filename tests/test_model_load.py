@@ -9,6 +9,7 @@ from ds3dist.checkpoint.fp8 import FP8_DTYPE
 from ds3dist.checkpoint.layout import expected_tensors, expert_of, layer_of
 from ds3dist.config import ModelConfig
 from ds3dist.model.load import load_model
+from ds3dist.model.options import default_dtype
 
 torch.set_num_threads(2)
 
@@ -54,9 +55,11 @@ def test_fp8_execution_keeps_fp8_weights(tiny_fp8_dir):
     m = load_model(tiny_fp8_dir, execution="fp8", layers=[0])
     lin = m.layers["0"].self_attn.q_a_proj
     assert lin.weight.dtype == FP8_DTYPE and lin.weight_scale_inv.dtype == torch.float32
-    assert m.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.embed_tokens.weight.dtype == default_dtype()  # bf16, or float32 on CPUs without it
     b = load_model(tiny_fp8_dir, execution="bf16", layers=[0])
-    assert b.layers["0"].self_attn.q_a_proj.weight.dtype == torch.bfloat16
+    assert b.layers["0"].self_attn.q_a_proj.weight.dtype == default_dtype()
+    c = load_model(tiny_fp8_dir, execution="bf16", dtype=torch.bfloat16, layers=[0])
+    assert c.layers["0"].self_attn.q_a_proj.weight.dtype == torch.bfloat16
 
 
 def test_fp8_execution_on_bf16_checkpoint_is_refused(tiny_bf16_dir):
@@ -99,3 +102,14 @@ def test_bad_arguments(tiny_bf16_dir):
         load_model(tiny_bf16_dir, experts=[99])
     with pytest.raises(ValueError, match="execution"):
         load_model(tiny_bf16_dir, execution="int4")
+
+
+def test_default_dtype_follows_the_cpu(monkeypatch):
+    """bf16 where the CPU has native bf16 arithmetic (and on GPUs), float32 where it has not."""
+    from ds3dist.model import options
+
+    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: True)
+    assert default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: False)
+    assert default_dtype("cpu") == torch.float32
+    assert default_dtype("cuda") == torch.bfloat16
