@@ -22,6 +22,7 @@ import torch
 from ds3dist.model.cache import PagedCache
 from ds3dist.serving.executor import LocalExecutor
 from ds3dist.serving.loop import serve
+from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request, RequestStatus
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
@@ -170,7 +171,8 @@ class LocalEngine:
 
     def __init__(self, model, tokenizer: Any = None, cache_pages: int | None = None,
                  page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
-                 max_seqs: int = 64, cache_gb: float = 4.0, prefill_chunk: int | None = None):
+                 max_seqs: int = 64, cache_gb: float = DEFAULT_CPU_CACHE_GB,
+                 prefill_chunk: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         width = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
         pages = cache_pages or PagedCache.pages_for_bytes(
@@ -208,8 +210,8 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_t
              max_seqs: int = 64) -> list[GenerationResult]:
     """Generate for prompts with the whole model in this process: continuous batching over a
     paged cache (cache_pages pages of page_size tokens; default: enough for every prompt at
-    its longest, so nothing is preempted). Request i samples from its own generator keyed by
-    (seed, str(i))."""
+    its longest, so nothing is preempted). Request i samples with noise keyed by
+    (seed, str(i), token index)."""
     if cache_pages is None:
         ids = encode_prompts(tokenizer, prompts, special_ids(tokenizer, model.cfg)[0])
         cache_pages = max(1, sum(-(-(len(p) + max_new_tokens) // page_size) for p in ids))

@@ -49,7 +49,8 @@ from ds3dist.jobs.schema import LaunchConfigError
 from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import LayoutError
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
-from ds3dist.runtime.engine import DEFAULT_CPU_CACHE_GB, Engine, EngineError
+from ds3dist.runtime.engine import Engine, EngineError
+from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
 

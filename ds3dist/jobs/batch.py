@@ -7,7 +7,7 @@ module runs the job.
 
 Requests stream into the engine (`engine.stream(requests)`, continuous batching: each request
 keeps its own sampling parameters, no batch boundaries) and every request's line is written
-as soon as it ends. A seeded request draws from a generator keyed by (seed, its id), so its
+as soon as it ends. A seeded request draws noise keyed by (seed, its id, token index), so its
 tokens do not depend on what it shares a step with: a resumed job gives the same texts as an
 uninterrupted one (exactly in float32; see README on bf16). A rerun with the same output skips
 the ids already there (a truncated last line left by a kill is cut off first). A request the

@@ -29,8 +29,9 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
                head: bool | None = None, attn_form: str = "absorbed") -> Transformer:
     """Load (part of) a checkpoint as a Transformer.
 
-    execution: 'bf16' (weights dequantized into `dtype`, default `default_dtype(device)`) or 'fp8' (FP8
-    weights with block scales, activations quantized per token; needs an FP8 checkpoint).
+    execution: 'bf16' (weights dequantized into `dtype`, default `default_dtype(device)`) or
+    'fp8' (FP8 weights with block scales, activations quantized per token; needs an FP8
+    checkpoint).
     layers: layer ids to hold (None = all); experts: routed expert ids held in every MoE
     layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
     loads the MTP layer when the last layer is held and the checkpoint has it.

@@ -28,14 +28,13 @@ from ds3dist.runtime import cluster, progress
 from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor, cause_text
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.serving.loop import serve
-from ds3dist.serving.options import ServingOptions
+from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB, ServingOptions
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
 from ds3dist.tokenizer import load_tokenizer
 
-PING_TIMEOUT_S = 5.0
-DEFAULT_CPU_CACHE_GB = 4.0  # a rank that cannot answer a ping in this time is stopped or hung
+PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
 
 
 class EngineError(RuntimeError):

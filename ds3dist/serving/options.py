@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_CPU_CACHE_GB = 4.0  # runtime.cache_gb when null on CPU
 CONTROLS = ("auto", "compiled", "classic", "local")  # local: one process, no Ray (launch only)
 
 

@@ -1,8 +1,8 @@
 """Sampling parameters of one request: plain, validated, picklable data (no torch).
 
 temperature 0 is greedy; otherwise logits / temperature, keep the top_k largest (0 = all),
-then the smallest prefix whose probability mass reaches top_p. `seed` keys a per-request
-counter-based generator (None: unseeded).
+then the smallest prefix whose probability mass reaches top_p. `seed` keys the request's
+counter-based noise (None: unseeded).
 """
 
 from __future__ import annotations

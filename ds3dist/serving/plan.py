@@ -4,8 +4,8 @@ A StepPlan holds, per expert-parallel column, the sequences that column runs (ev
 every step, so a column may have none). Workers first drop the state of the ids in `freed`,
 then for each SeqStep: a step with `params` (re)introduces the request (start == 0, fresh
 page table); `new_pages` extend its page table; token_ids[i] is written at position start + i;
-when `sample`, a token is sampled from the last position, its generator keyed by
-(params.seed, output_index).
+when `sample`, a token is sampled from the last position, its noise keyed by
+(params.seed, request id, output_index).
 """
 
 from __future__ import annotations

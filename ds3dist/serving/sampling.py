@@ -32,7 +32,7 @@ _MASK63 = (1 << 63) - 1
 
 
 def draw_seed(seed: int, req_id: str, index: int) -> int:
-    """The generator seed of token `index` of request `req_id` under `seed`."""
+    """The noise key of token `index` of request `req_id` under `seed`."""
     h = hashlib.blake2b(f"{int(seed)}\x00{req_id}\x00{int(index)}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & _MASK63
 
