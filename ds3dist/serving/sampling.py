@@ -3,24 +3,24 @@
 Float32 logits [n, vocab] -> token ids. Greedy (temperature 0) is argmax (first maximum on
 ties). Otherwise logits / temperature, keep the top_k largest (0 = all), then the smallest
 prefix (by probability, descending) whose mass reaches top_p, and draw from what is left by
-the Gumbel-max rule: argmax(logit / T + g_j) with g_j = -log(-log u_j), one u_j per vocabulary
-entry. That is an exact draw from the renormalized distribution, and far less sensitive to
-float32 rounding than inverting a CDF over 129k near-equal probabilities: a change of 1e-6 in
-the logits (which a different batch composition can cause) flips the draw only when the two
-best perturbed scores are that close. The nucleus is found among the largest entries first
-(a full sort of 129k entries only when they do not hold it), and the noise is evaluated only
-at the entries kept.
+the Gumbel-max rule: argmax(logit / T + g_j) with g_j = -log(E_j), E_j a standard exponential
+for each vocabulary entry. That is an exact draw from the renormalized distribution, and far
+less sensitive to float32 rounding than inverting a CDF over 129k near-equal probabilities: a
+change of 1e-6 in the logits (which a different batch composition can cause) flips the draw
+only when the two best perturbed scores are that close. The nucleus is cut without a full
+sort: a mass histogram over the value range finds the one bin where the mass reaches top_p,
+and only that bin's entries are sorted.
 
-The noise is counter-based: u_j is a hash (splitmix64) of a key and j, and the key of a seeded
-request depends only on (seed, request id, index of the token), never on which other rows
-share the batch, which rank samples, or whether the request was preempted and recomputed.
-Unseeded requests take their key from torch's global RNG.
+The noise is keyed: E_j is entry j of a PCG64 stream seeded with a key, drawn for the whole
+vocabulary, so entry j's noise is the same whatever is kept. The key of a seeded request
+depends only on (seed, request id, index of the token), never on which other rows share the
+batch, which rank samples, or whether the request was preempted and recomputed. Unseeded
+requests take their key from torch's global RNG.
 """
 
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -35,17 +35,6 @@ def draw_seed(seed: int, req_id: str, index: int) -> int:
     """The noise key of token `index` of request `req_id` under `seed`."""
     h = hashlib.blake2b(f"{int(seed)}\x00{req_id}\x00{int(index)}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") & _MASK63
-
-
-def uniforms(key: int, ids: np.ndarray) -> np.ndarray:
-    """u_j in (0, 1), float64, for the vocabulary entries `ids` under a 63-bit key: splitmix64
-    of (key, j), so any subset of entries is drawn without the others."""
-    with np.errstate(over="ignore"):
-        z = np.uint64(key) + (ids.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
 
 
 def draw_key(seed: int | None, req_id: str, index: int) -> int:
@@ -71,61 +60,56 @@ def sample_rows(logits_nv: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _draw(scaled_v: np.ndarray, p: SamplingParams, draw: tuple[str, int]) -> int:
-    """Gumbel-max over the kept entries only; the noise of entry j is the same whatever is kept."""
-    ids = candidates(scaled_v, p)
-    if ids is None:
-        ids = _arange(scaled_v.shape[-1])
-    g = -np.log(-np.log(uniforms(draw_key(p.seed, *draw), ids)))
-    return int(ids[np.argmax(scaled_v[ids] + g)])
+    """Gumbel-max over the kept entries; the noise of entry j is the same whatever is kept.
+    The best of all entries is taken when it is kept (most draws), else the best kept one."""
+    rng = np.random.Generator(np.random.PCG64(draw_key(p.seed, *draw)))
+    score = scaled_v - np.log(rng.standard_exponential(scaled_v.shape[-1]))
+    best, cut = int(np.argmax(score)), cutoff(scaled_v, p)
+    if cut is None or scaled_v[best] >= cut:
+        return best
+    score[scaled_v < cut] = -np.inf
+    return int(np.argmax(score))
 
 
-def candidates(scaled_v: np.ndarray, p: SamplingParams, first: int = 1024) -> np.ndarray | None:
-    """Ids of the entries top_k and top_p keep (None: all), ascending. Cut-offs are values, so
-    entries tied with the last one kept are kept too. Only the `first` largest values are
-    sorted when the nucleus lies among them (their mass reaches top_p), else all."""
+def candidates(scaled_v: np.ndarray, p: SamplingParams) -> np.ndarray | None:
+    """Ids of the entries top_k and top_p keep (None: all), ascending."""
+    cut = cutoff(scaled_v, p)
+    return None if cut is None else np.flatnonzero(scaled_v >= cut)
+
+
+def cutoff(scaled_v: np.ndarray, p: SamplingParams) -> np.floating | None:
+    """The smallest value top_k and top_p keep (None: all are kept). Cut-offs are values, so
+    entries tied with the last one kept are kept too."""
     x, v = scaled_v, scaled_v.shape[-1]
     k = p.top_k if 0 < p.top_k < v else v
     if k == v and p.top_p >= 1:
         return None
-    if k < v or p.top_p >= 1:
-        top, total = _largest(x, k), None
-    else:
-        top = _largest(x, min(first, v))
-        total = np.exp(x - top[0]).sum(dtype=np.float64)  # the whole distribution's mass
+    if k == v:
+        return _nucleus_cut(x, p.top_p)
+    top = -np.sort(-np.partition(x, v - k)[v - k:])  # the k largest, descending
     if p.top_p < 1:
-        n = _nucleus_size(top, p.top_p, total)
-        if n is None:  # not among the first: sort them all
-            top = _largest(x, v)
-            n = _nucleus_size(top, p.top_p, total)
-        top = top[:n]
-    return np.flatnonzero(x >= top[-1])
+        e = np.exp(top - top[0])
+        before = np.cumsum(e, dtype=np.float64) - e
+        top = top[:max(1, int(np.searchsorted(before, p.top_p * e.sum(dtype=np.float64))))]
+    return top[-1]
 
 
-def _nucleus_size(top: np.ndarray, top_p: float, total: float | None,
-                  block: int = 1024) -> int | None:
-    """How many of the descending values `top` the nucleus keeps: those whose larger entries
-    hold less than top_p of `total` (None: of their own mass). None if they all fall short.
-    Block sums first, then a cumulative sum inside the one block that crosses."""
-    e = np.exp(top - top[0])
-    pad = np.zeros(-e.shape[0] % block, dtype=e.dtype)
-    sums = np.concatenate((e, pad)).reshape(-1, block).sum(1, dtype=np.float64)
-    total = sums.sum() if total is None else total
-    goal = top_p * total
-    ends = np.cumsum(sums)
-    b = int(np.searchsorted(ends, goal))  # the block where the mass reaches the goal
-    if b == ends.shape[0]:
-        return None
-    inner = e[b * block:(b + 1) * block]
-    before = (ends[b - 1] if b else 0.0) + np.cumsum(inner, dtype=np.float64) - inner
-    return max(1, b * block + int(np.searchsorted(before, goal)))
-
-
-def _largest(x: np.ndarray, n: int) -> np.ndarray:
-    """The n largest values of x, largest first (contiguous)."""
-    part = np.partition(x, x.shape[0] - n)[x.shape[0] - n:] if n < x.shape[0] else x
-    return -np.sort(-part)
-
-
-@lru_cache(maxsize=4)
-def _arange(n: int) -> np.ndarray:
-    return np.arange(n)
+def _nucleus_cut(x: np.ndarray, top_p: float, bins: int = 4096) -> np.floating:
+    """The smallest value the nucleus keeps: entries whose larger entries hold less than top_p
+    of the mass. Bin masses over [min, max] first (bins are monotone in value), then a sort of
+    the one bin where the mass from the top reaches the goal."""
+    hi, lo = x.max(), x.min()
+    if hi == lo:
+        return lo
+    e = np.exp(x - hi)
+    b_v = ((x - lo) * np.float32((bins - 1) / (hi - lo))).astype(np.intp)
+    np.minimum(b_v, bins - 1, out=b_v)
+    mass_b = np.bincount(b_v, weights=e, minlength=bins)
+    goal = top_p * mass_b.sum()
+    above_b = np.cumsum(mass_b[::-1])[::-1] - mass_b  # mass of the bins above each
+    b = int(np.searchsorted(-above_b, -goal, side="right"))  # first bin with above < goal
+    in_b = np.flatnonzero(b_v == b)
+    order = np.argsort(-x[in_b], kind="stable")
+    vals, ev = x[in_b][order], e[in_b][order]
+    before = above_b[b] + np.cumsum(ev, dtype=np.float64) - ev
+    return vals[max(1, int(np.searchsorted(before, goal))) - 1]
