@@ -13,8 +13,8 @@ random weights, then converted to bf16; both kept under --ckpt-dir and reused by
 2. Heterogeneous offline workload: 48 requests, prompt lengths log-uniform in 16..1024,
    max_tokens uniform in 8..128, greedy, seeded RNG. ds3dist runs it as an OpenAI batch file
    through `python -m ds3dist.launch` (a subprocess; completion tok/s from its summary JSON),
-   twice: runtime.control=compiled (one Ray actor, pp1ep1) and runtime.control=local (one
-   process); HF in static batches of 8 in request order, left-padded, each batch generating its largest
+   as runtime.control=auto (the default: one Ray actor, pp1ep1) and runtime.control=local
+   (one process), alternating --launch-repeats times (the fastest of each reported); HF in static batches of 8 in request order, left-padded, each batch generating its largest
    max_tokens (only each request's own max_tokens count as completion tokens); vLLM in one
    `LLM.generate` call. Reported: completion tok/s and wall seconds.
 3. vLLM runs in its own venv (--vllm-python) through benchmarks/_vllm_worker.py; skipped with
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3,
                     help="fixed batch: each timing is the fastest of this many calls")
     ap.add_argument("--launch-timeout", type=float, default=7200.0)
+    ap.add_argument("--launch-repeats", type=int, default=1,
+                    help="workload through the launch: runs of each control, alternating "
+                         "(the fastest of each is reported)")
     args = ap.parse_args(argv)
     args.ckpt_dir = args.ckpt_dir or default_ckpt_dir()
     return args
@@ -300,10 +303,10 @@ def ds3dist_fixed(bf16_dir: Path, prompts: list[list[int]], new_tokens: int,
 
 
 def ds3dist_launch(model_dir: Path, preset: str, reqs: list[dict], work: Path,
-                   timeout: float, control: str) -> dict:
+                   timeout: float, control: str, run: int = 0) -> dict:
     """The workload through `python -m ds3dist.launch` (single-rank layout) with
     runtime.control=control: `local` is one process, the others one Ray actor (pp1ep1)."""
-    inp, out = work / "workload.jsonl", work / f"launch_{control}" / "results.jsonl"
+    inp, out = work / "workload.jsonl", work / f"launch_{control}_{run}" / "results.jsonl"
     write_openai_batch(reqs, inp)
     cmd = [sys.executable, "-m", "ds3dist.launch", f"model={preset}", f"model.path={model_dir}",
            f"job.input={inp}", f"job.output={out}", "job.progress=false",
@@ -327,7 +330,7 @@ def ds3dist_launch(model_dir: Path, preset: str, reqs: list[dict], work: Path,
 
 
 def run_ds3dist(bf16_dir: Path, preset: str, prompts, new_tokens, reqs, work: Path,
-                timeout: float, repeats: int) -> dict:
+                timeout: float, repeats: int, launch_repeats: int = 1) -> dict:
     res: dict = {}
     try:
         res["fixed"] = ds3dist_fixed(bf16_dir, prompts, new_tokens, repeats)
@@ -335,13 +338,19 @@ def run_ds3dist(bf16_dir: Path, preset: str, prompts, new_tokens, reqs, work: Pa
               flush=True)
     except Exception as e:  # noqa: BLE001
         res["fixed"] = failed({}, e)
-    for control, key in (("compiled", "workload"), ("local", "workload_local")):
-        try:
-            res[key] = ds3dist_launch(bf16_dir, preset, reqs, work, timeout, control)
+    for run in range(launch_repeats):  # alternating, so that both see the same machine
+        for control, key in (("auto", "workload"), ("local", "workload_local")):
+            try:
+                row = ds3dist_launch(bf16_dir, preset, reqs, work, timeout, control, run)
+            except Exception as e:  # noqa: BLE001
+                res.setdefault(key, failed({}, e))
+                continue
             print(f"[ds3dist] launch workload, runtime.control={control}: "
-                  f"{res[key]['completion_tokens_per_second']} tok/s", flush=True)
-        except Exception as e:  # noqa: BLE001
-            res[key] = failed({}, e)
+                  f"{row['completion_tokens_per_second']} tok/s", flush=True)
+            best = res.get(key) or {}
+            if (best.get("completion_tokens_per_second") or 0) < \
+                    (row["completion_tokens_per_second"] or 0):
+                res[key] = row
     return res
 
 
@@ -505,7 +514,7 @@ def main(argv=None) -> dict:
                                   pad_id, args.repeats, dt)
         if not args.skip_ds3dist:
             res["ds3dist"] = run_ds3dist(bf16, args.preset, prompts, new_tokens, reqs, work,
-                                         args.launch_timeout, args.repeats)
+                                         args.launch_timeout, args.repeats, args.launch_repeats)
         if not args.skip_vllm:
             res["vllm"] = run_vllm(args.vllm_python, bf16, prompts, new_tokens, reqs, work,
                                    args.launch_timeout, args.repeats)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ds3dist.serving.pages import OutOfPages, PagePool
 from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.plan import SeqStep, StepPlan, StepResult
+from ds3dist.serving.plan import FILL, SeqStep, StepPlan, StepResult
 from ds3dist.serving.request import Request, RequestStatus
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
 
@@ -68,9 +68,11 @@ class FakeWorkers:
         self.fail = dict(fail or {})  # req_id -> fail on its n-th step (1-based)
         self.steps_run: Counter = Counter()
         self.introduced: Counter = Counter()
+        self.last: dict[str, int] = {}  # the token each request's newest step sampled
 
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.freed:
+            self.last.pop(rid, None)
             table = self.tables.pop(rid, None)
             for p in table["pages"] if table else ():
                 del self.owner[(table["column"], p)]
@@ -94,19 +96,24 @@ class FakeWorkers:
         t["pages"] += s.new_pages
         t["n"] = s.start + len(s.token_ids)
         assert len(t["pages"]) == -(-t["n"] // ps), "pages beyond the scheduled tokens"
+        self.steps_run[s.req_id] += 1
+        if s.token_ids == [FILL] and s.req_id not in self.last:
+            result.failed[s.req_id] = "no token to continue from"
+            return
         for i, tok in enumerate(s.token_ids):
             pos = s.start + i
+            tok = self.last[s.req_id] if tok == FILL else tok
             self.cache[(c, t["pages"][pos // ps], pos % ps)] = (s.req_id, pos, tok)
-        self.steps_run[s.req_id] += 1
         if self.fail.get(s.req_id) == self.steps_run[s.req_id]:
             result.failed[s.req_id] = "injected failure"
+            self.last.pop(s.req_id, None)
         elif s.sample:
             ctx = []
             for pos in range(t["n"]):
                 rid, p, tok = self.cache[(c, t["pages"][pos // ps], pos % ps)]
                 assert (rid, p) == (s.req_id, pos), "cache row written by another request"
                 ctx.append(tok)
-            result.sampled[s.req_id] = model(s.req_id, ctx)
+            result.sampled[s.req_id] = self.last[s.req_id] = model(s.req_id, ctx)
 
 
 def check_plan(sched: Scheduler, plan: StepPlan, in_flight, reqs) -> None:
@@ -114,13 +121,22 @@ def check_plan(sched: Scheduler, plan: StepPlan, in_flight, reqs) -> None:
     assert len(plan.columns) == cfg.columns
     ids = [s.req_id for s in plan.seqs()]
     assert len(ids) == len(set(ids))
-    assert not set(ids) & {s.req_id for p in in_flight for s in p.seqs()}, "request in two plans"
+    held = [s for p in in_flight for s in p.seqs()]
+    for s in plan.seqs():  # in two plans only as an overlapped decode after a sampling step
+        before = [x for x in held if x.req_id == s.req_id]
+        if before:
+            assert cfg.overlap and s.token_ids == [FILL] and len(before) == 1 and before[0].sample
+            assert s.start == before[0].start + len(before[0].token_ids)
     for c, col in enumerate(plan.columns):
         assert sum(len(s.token_ids) for s in col) <= cfg.max_tokens_per_step
         assert len(col) <= cfg.max_seqs
         for s in col:
             req = sched.running[s.req_id]
             assert req.column == c and req.in_flight
+            if s.token_ids == [FILL]:
+                assert (s.start, s.sample, s.params) == (req.num_tokens, True, None)
+                assert s.output_index == len(req.output_ids) + 1 < req.max_new_tokens
+                continue
             assert s.token_ids == req.all_ids[s.start:s.start + len(s.token_ids)]
             assert s.sample == (s.start + len(s.token_ids) == req.num_tokens)
             assert s.output_index == len(req.output_ids)
@@ -430,6 +446,50 @@ def test_two_plans_in_flight_skip_requests():
     assert_outputs([a, b, c], [a, b] + ended)
 
 
+def test_overlap_decodes_ahead_of_the_token_in_flight():
+    s = Scheduler(cfg(overlap=True, page_size=4))
+    want, _ = reference("r1", make(1, 3, 1).prompt_ids, 6)
+    a, b, c = make(0, 3, 6), make(1, 3, 6, stop=[want[2]]), make(2, 3, 6)
+    for r in (a, b, c):
+        s.add(r)
+    w = FakeWorkers(s.cfg, fail={"r2": 3})  # its second decode step
+    p1 = s.schedule()
+    p2 = s.schedule()  # p1 in flight: each request's next decode, its token filled in
+    assert [(x.req_id, x.token_ids, x.start, x.output_index) for x in p2.seqs()] == \
+        [(r, [FILL], 3, 1) for r in ("r0", "r1", "r2")]
+    assert s.schedule() is None  # each request is in two plans
+    assert (a.in_flight, a.sampling, len(a.pages)) == (2, True, 1)
+    r1, r2 = w.execute(p1), w.execute(p2)
+    ended = s.update(p1, r1) + s.update(p2, r2)
+    more, plans = run(s, w, [a, b, c], pp=2)
+    ended, plans = ended + more, [p1, p2] + plans
+    assert_outputs([a, b, c], ended)
+    assert b.finish_reason == "stop" and len(b.output_ids) == 3  # its step ahead discarded
+    assert c.status is RequestStatus.FAILED and len(c.output_ids) == 2
+    fills = [x for p in plans for x in p.seqs() if x.token_ids == [FILL]]
+    # r0 decodes 5 tokens after its prompt, all but its last ahead of the token before
+    assert sum(x.req_id == "r0" for x in fills) == 4
+    assert all(p.num_free == p.num_pages for p in s.pools) and not s.has_work
+
+
+def test_overlap_stops_before_the_last_token():
+    s = Scheduler(cfg(overlap=True, page_size=2, pages_per_column=3))
+    a = make(0, 2, 4)  # positions 0..4 are fed (the 4th token is only sampled): 3 pages
+    s.add(a)
+    w = FakeWorkers(s.cfg)
+    plans, flying = [], deque()
+    while s.has_work:
+        while (plan := s.schedule()) is not None:
+            plans.append(plan)
+            flying.append((plan, w.execute(plan)))
+        assert len(flying) <= 2
+        s.update(*flying.popleft())
+    assert [(x.token_ids, x.start, x.output_index) for p in plans for x in p.seqs()] == \
+        [([a.prompt_ids[0], a.prompt_ids[1]], 0, 0), ([FILL], 2, 1), ([FILL], 3, 2), ([FILL], 4, 3)]
+    assert_outputs([a], [a])
+    assert s.pools[0].num_free == 3
+
+
 def test_columns_spread_by_free_pages():
     s = Scheduler(cfg(columns=3, pages_per_column=10, page_size=4))
     sizes = [12, 4, 4, 8, 4]  # pages: 3, 1, 1, 2, 1
@@ -543,6 +603,7 @@ workload = st.fixed_dictionaries({
     "max_seqs": st.integers(1, 5),
     "chunk": st.one_of(st.none(), st.integers(1, 24)),
     "pp": st.integers(1, 3),
+    "overlap": st.booleans(),  # with one plan more in flight
     # (prompt length, max_new_tokens, stop rule?, fail at step 3*n if n)
     "requests": st.lists(st.tuples(st.integers(1, 16), st.integers(0, 8), st.booleans(),
                                    st.integers(0, 6)), min_size=1, max_size=12),
@@ -555,14 +616,15 @@ workload = st.fixed_dictionaries({
 def test_random_workloads_keep_invariants(w):
     c = cfg(columns=w["columns"], page_size=w["page_size"], pages_per_column=w["pages_per_column"],
             max_tokens_per_step=w["budget"], max_seqs=w["max_seqs"], prefill_chunk=w["chunk"],
-            max_model_len=22)
+            max_model_len=22, overlap=w["overlap"])
     s = Scheduler(c)
     reqs = [make(i, n, m, stop=[0, 1, 2] if stops else None)
             for i, (n, m, stops, _) in enumerate(w["requests"])]
     fail = {f"r{i}": 3 * f for i, (*_, f) in enumerate(w["requests"]) if f}
     for r in reqs[:w["upfront"]]:
         s.add(r)
-    ended, _ = run(s, FakeWorkers(c, fail), reqs, pp=w["pp"], late=reqs[w["upfront"]:])
+    ended, _ = run(s, FakeWorkers(c, fail), reqs, pp=w["pp"] + w["overlap"],
+                   late=reqs[w["upfront"]:])
     assert_outputs(reqs, ended)  # each ends once, with exactly the reference tokens
     for r in reqs:
         need = len(r.prompt_ids) + r.max_new_tokens
@@ -575,7 +637,7 @@ def test_random_workloads_keep_invariants(w):
 def test_random_page_pressure_preempts_and_stays_exact():
     """Seeded workloads whose pool barely holds the largest request: preemption is common."""
     rng = random.Random(0)
-    preemptions = 0
+    preemptions = overlapped = 0
     for _ in range(150):
         page_size = rng.randint(1, 4)
         shapes = [(rng.randint(1, 14), rng.randint(1, 8)) for _ in range(rng.randint(2, 10))]
@@ -583,14 +645,15 @@ def test_random_page_pressure_preempts_and_stays_exact():
         c = cfg(columns=rng.randint(1, 2), page_size=page_size,
                 pages_per_column=biggest + rng.randint(0, 2), max_model_len=64,
                 max_tokens_per_step=rng.randint(1, 24), max_seqs=rng.randint(1, 6),
-                prefill_chunk=rng.choice([None, rng.randint(1, 8)]))
+                prefill_chunk=rng.choice([None, rng.randint(1, 8)]), overlap=rng.random() < 0.5)
         s = Scheduler(c)
         reqs = [make(i, n, m, stop=[0] if i % 3 == 0 else None) for i, (n, m) in enumerate(shapes)]
         for r in reqs:
             s.add(r)
-        ended, _ = run(s, FakeWorkers(c), reqs, pp=rng.randint(1, 3))
+        ended, plans = run(s, FakeWorkers(c), reqs, pp=rng.randint(1, 3) + c.overlap)
+        overlapped += sum(x.token_ids == [FILL] for p in plans for x in p.seqs())
         assert_outputs(reqs, ended)
         assert all(r.status is RequestStatus.FINISHED for r in reqs)
         assert all(p.num_free == p.num_pages for p in s.pools)
         preemptions += s.stats.preemptions
-    assert preemptions > 100
+    assert preemptions > 100 and overlapped > 100

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -163,7 +163,7 @@ class Engine:
             raise EngineError("the engine has been shut down")
         if self.executor is None:
             self.executor = self._executor()
-        self.scheduler = Scheduler(self.sched_cfg)
+        self.scheduler = Scheduler(replace(self.sched_cfg, overlap=self.executor.overlap))
         yield from serve(self.scheduler, self.executor, requests, timeout_s=self.step_timeout_s)
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,

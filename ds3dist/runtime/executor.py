@@ -3,7 +3,9 @@
 `CompiledExecutor` (default) compiles one Ray graph of every rank's `step`: the plan goes in
 once, stage s rank r hands its payload to stage s+1 rank r through a channel (shared memory
 on one node; never through the driver), and the last stage's (sampled, failed) come back.
-Up to pp plans are in flight, so every stage works. `ClassicExecutor` submits the same chain
+Up to pp plans are in flight, so every stage works; with one stage two, the second's decode
+tokens filled in on the rank (the scheduler's `overlap`), so the rank never waits for the
+driver. `ClassicExecutor` submits the same chain
 as ordinary actor calls (pp x ep calls a step, payloads passed as object refs from actor to
 actor); it is the fallback where compiled graphs are unavailable.
 
@@ -35,6 +37,12 @@ def cause_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".rstrip()
 
 
+def plans_in_flight(layout: ParallelLayout) -> tuple[bool, int]:
+    """(overlap, plans in flight): one plan per stage; with one stage, a second plan that
+    decodes ahead of its tokens (the rank that samples them also embeds them)."""
+    return layout.pp == 1, layout.pp + (layout.pp == 1)
+
+
 def merge(step_id: int, outs: list) -> StepResult:
     """The last stage's (sampled, failed) of every column -> one StepResult."""
     res = StepResult(step_id)
@@ -47,7 +55,7 @@ def merge(step_id: int, outs: list) -> StepResult:
 class ClassicExecutor:
     def __init__(self, actors: list, layout: ParallelLayout, on_failure: OnFailure):
         self.actors, self.layout, self.on_failure = actors, layout, on_failure
-        self.max_in_flight = layout.pp
+        self.overlap, self.max_in_flight = plans_in_flight(layout)
         self._pending: deque[tuple[int, list, dict]] = deque()
 
     def submit(self, plan: StepPlan) -> None:
@@ -131,7 +139,7 @@ class CompiledExecutor:
         self.layout, self.on_failure = layout, on_failure
         self.actors = actors
         self.napper = Napper()
-        self.max_in_flight = layout.pp
+        self.overlap, self.max_in_flight = plans_in_flight(layout)
         with InputNode() as plan:
             last = []
             for r in range(layout.ep):
@@ -140,7 +148,7 @@ class CompiledExecutor:
                     node = actors[layout.rank_of(s, r)].step.bind(plan, node)
                 last.append(node)
             dag = MultiOutputNode(last)
-        self.dag = dag.experimental_compile(_max_inflight_executions=layout.pp)
+        self.dag = dag.experimental_compile(_max_inflight_executions=self.max_in_flight)
         self._pending: deque[tuple[int, int, list]] = deque()  # step id, tokens, refs
 
     def submit(self, plan: StepPlan) -> None:

@@ -23,6 +23,7 @@ from ds3dist.serving.runner import StepRunner
 
 class Executor(Protocol):
     max_in_flight: int
+    overlap: bool  # plans may decode ahead of their tokens (SchedulerConfig.overlap)
 
     def submit(self, plan: StepPlan) -> None: ...
 
@@ -51,7 +52,7 @@ def run_column(runner: StepRunner, plan: StepPlan, seqs: list[SeqStep], first: b
 class LocalExecutor:
     """The whole model in this process, one column: plans run as they are submitted."""
 
-    max_in_flight = 1
+    max_in_flight, overlap = 1, False
 
     def __init__(self, model, num_pages: int, page_size: int):
         self.runner = StepRunner(model, num_pages, page_size)

@@ -52,7 +52,8 @@ class Request:
     pages: list[int] = field(default_factory=list, repr=False)
     column: int | None = None
     status: RequestStatus = RequestStatus.WAITING
-    in_flight: bool = False
+    in_flight: int = 0  # plans holding it (2 only with an overlapped decode)
+    sampling: bool = False  # its newest step in flight samples a token
     finish_reason: str | None = None
     error: str | None = None
     arrival: int = -1

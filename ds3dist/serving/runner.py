@@ -2,8 +2,8 @@
 or one pipeline stage x expert-parallel rank).
 
 It owns the part's paged cache and, per request it serves, the page table and sampling
-parameters the plans introduced; a plan only carries diffs (new requests, new pages, new
-token ids, freed ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
+parameters the plans introduced, and the last token it sampled for each (a FILL token id
+stands for it); a plan only carries diffs (new requests, new pages, new token ids, freed ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
 for each sequence whose step reaches its target.
 """
@@ -14,7 +14,7 @@ import torch
 
 from ds3dist.model.cache import TokenBatch
 from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.plan import SeqStep
+from ds3dist.serving.plan import FILL, SeqStep
 from ds3dist.serving.sampling import sample_rows
 
 
@@ -25,12 +25,14 @@ class StepRunner:
         self.cache = model.new_cache(num_pages, page_size)
         self.tables: dict[str, list[int]] = {}
         self.params: dict[str, SamplingParams] = {}
+        self.last: dict[str, int] = {}  # the token sampled for each request's newest step
         self.fail_ids: set[str] = set()  # test hook: requests whose processing raises
 
     def begin(self, freed: list[str], seqs: list[SeqStep]) -> TokenBatch:
         for rid in freed:
             self.tables.pop(rid, None)
             self.params.pop(rid, None)
+            self.last.pop(rid, None)
         for s in seqs:
             if s.params is not None:  # (re)introduced: a fresh page table
                 self.tables[s.req_id], self.params[s.req_id] = [], s.params
@@ -39,16 +41,23 @@ class StepRunner:
                                       [self.tables[s.req_id] for s in seqs], self.page_size)
 
     def failing(self, seqs: list[SeqStep]) -> dict[str, str]:
-        """Requests that fail in their own processing (the test hook), by id."""
-        return {s.req_id: f"injected fault in request {s.req_id}" for s in seqs
-                if s.req_id in self.fail_ids}
+        """Requests that fail in their own processing, by id: the test hook's, and those whose
+        token to fill in was never sampled (their step before failed)."""
+        failed = {s.req_id: f"injected fault in request {s.req_id}" for s in seqs
+                  if s.req_id in self.fail_ids}
+        failed.update({s.req_id: f"request {s.req_id}: no sampled token to continue from"
+                       for s in seqs if s.token_ids[-1] == FILL and s.req_id not in self.last
+                       and s.req_id not in failed})
+        for rid in failed:
+            self.last.pop(rid, None)
+        return failed
 
     @torch.inference_mode()
     def layers(self, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Embed the step's token ids (h_td None: first stage), then the held layers."""
         if h_td is None:
-            ids = [t for s in seqs for t in s.token_ids]
+            ids = [self.last[s.req_id] if t == FILL else t for s in seqs for t in s.token_ids]
             h_td = self.model.embed(torch.tensor(ids, dtype=torch.int64))
         return self.model.forward_layers(h_td.to(self.model.device), tb, self.cache)
 
@@ -60,4 +69,6 @@ class StepRunner:
         logits_nv = self.model.logits(h_td[[row for _, row in picked]])
         tokens = sample_rows(logits_nv, [self.params[s.req_id] for s, _ in picked],
                              [(s.req_id, s.output_index) for s, _ in picked])
-        return {s.req_id: t for (s, _), t in zip(picked, tokens)}
+        sampled = {s.req_id: t for (s, _), t in zip(picked, tokens)}
+        self.last.update(sampled)
+        return sampled

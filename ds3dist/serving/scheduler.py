@@ -6,14 +6,19 @@ Each schedule() builds one StepPlan under a per-column token budget. Per column:
   3. waiting requests, FIFO, each to the column with the most free pages (ties: lowest) that
      has a free sequence slot and budget left; the head of the queue blocks the rest.
 A request gets min(pending tokens, budget left, prefill chunk) tokens, and pages for those
-tokens only. When its column has too few free pages it takes fewer tokens; when it can take
+tokens only. With `overlap` (one pipeline stage: the rank that samples a token also embeds it),
+a request whose only step in flight samples gets its next decode step in this plan too, the
+token written FILL for the worker to fill in, so that the workers never wait for the driver;
+it takes free pages only, never preempts, and is wasted when the token in flight ends the
+request. When its column has too few free pages it takes fewer tokens; when it can take
 none it preempts (recompute) the newest running request of its column that is not in flight,
 or waits if that would be itself. A column that preempted admits nobody that step. Requests
-in a plan not yet returned are skipped, so up to pp plans can be in flight.
+in a plan not yet returned are otherwise skipped, so up to pp plans can be in flight.
 
 Every request that ends (REJECTED at add, FINISHED, FAILED, aborted) is reported exactly once,
-by the next update() or pop_ended(). Ids of ended or preempted requests the workers know go
-into the next plan's `freed`.
+by the next update() or pop_ended(); one that ends while a plan still holds it ends when
+that plan returns. Ids of ended or preempted requests the workers know go into the next
+plan's `freed`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from ds3dist.serving.pages import PagePool
-from ds3dist.serving.plan import SeqStep, StepPlan, StepResult
+from ds3dist.serving.plan import FILL, SeqStep, StepPlan, StepResult
 from ds3dist.serving.request import Request, RequestStatus
 
 WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
@@ -38,6 +43,7 @@ class SchedulerConfig:
     max_seqs: int = 64  # running sequences per column
     prefill_chunk: int | None = None  # None: max_tokens_per_step // 2 while others wait
     max_model_len: int
+    overlap: bool = False  # decode steps ahead of their token (workers fill it in)
 
     def __post_init__(self) -> None:
         for name in ("columns", "pages_per_column", "page_size", "max_tokens_per_step",
@@ -80,7 +86,7 @@ class Scheduler:
         self._outstanding: dict[int, StepPlan] = {}
         self._known: set[str] = set()  # ids whose state the workers hold
         self._to_free: list[str] = []  # the next plan's `freed`
-        self._aborting: set[str] = set()  # in flight; end when their step returns
+        self._ending: dict[str, RequestStatus] = {}  # ended while in flight: when it returns
         self._ended: list[Request] = []
 
     @property
@@ -124,9 +130,7 @@ class Scheduler:
         req = self._live.get(req_id)
         if req is None:
             return False
-        if req.in_flight:
-            self._aborting.add(req_id)
-        else:
+        if req_id not in self._ending:
             req.finish_reason = "abort"
             self._end(req, RequestStatus.FINISHED)
         return True
@@ -137,6 +141,9 @@ class Scheduler:
         return ended
 
     def _end(self, req: Request, status: RequestStatus) -> None:
+        if req.in_flight:  # its pages are in use until the plans holding it return
+            self._ending[req.id] = status
+            return
         if req.pages:
             self.pools[req.column].free(req.pages)
             req.pages = []
@@ -144,7 +151,7 @@ class Scheduler:
         if self._live.pop(req.id, None) is not None and req.status is WAITING:
             self.waiting.remove(req)
         self.running.pop(req.id, None)
-        req.status, req.in_flight = status, False
+        req.status = status
         self._ended.append(req)
 
     def _forget(self, req_id: str) -> None:
@@ -164,6 +171,11 @@ class Scheduler:
         for req in [r for r in ready if r.num_pending == 1] + [r for r in ready if r.num_pending > 1]:
             if req.status is RUNNING:  # not preempted by an older one meanwhile
                 self._place(req, cols[req.column])
+        if self.cfg.overlap:
+            for req in sorted(self.running.values(), key=_arrival):
+                if req.in_flight == 1 and req.sampling and req.id not in self._ending \
+                        and len(req.output_ids) + 2 <= req.max_new_tokens:
+                    self._overlap(req, cols[req.column])
         self._admit(cols)
         return self._emit(cols)
 
@@ -207,6 +219,19 @@ class Scheduler:
         col.preempted = True
         self.stats.preemptions += 1
 
+    def _overlap(self, req: Request, col: _Column) -> None:
+        """The decode step after the token in flight, if budget and free pages allow."""
+        pool, start = self.pools[col.index], req.num_tokens  # the in-flight token's position
+        need = pool.pages_for(start + 1) - len(req.pages)
+        if col.budget < 1 or need > pool.num_free:
+            return
+        new_pages = pool.allocate(need)
+        req.pages.extend(new_pages)
+        col.budget -= 1
+        col.steps[req.id] = SeqStep(req_id=req.id, token_ids=[FILL], start=start,
+                                    new_pages=new_pages, sample=True, params=None,
+                                    output_index=len(req.output_ids) + 1)
+
     def _admit(self, cols: list[_Column]) -> None:
         """Admit waiting requests FIFO while the head fits somewhere."""
         while self.waiting:
@@ -244,7 +269,9 @@ class Scheduler:
                         self._to_free)
         self._to_free = []
         for s in plan.seqs():
-            self.running[s.req_id].in_flight = True
+            req = self.running[s.req_id]
+            req.in_flight += 1
+            req.sampling = s.sample
             self._known.add(s.req_id)
         self._outstanding[plan.step_id] = plan
         self.stats.steps += 1
@@ -257,11 +284,10 @@ class Scheduler:
         plan = self._check_result(plan, result)
         for s in plan.seqs():
             req = self._live[s.req_id]
-            req.in_flight = False
-            if s.req_id in self._aborting:
-                self._aborting.discard(s.req_id)
-                req.finish_reason = "abort"
-                self._end(req, RequestStatus.FINISHED)
+            req.in_flight -= 1
+            if s.req_id in self._ending:  # its result is not used
+                if not req.in_flight:
+                    self._end(req, self._ending.pop(s.req_id))
             elif s.req_id in result.failed or (s.sample and s.req_id not in result.sampled):
                 req.error = result.failed.get(
                     s.req_id, f"step {plan.step_id} returned no token for a sampling step")
