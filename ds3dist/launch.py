@@ -50,6 +50,7 @@ from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import LayoutError
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
+from ds3dist.runtime.hostmem import retain_freed_memory
 from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
@@ -119,8 +120,10 @@ def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
 def local_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any, dtype,
                  opts: dict[str, Any]) -> LocalEngine:
     """The serving loop with the whole model in the launch's process (runtime.control=local):
-    as many torch threads as runtime.cpus_per_rank (default: every core)."""
+    as many torch threads as runtime.cpus_per_rank (default: every core), freed memory kept
+    as a rank keeps it."""
     torch.set_num_threads(int(opts["cpus_per_rank"]))
+    retain_freed_memory()
     model = load_model(checkpoint, execution=schema.execution_mode(cfg), dtype=dtype,
                        device=resolved.layout.device, mtp=False)
     s = opts["serving"]

@@ -9,7 +9,7 @@ from ds3dist.generation import (GenerationResult, StopChecker, encode_prompts, g
                                 right_pad)
 from ds3dist.model.load import load_model
 from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.sampling import candidates, draw_seed, sample_rows
+from ds3dist.serving.sampling import _keeps, candidates, draw_seed, sample_rows
 
 torch.set_num_threads(2)
 
@@ -50,11 +50,17 @@ def test_candidates_equal_a_full_sort(scale, top_k, top_p):
     keep = idx[(probs.cumsum(-1) - probs) < top_p]  # the smallest prefix reaching top_p
     want = torch.zeros(20000, dtype=torch.bool)
     want[keep] = True
-    got_ids = candidates(row.numpy(), SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p))
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    got_ids = candidates(row.numpy(), params)
     got = torch.ones(20000, dtype=torch.bool) if got_ids is None else torch.zeros(20000, dtype=torch.bool)
     if got_ids is not None:
         got[torch.from_numpy(got_ids)] = True
     assert int(got.sum()) == int(want.sum()) and bool((got == want).all())
+    # the draw's shortcut (is this entry kept?) agrees, at the boundary and elsewhere
+    n = int(want.sum())
+    probe = idx[max(0, n - 3):n + 3].tolist() + torch.randint(0, 20000, (40,), generator=g).tolist()
+    x = row.numpy()
+    assert [_keeps(x, params, x[j]) for j in probe] == [bool(want[j]) for j in probe]
 
 
 def _freq(logits, params, n=20000):

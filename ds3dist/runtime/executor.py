@@ -60,13 +60,12 @@ class ClassicExecutor:
 
     def submit(self, plan: StepPlan) -> None:
         lay = self.layout
-        plan_ref = ray.put(plan)
         last, calls = [], {}
         for r in range(lay.ep):
             ref = None
             for s in range(lay.pp):
                 rank = lay.rank_of(s, r)
-                ref = self.actors[rank].step.remote(plan_ref, ref)
+                ref = self.actors[rank].step.remote(plan, ref)  # small: inlined in the call
                 calls[ref] = (rank, f"step {plan.step_id}")
             last.append(ref)
         self._pending.append((plan.step_id, last, calls))

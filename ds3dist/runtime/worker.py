@@ -23,6 +23,7 @@ from ds3dist.model.load import load_model
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import progress, rendezvous
+from ds3dist.runtime.hostmem import retain_freed_memory
 from ds3dist.serving.executor import run_column
 from ds3dist.serving.plan import StepPlan
 from ds3dist.serving.runner import StepRunner
@@ -45,6 +46,7 @@ class StageWorker:
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
                  threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = ""):
         torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
+        retain_freed_memory()
         self.plan = plan
         self.layout = layout
         self.checkpoint = checkpoint
@@ -79,6 +81,16 @@ class StageWorker:
         env = rendezvous.set_socket_ifname(ip)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.layout.world_size > 1:  # one rank talks to nobody: no group, no gloo threads
+            self._init_groups(addr, port, timeout_s)
+        progress.start_heartbeat(self.engine_id, self.plan.rank, self._progress)
+        self.net = {"node_ip": ip, "rendezvous": f"{addr}:{port}",
+                    "socket_ifname": {v: os.environ.get(v) for v in
+                                      ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")},
+                    "ifname_set_here": env}
+        return self.net
+
+    def _init_groups(self, addr: str, port: int, timeout_s: float) -> None:
         dist.init_process_group(
             self.layout.backend, init_method=f"tcp://{addr}:{port}", rank=self.plan.rank,
             world_size=self.layout.world_size, timeout=timedelta(seconds=timeout_s),
@@ -89,12 +101,6 @@ class StageWorker:
             group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if stage == self.plan.stage:
                 self.ep_group = group
-        progress.start_heartbeat(self.engine_id, self.plan.rank, self._progress)
-        self.net = {"node_ip": ip, "rendezvous": f"{addr}:{port}",
-                    "socket_ifname": {v: os.environ.get(v) for v in
-                                      ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")},
-                    "ifname_set_here": env}
-        return self.net
 
     def load(self) -> dict:
         t0 = time.perf_counter()

@@ -3,15 +3,17 @@
 Float32 logits [n, vocab] -> token ids. Greedy (temperature 0) is argmax (first maximum on
 ties). Otherwise logits / temperature, keep the top_k largest (0 = all), then the smallest
 prefix (by probability, descending) whose mass reaches top_p, and draw from what is left by
-the Gumbel-max rule: argmax(logit / T + g_j) with g_j = -log(E_j), E_j a standard exponential
-for each vocabulary entry. That is an exact draw from the renormalized distribution, and far
+the Gumbel-max rule: argmax(logit / T + g_j) with g_j = -log(-log u_j), u_j uniform, for each
+vocabulary entry. That is an exact draw from the renormalized distribution, and far
 less sensitive to float32 rounding than inverting a CDF over 129k near-equal probabilities: a
 change of 1e-6 in the logits (which a different batch composition can cause) flips the draw
-only when the two best perturbed scores are that close. The nucleus is cut without a full
-sort: a mass histogram over the value range finds the one bin where the mass reaches top_p,
-and only that bin's entries are sorted.
+only when the two best perturbed scores are that close. Most draws need no cut-off at all:
+the best of all entries is kept when fewer than top_k entries are larger and those hold less
+than top_p of the mass. Otherwise the nucleus is cut without a full sort: a mass histogram
+over the value range finds the one bin where the mass reaches top_p, and only that bin's
+entries are sorted.
 
-The noise is keyed: E_j is entry j of a PCG64 stream seeded with a key, drawn for the whole
+The noise is keyed: u_j is entry j of an SFC64 stream seeded with a key, drawn for the whole
 vocabulary, so entry j's noise is the same whatever is kept. The key of a seeded request
 depends only on (seed, request id, index of the token), never on which other rows share the
 batch, which rank samples, or whether the request was preempted and recomputed. Unseeded
@@ -21,6 +23,8 @@ requests take their key from torch's global RNG.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -53,22 +57,59 @@ def sample_rows(logits_nv: torch.Tensor, params: Sequence[SamplingParams],
         raise ValueError(f"{logits_nv.shape[0]} rows, {len(params)} params, {len(draws)} draws")
     logits = logits_nv.detach().float().cpu().numpy()
     out = [int(row.argmax()) if p.greedy else None for row, p in zip(logits, params)]
-    for i, t in enumerate(out):
-        if t is None:
-            out[i] = _draw(logits[i] / np.float32(params[i].temperature), params[i], draws[i])
+    rows = [i for i, t in enumerate(out) if t is None]
+
+    def draw(i: int) -> int:
+        return _draw(logits[i] / np.float32(params[i].temperature), params[i], draws[i])
+
+    threads = torch.get_num_threads()
+    picked = _pool(threads).map(draw, rows) if len(rows) > 1 and threads > 1 else map(draw, rows)
+    for i, t in zip(rows, picked):  # numpy releases the GIL: rows run on the rank's threads
+        out[i] = t
     return out
+
+
+@lru_cache(maxsize=2)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="ds3dist-sample")
 
 
 def _draw(scaled_v: np.ndarray, p: SamplingParams, draw: tuple[str, int]) -> int:
     """Gumbel-max over the kept entries; the noise of entry j is the same whatever is kept.
     The best of all entries is taken when it is kept (most draws), else the best kept one."""
-    rng = np.random.Generator(np.random.PCG64(draw_key(p.seed, *draw)))
-    score = scaled_v - np.log(rng.standard_exponential(scaled_v.shape[-1]))
-    best, cut = int(np.argmax(score)), cutoff(scaled_v, p)
-    if cut is None or scaled_v[best] >= cut:
+    g = _minus_gumbel(draw_key(p.seed, *draw), scaled_v.shape[-1])
+    score = np.subtract(scaled_v, g, out=g)
+    best = int(np.argmax(score))
+    if _keeps(scaled_v, p, scaled_v[best]):
         return best
-    score[scaled_v < cut] = -np.inf
+    score[scaled_v < cutoff(scaled_v, p)] = -np.inf
     return int(np.argmax(score))
+
+
+def _minus_gumbel(key: int, n: int) -> np.ndarray:
+    """log(-log u_j) for j < n, u_j uniform from an SFC64 stream seeded with key (float64)."""
+    g = np.random.Generator(np.random.SFC64(key)).random(n)
+    with np.errstate(divide="ignore"):  # u = 0 (p = 2^-53): +inf, never chosen
+        np.log(g, out=g)
+        np.negative(g, out=g)
+        return np.log(g, out=g)
+
+
+def _keeps(x: np.ndarray, p: SamplingParams, value: np.floating) -> bool:
+    """Whether top_k and top_p keep the entries of this value, as `cutoff` decides, but
+    without finding the cut: fewer than top_k entries are larger, and those hold less than
+    top_p of the mass."""
+    v = x.shape[-1]
+    k = p.top_k if 0 < p.top_k < v else v
+    larger = x > value
+    if k < v and np.count_nonzero(larger) >= k:
+        return False
+    if p.top_p >= 1:
+        return True
+    if k < v:  # the mass of the top_k only: their cut
+        return bool(value >= cutoff(x, p))
+    e = np.exp(x - x.max())
+    return bool((e * larger).sum(dtype=np.float64) < p.top_p * e.sum(dtype=np.float64))
 
 
 def candidates(scaled_v: np.ndarray, p: SamplingParams) -> np.ndarray | None:

@@ -1,0 +1,33 @@
+"""Keep freed host memory in the process instead of returning it to the OS at once.
+
+glibc serves allocations above its mmap threshold (128 KiB at first, raised only by frees of
+larger blocks) with fresh mappings and trims the heap's free top, so every step's temporaries
+(logits, activations, sampling buffers of a few MB each) are page-faulted and zeroed again on
+every step. On a 2-core machine that tripled the cost of sampling a 129k-entry row (3.4 ->
+1.2 ms) and slowed prefill by a fifth. Raising both thresholds keeps the memory once touched;
+the process's peak stays what it was. CPU inference runners get the same from jemalloc or
+tcmalloc through LD_PRELOAD; this needs nothing installed. No-op where glibc is absent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 << 20  # larger allocations still get their own mapping
+TRIM_THRESHOLD = 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; whether it took effect."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+        bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
