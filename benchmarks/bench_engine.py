@@ -26,6 +26,7 @@ from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.generation import LocalEngine
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
+from ds3dist.runtime.hostmem import retain_freed_memory
 from ds3dist.serving.options import ServingOptions
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -68,6 +69,7 @@ def main() -> None:
                for _ in range(args.batch)]
     print(f"{'layout':8} {'control':9} {'prefill tok/s':>14} {'decode ms/step':>15}")
     torch.set_num_threads(os.cpu_count() or 1)
+    retain_freed_memory()  # as the engine's ranks and the one-process launch do
     model = ds3dist.load_model(ckpt, execution=args.execution, mtp=False)
     local = LocalEngine(model, cache_gb=1.0)
 

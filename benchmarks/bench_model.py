@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ds3dist.runtime.hostmem import retain_freed_memory
+
 
 def bench(ckpt: Path, execution: str, batch: int, prompt_len: int, new_tokens: int,
           attn_form: str, dtype: torch.dtype | None = None, page: int = 64) -> dict:
@@ -77,6 +79,7 @@ def main() -> None:
     ap.add_argument("--attn-form", default="absorbed", choices=["absorbed", "naive"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the engine's ranks and the one-process launch do
 
     from ds3dist.checkpoint.synthesize import synthesize
 

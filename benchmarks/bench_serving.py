@@ -41,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
+from ds3dist.runtime.hostmem import retain_freed_memory
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 VLLM_ENV = {"VLLM_MLA_DISABLE": "1", "VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -490,6 +492,7 @@ def token_id_limit(ckpt: Path, cfg: dict) -> int:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    retain_freed_memory()  # for every engine run in this process (HF too), as ranks do
     _, bf16 = ensure_checkpoints(args.preset, args.ckpt_dir, 0)
     cfg = json.loads((bf16 / "config.json").read_text())
     id_limit = token_id_limit(bf16, cfg)
