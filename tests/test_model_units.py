@@ -290,16 +290,18 @@ def test_attention_in_query_chunks_equals_one_pass(monkeypatch, form):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_equals_f_linear_for_few_rows(dtype):
+def test_packed_linear_equals_f_linear(dtype):
     lin = Linear(64, 300, dtype=dtype)
     lin.weight.copy_(torch.randn(300, 64, generator=torch.Generator().manual_seed(0)))
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     want = torch.nn.functional.linear(x.float(), lin.weight.float())
     bf16_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    packed = lin.pack(rows=8)
+    packed = lin.pack()
     assert packed == (torch.backends.mkldnn.is_available()
                       and (dtype == torch.float32 or bf16_native))
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for rows in (1, 8, 20):  # 20 > 8 rows: F.linear
+    for rows in (1, 8, 20):
         torch.testing.assert_close(lin(x[:rows]).float(), want[:rows], **tol)
     assert lin(x[:8]).dtype == dtype
+    if packed:  # a row's result does not depend on the rows beside it
+        assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(20)]), lin(x))

@@ -85,13 +85,19 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
             t = reader.get(name)
             _check_shape(name, t, buf.shape)
             mod._buffers[buf_name] = t.to(device=device, dtype=buf.dtype)
+    unpacked: set[int] = set()  # Linears whose forward is never called
     for mod in model.modules():
-        if isinstance(mod, MLA) and mod.form == "absorbed" and mod.kv_b_proj.is_fp8:
-            mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
+        if isinstance(mod, MLA) and mod.form == "absorbed":
+            unpacked.add(id(mod.kv_b_proj))  # read through wkv_b
+            if mod.kv_b_proj.is_fp8:
+                mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
         if isinstance(mod, MLP):
             mod.fuse()
-    if model.lm_head is not None:
-        model.lm_head.pack()
+            if mod.pack():  # its fused weights are packed: not its Linears one by one
+                unpacked.update(id(lin) for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
+    for mod in model.modules():  # the other plain CPU weights (attention, the head)
+        if isinstance(mod, Linear) and id(mod) not in unpacked:
+            mod.pack()
     left = [k for k, v in model.state_dict().items() if v.is_meta]
     if left:
         raise RuntimeError(f"tensors not loaded: {left[:5]}")
