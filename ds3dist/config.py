@@ -126,27 +126,39 @@ class ModelConfig:
 
     # ---- validation -------------------------------------------------------------------
     def validate(self) -> None:
-        problems: list[str] = []
+        """ConfigError listing every problem (integers first: the other checks need them)."""
+        problems = self._integer_problems()
+        if not problems:
+            problems = (self._shape_problems() + self._option_problems()
+                        + _rope_scaling_problems(self.rope_scaling)
+                        + _quantization_problems(self.quantization_config))
+        if problems:
+            raise ConfigError("invalid model config:\n  " + "\n  ".join(problems))
 
-        def bad(name: str, why: str) -> None:
-            problems.append(f"{name}: {why}")
-
+    def _integer_problems(self) -> list[str]:
         positive = (
             "vocab_size hidden_size intermediate_size moe_intermediate_size num_hidden_layers "
             "num_attention_heads num_key_value_heads q_lora_rank kv_lora_rank qk_nope_head_dim "
             "qk_rope_head_dim v_head_dim n_routed_experts num_experts_per_tok n_group topk_group "
             "moe_layer_freq max_position_embeddings"
         ).split()
+        problems = []
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(name, f"must be a positive integer, got {v!r}")
+                problems.append(f"{name}: must be a positive integer, got {v!r}")
         for name in ("num_nextn_predict_layers", "n_shared_experts", "first_k_dense_replace"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                bad(name, f"must be a non-negative integer, got {v!r}")
-        if problems:  # the checks below need sane integers
-            raise ConfigError("invalid model config:\n  " + "\n  ".join(problems))
+                problems.append(f"{name}: must be a non-negative integer, got {v!r}")
+        return problems
+
+    def _shape_problems(self) -> list[str]:
+        """Attention, expert-group and layer counts that do not fit together."""
+        problems: list[str] = []
+
+        def bad(name: str, why: str) -> None:
+            problems.append(f"{name}: {why}")
 
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", f"must be even (rotary pairs), got {self.qk_rope_head_dim}")
@@ -175,6 +187,15 @@ class ModelConfig:
         if self.moe_layer_freq != 1:
             bad("moe_layer_freq", f"only 1 is supported (every layer after the dense ones is "
                 f"MoE), got {self.moe_layer_freq}")
+        return problems
+
+    def _option_problems(self) -> list[str]:
+        """Functions, numbers and token ids the model supports."""
+        problems: list[str] = []
+
+        def bad(name: str, why: str) -> None:
+            problems.append(f"{name}: {why}")
+
         if self.scoring_func != "sigmoid":
             bad("scoring_func", f"only 'sigmoid' is supported, got {self.scoring_func!r}")
         if self.topk_method != "noaux_tc":
@@ -194,47 +215,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v < self.vocab_size:
                 bad(name, f"must be a token id in [0, vocab_size={self.vocab_size}), got {v!r}")
-
-        rs = self.rope_scaling
-        if rs is not None:
-            if not isinstance(rs, dict):
-                bad("rope_scaling", f"must be a mapping, got {type(rs).__name__}")
-            else:
-                rs_type = rs.get("type", rs.get("rope_type"))
-                missing = [k for k in ROPE_SCALING_KEYS[1:] if k not in rs]
-                if rs_type is None:
-                    missing.insert(0, "type")
-                if missing:
-                    bad("rope_scaling", "missing keys: " + ", ".join(missing))
-                elif rs_type != "yarn":
-                    bad("rope_scaling.type", f"only 'yarn' is supported, got {rs_type!r}")
-                else:
-                    for k in ROPE_SCALING_KEYS[1:]:
-                        if not isinstance(rs[k], (int, float)) or rs[k] < 0:
-                            bad(f"rope_scaling.{k}", f"must be a non-negative number, got {rs[k]!r}")
-                    if isinstance(rs["factor"], (int, float)) and rs["factor"] < 1:
-                        bad("rope_scaling.factor", f"must be >= 1, got {rs['factor']!r}")
-
-        qc = self.quantization_config
-        if qc is not None:
-            if not isinstance(qc, dict):
-                bad("quantization_config", f"must be a mapping, got {type(qc).__name__}")
-            else:
-                if qc.get("quant_method") != "fp8":
-                    bad("quantization_config.quant_method",
-                        f"only 'fp8' is supported, got {qc.get('quant_method')!r}")
-                if qc.get("fmt", "e4m3") != "e4m3":
-                    bad("quantization_config.fmt", f"only 'e4m3' is supported, got {qc.get('fmt')!r}")
-                if qc.get("activation_scheme", "dynamic") != "dynamic":
-                    bad("quantization_config.activation_scheme",
-                        f"only 'dynamic' is supported, got {qc.get('activation_scheme')!r}")
-                b = qc.get("weight_block_size")
-                if (not isinstance(b, (list, tuple)) or len(b) != 2
-                        or not all(isinstance(x, int) and x > 0 for x in b)):
-                    bad("quantization_config.weight_block_size",
-                        f"must be two positive integers, got {b!r}")
-        if problems:
-            raise ConfigError("invalid model config:\n  " + "\n  ".join(problems))
+        return problems
 
     # ---- (de)serialisation -------------------------------------------------------------
     @classmethod
@@ -353,3 +334,46 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def _rope_scaling_problems(rs: Any) -> list[str]:
+    if rs is None:
+        return []
+    if not isinstance(rs, dict):
+        return [f"rope_scaling: must be a mapping, got {type(rs).__name__}"]
+    rs_type = rs.get("type", rs.get("rope_type"))
+    missing = [k for k in ROPE_SCALING_KEYS[1:] if k not in rs]
+    if rs_type is None:
+        missing.insert(0, "type")
+    if missing:
+        return ["rope_scaling: missing keys: " + ", ".join(missing)]
+    if rs_type != "yarn":
+        return [f"rope_scaling.type: only 'yarn' is supported, got {rs_type!r}"]
+    problems = [f"rope_scaling.{k}: must be a non-negative number, got {rs[k]!r}"
+                for k in ROPE_SCALING_KEYS[1:] if not isinstance(rs[k], (int, float)) or rs[k] < 0]
+    if isinstance(rs["factor"], (int, float)) and rs["factor"] < 1:
+        problems.append(f"rope_scaling.factor: must be >= 1, got {rs['factor']!r}")
+    return problems
+
+
+def _quantization_problems(qc: Any) -> list[str]:
+    if qc is None:
+        return []
+    if not isinstance(qc, dict):
+        return [f"quantization_config: must be a mapping, got {type(qc).__name__}"]
+    problems = []
+    if qc.get("quant_method") != "fp8":
+        problems.append(f"quantization_config.quant_method: only 'fp8' is supported, got "
+                        f"{qc.get('quant_method')!r}")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        problems.append(f"quantization_config.fmt: only 'e4m3' is supported, got {qc.get('fmt')!r}")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        problems.append(f"quantization_config.activation_scheme: only 'dynamic' is supported, "
+                        f"got {qc.get('activation_scheme')!r}")
+    b = qc.get("weight_block_size")
+    if (not isinstance(b, (list, tuple)) or len(b) != 2
+            or not all(isinstance(x, int) and x > 0 for x in b)):
+        problems.append(f"quantization_config.weight_block_size: must be two positive integers, "
+                        f"got {b!r}")
+    return problems
+
