@@ -1,13 +1,15 @@
 """Running step plans on the StageWorker actors: compiled graph or classic actor calls.
 
-`CompiledExecutor` (default) compiles one Ray graph of every rank's `step`: the plan goes in
-once, stage s rank r hands its payload to stage s+1 rank r through a channel (shared memory
-on one node; never through the driver), and the last stage's (sampled, failed) come back.
+`CompiledExecutor` (the default on GPU) compiles one Ray graph of every rank's `step`: the
+plan goes in once, stage s rank r hands its payload to stage s+1 rank r through a channel
+(shared memory on one node; never through the driver), and the last stage's (sampled,
+failed) come back. `ClassicExecutor` (the default on CPU, where a compiled-graph actor keeps
+a core spinning) submits the same chain as ordinary actor calls: pp x ep calls a step, the
+plan inlined in each, payloads passed as object refs from actor to actor.
+
 Up to pp plans are in flight, so every stage works; with one stage two, the second's decode
 tokens filled in on the rank (the scheduler's `overlap`), so the rank never waits for the
-driver. `ClassicExecutor` submits the same chain
-as ordinary actor calls (pp x ep calls a step, payloads passed as object refs from actor to
-actor); it is the fallback where compiled graphs are unavailable.
+driver.
 
 Both report a failure through `on_failure(what, cause, calls)`, which the engine turns into
 an EngineError naming every rank's part.

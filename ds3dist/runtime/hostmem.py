@@ -7,8 +7,9 @@ every step. On a 2-core machine that tripled the cost of sampling a 129k-entry r
 1.2 ms) and slowed prefill by a fifth. Raising both thresholds keeps that memory once
 touched. Allocations above 16 MB (a long prefill's scores) still get their own mapping and
 go back at once, so the peak stays what it was (keeping those too raised a rank's peak in
-the 40k-token prompt test from under 3 GB to 4.4 GB). CPU inference runners get the same from jemalloc or
-tcmalloc through LD_PRELOAD; this needs nothing installed. No-op where glibc is absent.
+the 40k-token prompt test from under 3 GB to 4.4 GB). CPU inference runners get the same
+from jemalloc or tcmalloc through LD_PRELOAD; this needs nothing installed. No-op where glibc
+is absent.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ or one pipeline stage x expert-parallel rank).
 
 It owns the part's paged cache and, per request it serves, the page table and sampling
 parameters the plans introduced, and the last token it sampled for each (a FILL token id
-stands for it); a plan only carries diffs (new requests, new pages, new token ids, freed ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
+stands for it); a plan only carries diffs (new requests, new pages, new token ids, freed
+ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
 for each sequence whose step reaches its target.
 """

@@ -6,14 +6,16 @@ Each schedule() builds one StepPlan under a per-column token budget. Per column:
   3. waiting requests, FIFO, each to the column with the most free pages (ties: lowest) that
      has a free sequence slot and budget left; the head of the queue blocks the rest.
 A request gets min(pending tokens, budget left, prefill chunk) tokens, and pages for those
-tokens only. With `overlap` (one pipeline stage: the rank that samples a token also embeds it),
-a request whose only step in flight samples gets its next decode step in this plan too, the
-token written FILL for the worker to fill in, so that the workers never wait for the driver;
-it takes free pages only, never preempts, and is wasted when the token in flight ends the
-request. When its column has too few free pages it takes fewer tokens; when it can take
+tokens only. When its column has too few free pages it takes fewer tokens; when it can take
 none it preempts (recompute) the newest running request of its column that is not in flight,
 or waits if that would be itself. A column that preempted admits nobody that step. Requests
 in a plan not yet returned are otherwise skipped, so up to pp plans can be in flight.
+
+With `overlap` (one pipeline stage: the rank that samples a token also embeds it), a request
+whose only step in flight samples gets its next decode step in this plan too, the token
+written FILL for the worker to fill in, so that the workers never wait for the driver; that
+step takes free pages only, never preempts, and is wasted when the token in flight ends the
+request.
 
 Every request that ends (REJECTED at add, FINISHED, FAILED, aborted) is reported exactly once,
 by the next update() or pop_ended(); one that ends while a plan still holds it ends when
