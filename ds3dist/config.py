@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ ROPE_SCALING_KEYS = (
     "mscale",
     "mscale_all_dim",
 )
+
+
+def cache_root() -> Path:
+    """$DS3DIST_CACHE, else ~/.cache/ds3dist: synthesized presets and built CPU kernels."""
+    env = os.environ.get("DS3DIST_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ds3dist"
 
 
 class ConfigError(ValueError):

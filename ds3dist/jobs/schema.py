@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
-from ds3dist.config import PRESETS, ConfigError, ModelConfig, preset
+from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
 from ds3dist.serving.options import CONTROLS, ServingOptions
 
@@ -135,12 +135,6 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 def _enum_value(v: Any) -> Any:
     return v.value if isinstance(v, Enum) else v
-
-
-def cache_root() -> Path:
-    """$DS3DIST_CACHE, else ~/.cache/ds3dist: where null-path presets are synthesized."""
-    env = os.environ.get("DS3DIST_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ds3dist"
 
 
 def cached_checkpoint_dir(preset_name: str, seed: int = 0) -> Path:

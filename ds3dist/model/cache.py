@@ -15,7 +15,7 @@ sees keys 0..q); there is no [b, t, s] mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Iterable, Sequence
 
@@ -65,6 +65,7 @@ class TokenBatch:
     sin_tf: torch.Tensor
     slots_t: torch.Tensor | None = None  # [T] cache row of each new token (with a cache)
     pages: list[torch.Tensor] | None = None  # per sequence: page ids holding keys 0..kv_len-1
+    _flat_pages: tuple[torch.Tensor, list[int]] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +84,14 @@ class TokenBatch:
     def last_rows(self) -> list[int]:
         """Flat index of each sequence's last new token (sequences with lens 0 excluded)."""
         return [o + n - 1 for o, n in zip(self.offsets, self.lens) if n]
+
+    def flat_pages(self) -> tuple[torch.Tensor, list[int]]:
+        """Every sequence's page ids in one tensor and where each sequence's begin (made once
+        a step, for the decode attention kernel)."""
+        if self._flat_pages is None:
+            self._flat_pages = (torch.cat(self.pages),
+                                [0, *accumulate(len(p) for p in self.pages)][:-1])
+        return self._flat_pages
 
     @classmethod
     def build(cls, starts: Sequence[int], lens: Sequence[int], rope,

@@ -16,6 +16,7 @@ import torch
 from ds3dist.checkpoint.fp8 import weight_dequant
 from ds3dist.checkpoint.layout import SCALE_SUFFIX
 from ds3dist.checkpoint.reader import CheckpointError
+from ds3dist.model.experts import Experts
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
 from ds3dist.model.mlp import MLP
@@ -85,6 +86,15 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
             t = reader.get(name)
             _check_shape(name, t, buf.shape)
             mod._buffers[buf_name] = t.to(device=device, dtype=buf.dtype)
+    _prepare(model, dtype)
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:
+        raise RuntimeError(f"tensors not loaded: {left[:5]}")
+
+
+def _prepare(model: Transformer, dtype: torch.dtype) -> None:
+    """The compute forms of the loaded weights: kv_b dequantized once for the absorbed form,
+    fused MLPs, stacked bf16 experts (the grouped CPU kernel), oneDNN-packed copies."""
     unpacked: set[int] = set()  # Linears whose forward is never called
     for mod in model.modules():
         if isinstance(mod, MLA) and mod.form == "absorbed":
@@ -93,14 +103,16 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
                 mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
         if isinstance(mod, MLP):
             mod.fuse()
+    for mod in model.modules():
+        if isinstance(mod, Experts):
+            mod.stack()  # the grouped kernel's operands (before packing: the weights move)
+    for mod in model.modules():
+        if isinstance(mod, MLP):
             if mod.pack():  # its fused weights are packed: not its Linears one by one
                 unpacked.update(id(lin) for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
     for mod in model.modules():  # the other plain CPU weights (attention, the head)
         if isinstance(mod, Linear) and id(mod) not in unpacked:
             mod.pack()
-    left = [k for k, v in model.state_dict().items() if v.is_meta]
-    if left:
-        raise RuntimeError(f"tensors not loaded: {left[:5]}")
 
 
 def _fill_linear(lin: Linear, name: str, reader, device: torch.device, dtype: torch.dtype) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ds3dist.model import cpu_kernel
 from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.linear import Linear
 from ds3dist.model.norm import RMSNorm
@@ -70,16 +71,34 @@ class MLA(nn.Module):
             q_thc = torch.cat((q_lat, q_rope), -1)
         else:
             q_thc = torch.cat((q_nope, q_rope), -1)
-        outs = []
-        for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)):
-            if n == 0:
-                continue
-            kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
-            outs.append(self._attend(q_thc[o:o + n], kv_sc, tb.positions_t[o:o + n]))
-        o_th = torch.cat(outs) if len(outs) > 1 else outs[0]
+        o_th = self._attention(q_thc, kv_tc, tb, cache)
         if self.form == "absorbed":  # kv_b's value part, once for every sequence's latents
             o_th = torch.einsum("thr,hvr->thv", o_th, self.wkv_b(o_th.dtype)[:, self.n:])
         return self.o_proj(o_th.flatten(1))
+
+    def _attention(self, q_thc: torch.Tensor, kv_tc: torch.Tensor, tb: TokenBatch,
+                   cache: PagedCache | None) -> torch.Tensor:
+        """Every sequence's attention -> [T, h, r] (absorbed) or [T, h, v] (naive). One-token
+        queries of the absorbed form go through the CPU decode kernel in one call where it is
+        built (cpu_kernel); the others sequence by sequence."""
+        out = q_thc.new_empty(q_thc.shape[0], self.h, self.r if self.form == "absorbed" else self.v)
+        decode = []
+        if (cache is not None and self.form == "absorbed" and q_thc.device.type == "cpu"
+                and q_thc.dtype in (torch.bfloat16, torch.float32) and cpu_kernel.kernel()):
+            decode = [i for i, n in enumerate(tb.lens) if n == 1]
+        offsets = tb.offsets
+        if decode:
+            page_ids, page_starts = tb.flat_pages()
+            cpu_kernel.mla_decode(q_thc, [offsets[i] for i in decode], [tb.kv_lens[i] for i in decode],
+                                  [page_starts[i] for i in decode], page_ids,
+                                  cache.pools[self.layer_id], self.r, self.scale, out)
+        done = set(decode)
+        for i, (o, n) in enumerate(zip(offsets, tb.lens)):
+            if n == 0 or i in done:
+                continue
+            kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
+            out[o:o + n] = self._attend(q_thc[o:o + n], kv_sc, tb.positions_t[o:o + n])
+        return out
 
     def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
         """One sequence: queries at positions pos_t over its keys 0..s-1 -> [t, h, v] (naive)

@@ -22,13 +22,19 @@ class MLP(nn.Module):
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (gate_up, down) packed
 
     def fuse(self) -> None:
-        """Plain weights: one [gate; up] matrix, one GEMM instead of two. gate_proj and up_proj
-        keep their (checkpoint-named) weights as views into it, so memory does not grow."""
-        if self.gate_proj.is_fp8 or self.gate_up is not None:
-            return
-        self.gate_up = torch.cat((self.gate_proj.weight, self.up_proj.weight))
-        self.gate_proj._buffers["weight"] = self.gate_up[: self.inter]
-        self.up_proj._buffers["weight"] = self.gate_up[self.inter:]
+        """Plain weights: one [gate; up] matrix, one GEMM instead of two."""
+        if not self.gate_proj.is_fp8 and self.gate_up is None:
+            self.use_weights(torch.cat((self.gate_proj.weight, self.up_proj.weight)),
+                             self.down_proj.weight)
+
+    def use_weights(self, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        """Hold plain [gate; up] and down weights given from outside (e.g. views into a layer's
+        stacked experts); gate_proj and up_proj keep their (checkpoint-named) weights as views
+        into gate_up, so memory does not grow."""
+        self.gate_up = gate_up
+        self.gate_proj._buffers["weight"] = gate_up[: self.inter]
+        self.up_proj._buffers["weight"] = gate_up[self.inter:]
+        self.down_proj._buffers["weight"] = down
 
     def pack(self) -> bool:
         """oneDNN-packed copies of the fused [gate; up] and down weights (linear.packed_weight),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +51,15 @@ def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
 
 
 def _cpu_has_bf16() -> bool:
+    flags = cpu_flags()  # none known (not Linux): keep bf16
+    return not flags or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: keep bf16
-        return True
-    return not flags or "avx512_bf16" in flags or "amx_bf16" in flags
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()

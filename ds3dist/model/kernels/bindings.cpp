@@ -1,0 +1,23 @@
+// The CPU decode kernels' Python bindings (ds3dist.model.cpu_kernel builds and loads them).
+#include <torch/extension.h>
+
+#ifdef __AVX512F__
+namespace ds3dist {
+void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
+                     const torch::Tensor& starts, const torch::Tensor& counts,
+                     const torch::Tensor& w13, const torch::Tensor& w2, torch::Tensor& out_sd);
+void mla_decode(const torch::Tensor& q_thc, const torch::Tensor& rows, const torch::Tensor& kv_lens,
+                const torch::Tensor& page_starts, const torch::Tensor& page_ids,
+                const torch::Tensor& pool, int64_t r, double scale, torch::Tensor& out_thr);
+}  // namespace ds3dist
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef __AVX512F__
+  m.def("avx512", [] { return true; });
+  m.def("grouped_experts", &ds3dist::grouped_experts, "routed experts for groups of 1-4 rows");
+  m.def("mla_decode", &ds3dist::mla_decode, "absorbed MLA attention of one-token queries");
+#else
+  m.def("avx512", [] { return false; });
+#endif
+}

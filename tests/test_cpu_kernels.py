@@ -1,0 +1,127 @@
+"""The CPU decode kernels (ds3dist.model.cpu_kernel) against the torch ops they replace: the
+per-expert GEMM pairs and the per-sequence attention of the absorbed form."""
+
+from __future__ import annotations
+
+import fcntl
+
+import pytest
+import torch
+
+from ds3dist.model import cpu_kernel
+from ds3dist.model.cache import PagedCache, TokenBatch
+from test_model_units import tiny_model
+
+torch.set_num_threads(1)
+needs_kernels = pytest.mark.skipif(cpu_kernel.kernel() is None,
+                                   reason="the CPU decode kernels are not built here "
+                                          "(no AVX-512, no compiler or DS3DIST_CPU_KERNEL=0)")
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@needs_kernels
+def test_grouped_experts_match_per_expert_gemms(monkeypatch):
+    experts = tiny_model(dtype=torch.bfloat16).layers["1"].mlp.experts
+    assert experts.stacked is not None  # bf16 CPU weights are stacked for the kernel
+    counts = [1, 0, 2, 3, 4, 5, 1, 0, 7, 1, 2, 0, 4, 1, 1, 6]  # 16 local experts; > 4: GEMMs
+    x = torch.randn(sum(counts), 192, generator=_gen(0)).bfloat16()
+    w = torch.rand(sum(counts), generator=_gen(1))
+    got = experts(x, counts, w)
+    monkeypatch.setattr(experts, "stacked", None)  # every expert through its GEMM pair
+    want = experts(x, counts, w)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got.float(), want.float(), **BF16_TOL)
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    for e, c in enumerate(counts):
+        if c > cpu_kernel.MAX_ROWS:  # those rows took the same path both times
+            assert torch.equal(got[ends[e] - c:ends[e]], want[ends[e] - c:ends[e]])
+
+
+@needs_kernels
+def test_grouped_experts_rows_do_not_depend_on_their_neighbours():
+    experts = tiny_model(dtype=torch.bfloat16).layers["1"].mlp.experts
+    counts = [2, 1, 0, 3] + [1] * 12
+    x = torch.randn(sum(counts), 192, generator=_gen(2)).bfloat16()
+    w = torch.ones(sum(counts))
+    together = experts(x, counts, w)
+    alone = experts(x[:2], [2] + [0] * 15, w[:2])  # expert 0's rows without the others
+    assert torch.equal(together[:2], alone)
+
+
+def _decode_batch(mla, kv_lens, lens, page_size=4, num_pages=40, seed=3):
+    """A cache of random rows and a step whose sequence i feeds lens[i] tokens ending at
+    kv_lens[i], its pages scattered over the pool."""
+    dtype = mla.o_proj.weight.dtype
+    cache = PagedCache([mla.layer_id], num_pages, page_size, mla.r + mla.p, dtype)
+    cache.pools[mla.layer_id].copy_(torch.randn(cache.pools[mla.layer_id].shape,
+                                                generator=_gen(seed)).to(dtype))
+    perm = torch.randperm(num_pages, generator=_gen(seed + 1)).tolist()
+    tables, used = [], 0
+    for kv in kv_lens:
+        need = -(-kv // page_size)
+        tables.append(perm[used:used + need])
+        used += need
+    rope = tiny_model().rope
+    tb = TokenBatch.build([kv - n for kv, n in zip(kv_lens, lens)], lens, rope,
+                          page_tables=tables, page_size=page_size)
+    q = torch.randn(sum(lens), mla.h, mla.r + mla.p, generator=_gen(seed + 2)).to(dtype)
+    return q, tb, cache
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_matches_per_sequence_attention(monkeypatch, dtype):
+    mla = tiny_model(dtype=dtype).layers["0"].self_attn
+    kv_lens, lens = [1, 5, 8, 13, 9], [1, 1, 1, 1, 3]  # the last one is a prefill chunk
+    q, tb, cache = _decode_batch(mla, kv_lens, lens)
+    calls = []
+    real = cpu_kernel.mla_decode
+    monkeypatch.setattr(cpu_kernel, "mla_decode", lambda *a: calls.append(a[1]) or real(*a))
+    got = mla._attention(q, None, tb, cache)
+    assert calls == [[0, 1, 2, 3]]  # the four one-token rows, in one call
+    monkeypatch.setattr(cpu_kernel, "kernel", lambda: None)  # sequence by sequence
+    want = mla._attention(q, None, tb, cache)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert torch.equal(got[4:], want[4:])  # the chunk took the same path both times
+
+
+@needs_kernels
+def test_mla_decode_rows_do_not_depend_on_their_neighbours():
+    mla = tiny_model().layers["0"].self_attn
+    q, tb, cache = _decode_batch(mla, [3, 17, 6], [1, 1, 1])
+    together = mla._attention(q, None, tb, cache)
+    alone = TokenBatch.build([16], [1], tiny_model().rope, page_tables=[tb.pages[1].tolist()],
+                             page_size=4)
+    assert torch.equal(together[1:2], mla._attention(q[1:2], None, alone, cache))
+
+
+@needs_kernels
+def test_kernels_reject_out_of_range_arguments():
+    mla = tiny_model().layers["0"].self_attn
+    q, tb, cache = _decode_batch(mla, [5], [1])
+    out = torch.empty(1, mla.h, mla.r)
+    pool = cache.pools[0]
+    with pytest.raises(RuntimeError, match="page id out of range"):
+        cpu_kernel.mla_decode(q, [0], [5], [0], torch.tensor([0, 99]), pool, mla.r, 1.0, out)
+    with pytest.raises(RuntimeError, match="group 0 out of range"):  # 9 keys need 3 pages
+        cpu_kernel.mla_decode(q, [0], [9], [0], torch.tensor([0, 1]), pool, mla.r, 1.0, out)
+    experts = tiny_model(dtype=torch.bfloat16).layers["1"].mlp.experts
+    x = torch.zeros(5, 192, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group 0 out of range"):  # 5 rows > MAX_ROWS
+        cpu_kernel.grouped_experts(x, [0], [0], [5], *experts.stacked, torch.empty_like(x))
+
+
+def test_build_lock_wait_times_out(tmp_path):
+    path = tmp_path / "build.lock"
+    with open(path, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another build holds it
+        with pytest.raises(TimeoutError, match="held by another build"):
+            with cpu_kernel._exclusive(path, 0.3):
+                pass
+    with cpu_kernel._exclusive(path, 0.3):  # released: taken at once
+        pass
