@@ -67,14 +67,16 @@ class MLA(nn.Module):
         if cache is not None:
             cache.write(self.layer_id, kv_tc, tb)
         if self.form == "absorbed":  # fold kv_b's key part into the queries once per step
-            q_lat = torch.einsum("thn,hnr->thr", q_nope, self.wkv_b(q_nope.dtype)[:, : self.n])
+            w_hnr = self.wkv_b(q_nope.dtype)[:, : self.n]
+            q_lat = torch.bmm(q_nope.transpose(0, 1), w_hnr).transpose(0, 1)  # [t, h, r]
             q_thc = torch.cat((q_lat, q_rope), -1)
         else:
             q_thc = torch.cat((q_nope, q_rope), -1)
         o_th = self._attention(q_thc, kv_tc, tb, cache)
         if self.form == "absorbed":  # kv_b's value part, once for every sequence's latents
-            o_th = torch.einsum("thr,hvr->thv", o_th, self.wkv_b(o_th.dtype)[:, self.n:])
-        return self.o_proj(o_th.flatten(1))
+            w_hrv = self.wkv_b(o_th.dtype)[:, self.n:].transpose(1, 2)
+            o_th = torch.bmm(o_th.transpose(0, 1), w_hrv).transpose(0, 1)  # [t, h, v]
+        return self.o_proj(o_th.reshape(t, -1))
 
     def _attention(self, q_thc: torch.Tensor, kv_tc: torch.Tensor, tb: TokenBatch,
                    cache: PagedCache | None) -> torch.Tensor:
