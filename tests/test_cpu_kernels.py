@@ -8,8 +8,10 @@ import fcntl
 import pytest
 import torch
 
+from ds3dist.config import preset
 from ds3dist.model import cpu_kernel
 from ds3dist.model.cache import PagedCache, TokenBatch
+from ds3dist.model.rope import Rope
 from test_model_units import tiny_model
 
 torch.set_num_threads(1)
@@ -17,6 +19,7 @@ needs_kernels = pytest.mark.skipif(cpu_kernel.kernel() is None,
                                    reason="the CPU decode kernels are not built here "
                                           "(no AVX-512, no compiler or DS3DIST_CPU_KERNEL=0)")
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+TINY_ROPE = Rope(preset("tiny"))
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -65,8 +68,7 @@ def _decode_batch(mla, kv_lens, lens, page_size=4, num_pages=40, seed=3):
         need = -(-kv // page_size)
         tables.append(perm[used:used + need])
         used += need
-    rope = tiny_model().rope
-    tb = TokenBatch.build([kv - n for kv, n in zip(kv_lens, lens)], lens, rope,
+    tb = TokenBatch.build([kv - n for kv, n in zip(kv_lens, lens)], lens, TINY_ROPE,
                           page_tables=tables, page_size=page_size)
     q = torch.randn(sum(lens), mla.h, mla.r + mla.p, generator=_gen(seed + 2)).to(dtype)
     return q, tb, cache
@@ -95,7 +97,7 @@ def test_mla_decode_rows_do_not_depend_on_their_neighbours():
     mla = tiny_model().layers["0"].self_attn
     q, tb, cache = _decode_batch(mla, [3, 17, 6], [1, 1, 1])
     together = mla._attention(q, None, tb, cache)
-    alone = TokenBatch.build([16], [1], tiny_model().rope, page_tables=[tb.pages[1].tolist()],
+    alone = TokenBatch.build([16], [1], TINY_ROPE, page_tables=[tb.pages[1].tolist()],
                              page_size=4)
     assert torch.equal(together[1:2], mla._attention(q[1:2], None, alone, cache))
 

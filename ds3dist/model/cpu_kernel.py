@@ -8,7 +8,7 @@ attention in one call (straight from the pages). Every output row is computed al
 fixed order, so a row does not depend on what shares its batch.
 
 Built once per machine with torch's C++ extension tooling (a C++ compiler and ninja; about
-30 s on 2 cores) into $DS3DIST_CACHE/kernels/, under a file lock every process waits on for at
+45 s on 2 cores) into $DS3DIST_CACHE/kernels/, under a file lock every process waits on for at
 most BUILD_TIMEOUT_S; used on CPUs with AVX-512. Elsewhere, when the build fails (a warning
 says why, once), or with DS3DIST_CPU_KERNEL=0, the same math runs as torch ops.
 """
@@ -43,9 +43,9 @@ def kernel():
     """The built extension module, or None where it is not used (see the module doc)."""
     if os.environ.get("DS3DIST_CPU_KERNEL", "1") == "0" or "avx512f" not in cpu_flags():
         return None
-    key = hashlib.sha256(b"\0".join(
-        [*(f.read_bytes() for f in sorted(_DIR.iterdir())), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
-         " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:16]
+    parts = [*(f.read_bytes() for f in sorted(_DIR.iterdir())), torch.__version__.encode(),
+             " ".join(_CFLAGS).encode(), " ".join(sorted(cpu_flags())).encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     name = f"ds3dist_kernels_{key}"
     build_dir = cache_root() / "kernels" / name
     failed = build_dir / "FAILED"  # an earlier build's error: not retried by every process
@@ -58,12 +58,11 @@ def kernel():
             (build_dir / "lock").unlink(missing_ok=True)  # torch's baton from a killed build
             if not any(build_dir.glob(f"{name}*.so")):
                 log.warning("building the CPU decode kernels into %s (once per machine, about "
-                            "30 s)", build_dir)
+                            "45 s)", build_dir)
             mod = _build(name, build_dir, failed)
     except Exception as e:  # no compiler, no ninja, a failed build, the lock timed out
-        warnings.warn(f"the CPU decode kernels is not available ({type(e).__name__}: "
-                      f"...{str(e)[-400:]}); decode runs as torch ops "
-                      f"(slower)")
+        warnings.warn(f"the CPU decode kernels are not available ({type(e).__name__}: "
+                      f"...{str(e)[-400:]}); decode runs as torch ops (slower)")
         return None
     return mod if mod.avx512() else None
 
@@ -95,8 +94,9 @@ def mla_decode(q_thc: torch.Tensor, rows: list[int], kv_lens: list[int],
 def _build(name: str, build_dir: Path, failed: Path):
     from torch.utils import cpp_extension  # imports setuptools: only when loading the kernel
     try:
-        return cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_CFLAGS,
-                                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir))
+        return cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES],
+                                  extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(build_dir))
     except (RuntimeError, OSError, ImportError) as e:
         failed.write_text(str(e)[-2000:])
         raise

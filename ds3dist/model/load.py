@@ -16,6 +16,7 @@ import torch
 from ds3dist.checkpoint.fp8 import weight_dequant
 from ds3dist.checkpoint.layout import SCALE_SUFFIX
 from ds3dist.checkpoint.reader import CheckpointError
+from ds3dist.model import cpu_kernel
 from ds3dist.model.experts import Experts
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
@@ -95,6 +96,8 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
 def _prepare(model: Transformer, dtype: torch.dtype) -> None:
     """The compute forms of the loaded weights: kv_b dequantized once for the absorbed form,
     fused MLPs, stacked bf16 experts (the grouped CPU kernel), oneDNN-packed copies."""
+    if model.device.type == "cpu":
+        cpu_kernel.kernel()  # built (once per machine) now, not in a rank's first step
     unpacked: set[int] = set()  # Linears whose forward is never called
     for mod in model.modules():
         if isinstance(mod, MLA) and mod.form == "absorbed":

@@ -91,7 +91,8 @@ class MLA(nn.Module):
         offsets = tb.offsets
         if decode:
             page_ids, page_starts = tb.flat_pages()
-            cpu_kernel.mla_decode(q_thc, [offsets[i] for i in decode], [tb.kv_lens[i] for i in decode],
+            kv_lens = tb.kv_lens
+            cpu_kernel.mla_decode(q_thc, [offsets[i] for i in decode], [kv_lens[i] for i in decode],
                                   [page_starts[i] for i in decode], page_ids,
                                   cache.pools[self.layer_id], self.r, self.scale, out)
         done = set(decode)
