@@ -127,3 +127,44 @@ def test_build_lock_wait_times_out(tmp_path):
                 pass
     with cpu_kernel._exclusive(path, 0.3):  # released: taken at once
         pass
+
+
+def _moe_inputs(t: int, seed: int):
+    moe = tiny_model(dtype=torch.bfloat16).layers["1"].mlp
+    assert moe.dispatcher.holds_all and moe.experts.stacked is not None
+    return moe, torch.randn(t, 192, generator=_gen(seed)).bfloat16()
+
+
+@needs_kernels
+@pytest.mark.parametrize("t", [1, 5, cpu_kernel.MOE_TOKENS])
+def test_moe_decode_matches_gate_dispatch_experts_combine(monkeypatch, t):
+    moe, x = _moe_inputs(t, seed=7)
+    calls = []
+    fused = cpu_kernel.moe_decode
+    monkeypatch.setattr(cpu_kernel, "moe_decode", lambda *a: calls.append(1) or fused(*a))
+    got = moe(x)
+    got_counts = moe.dispatcher.received_e.clone()
+    assert calls == [1]
+    monkeypatch.setattr(moe, "_fused", lambda x_td: False)  # gate, dispatch, experts, combine
+    moe.dispatcher.received_e.zero_()
+    want = moe(x)
+    assert torch.equal(got_counts, moe.dispatcher.received_e)  # the same experts chosen
+    assert got_counts.sum() == t * moe.gate.top_k
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got.float(), want.float(), **BF16_TOL)
+
+
+@needs_kernels
+def test_moe_decode_tokens_do_not_depend_on_their_neighbours():
+    moe, x = _moe_inputs(9, seed=8)
+    together = moe(x)
+    assert all(torch.equal(together[i:i + 1], moe(x[i:i + 1])) for i in (0, 4, 8))
+
+
+@needs_kernels
+def test_moe_decode_takes_only_what_it_can():
+    moe, x = _moe_inputs(cpu_kernel.MOE_TOKENS + 1, seed=9)
+    assert not moe._fused(x)  # prefill-sized: the GEMM path
+    assert moe._fused(x[:4]) and not moe._fused(x[:4].float())
+    moe.dispatcher = type(moe.dispatcher)(moe.experts.expert_ids[:8], 16)  # half the experts
+    assert not moe._fused(x[:4])

@@ -1,5 +1,6 @@
-"""CPU kernels for decode (kernels/*.cpp): routed experts at 1-4 rows, and absorbed MLA
-attention of one-token queries over the paged cache.
+"""CPU kernels for decode (kernels/*.cpp): routed experts at 1-4 rows, a whole MoE layer's
+routing and experts for a few tokens, and absorbed MLA attention of one-token queries over the
+paged cache.
 
 At decode row counts a step is mostly fixed costs: about 14 us per oneDNN call and a few us
 per small torch op, for each expert and each sequence of each layer. The kernels do each
@@ -31,6 +32,7 @@ from ds3dist.config import cache_root
 from ds3dist.model.options import cpu_flags
 
 MAX_ROWS = 4  # rows per expert the kernel takes; more go through GEMMs
+MOE_TOKENS = 16  # tokens up to which moe_decode runs a whole layer's routed experts
 BUILD_TIMEOUT_S = 600.0
 _DIR = Path(__file__).with_name("kernels")
 _SOURCES = sorted(_DIR.glob("*.cpp"))
@@ -79,6 +81,19 @@ def grouped_experts(x_sd: torch.Tensor, experts: list[int], starts: list[int],
     out_sd. Needs kernel()."""
     kernel().grouped_experts(x_sd.contiguous(), _int64(experts), _int64(starts),
                              _int64(counts), w13_egd, w2_edi, out_sd)
+
+
+def moe_decode(x_td: torch.Tensor, gate_w_ed: torch.Tensor, bias_e: torch.Tensor, n_group: int,
+               topk_group: int, top_k: int, scaling: float, w13_egd: torch.Tensor,
+               w2_edi: torch.Tensor, received_e: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's routed part for a few tokens with all E experts local (bf16): gate.route,
+    then each token's K expert outputs (rows of an expert in chunks of MAX_ROWS), each rounded
+    and scaled by its weight as Experts does, summed in float32 in k order as
+    LocalDispatcher.combine does. Adds each expert's copies to received_e. Needs kernel()."""
+    out_td = torch.empty_like(x_td)
+    kernel().moe_decode(x_td.contiguous(), gate_w_ed, bias_e, n_group, topk_group, top_k,
+                        scaling, w13_egd, w2_edi, out_td, received_e)
+    return out_td
 
 
 def mla_decode(q_thc: torch.Tensor, rows: list[int], kv_lens: list[int],

@@ -47,6 +47,7 @@ class LocalDispatcher:
     def __init__(self, local_experts: Iterable[int], n_experts: int):
         self.local_experts = sorted(int(e) for e in local_experts)
         self.n_experts = int(n_experts)
+        self.holds_all = self.local_experts == list(range(self.n_experts))
         cpu = torch.device("cpu")  # explicit: models are built under a meta-device context
         lut = torch.full((self.n_experts,), -1, dtype=torch.int64, device=cpu)
         lut[torch.tensor(self.local_experts, dtype=torch.int64, device=cpu)] = \
@@ -63,7 +64,7 @@ class LocalDispatcher:
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         t, k = idx_tk.shape
         local_n = self._lut(x_td.device)[idx_tk.reshape(-1)]
-        if len(self.local_experts) == self.n_experts:
+        if self.holds_all:
             key_n = local_n
         else:  # drop copies for experts not held: sort them to the end, then cut
             key_n = torch.where(local_n < 0, len(self.local_experts), local_n)

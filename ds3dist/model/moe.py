@@ -2,6 +2,8 @@
 
 `dispatcher` is a plain attribute the runtime may replace (LocalDispatcher by default).
 It is called even for zero tokens, so collective dispatchers stay in step across ranks.
+With every routed expert local (LocalDispatcher) and stacked bf16 CPU experts, a few tokens
+take cpu_kernel.moe_decode instead: the same gate, dispatch, experts and combine in one call.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ds3dist.model import cpu_kernel
 from ds3dist.model.dispatch import LocalDispatcher
 from ds3dist.model.experts import Experts
 from ds3dist.model.gate import Gate
@@ -28,10 +31,22 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(self.experts.expert_ids, c.n_routed_experts)
 
     def forward(self, x_td: torch.Tensor) -> torch.Tensor:
-        idx_tk, w_tk = self.gate(x_td)
-        d = self.dispatcher.dispatch(x_td, idx_tk, w_tk)
-        y_sd = self.experts(d.x_sd, d.counts_e, d.w_s)
-        out_td = self.dispatcher.combine(y_sd, d)
+        if self._fused(x_td):
+            g = self.gate
+            out_td = cpu_kernel.moe_decode(x_td, g.weight, g.e_score_correction_bias, g.n_group,
+                                           g.topk_group, g.top_k, g.scaling, *self.experts.stacked,
+                                           self.dispatcher.received_e)
+        else:
+            idx_tk, w_tk = self.gate(x_td)
+            d = self.dispatcher.dispatch(x_td, idx_tk, w_tk)
+            y_sd = self.experts(d.x_sd, d.counts_e, d.w_s)
+            out_td = self.dispatcher.combine(y_sd, d)
         if self.shared_experts is not None:
             out_td = out_td + self.shared_experts(x_td)
         return out_td
+
+    def _fused(self, x_td: torch.Tensor) -> bool:
+        return (self.experts.stacked is not None and x_td.dtype == torch.bfloat16
+                and x_td.shape[0] <= cpu_kernel.MOE_TOKENS
+                and self.gate.weight.dtype == torch.bfloat16
+                and isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.holds_all)

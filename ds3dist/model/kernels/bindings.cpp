@@ -9,6 +9,10 @@ void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
 void mla_decode(const torch::Tensor& q_thc, const torch::Tensor& rows, const torch::Tensor& kv_lens,
                 const torch::Tensor& page_starts, const torch::Tensor& page_ids,
                 const torch::Tensor& pool, int64_t r, double scale, torch::Tensor& out_thr);
+void moe_decode(const torch::Tensor& x_td, const torch::Tensor& gate_w, const torch::Tensor& bias,
+                int64_t n_group, int64_t topk_group, int64_t top_k, double scaling,
+                const torch::Tensor& w13, const torch::Tensor& w2, torch::Tensor& out_td,
+                torch::Tensor& received_e);
 }  // namespace ds3dist
 #endif
 
@@ -16,6 +20,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
   m.def("avx512", [] { return true; });
   m.def("grouped_experts", &ds3dist::grouped_experts, "routed experts for groups of 1-4 rows");
+  m.def("moe_decode", &ds3dist::moe_decode, "a MoE layer's routed part, every expert local");
   m.def("mla_decode", &ds3dist::mla_decode, "absorbed MLA attention of one-token queries");
 #else
   m.def("avx512", [] { return false; });

@@ -11,6 +11,10 @@
 
 namespace ds3dist {
 
+constexpr int kMaxRows = 4;  // rows per expert weight pass (cpu_kernel.MAX_ROWS)
+
+inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
 inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 -> float32, exact
@@ -53,6 +57,22 @@ inline void axpy(float a, const T* v, int64_t n, float* acc) {
   int64_t d = 0;
   for (; d + 16 <= n; d += 16) store16(acc + d, _mm512_fmadd_ps(av, load16(v + d), load16(acc + d)));
   for (; d < n; ++d) acc[d] += a * static_cast<float>(v[d]);
+}
+
+// y[r, :] = w @ x[r, :] for `rows` (1..4) rows (row stride n in x, ld_y in y); w is [out, n].
+inline void gemv(const c10::BFloat16* w, int64_t out, int64_t n, const float* x, int64_t rows,
+                 float* y, int64_t ld_y) {
+  float tmp[kMaxRows];
+  for (int64_t o = 0; o < out; ++o) {
+    const c10::BFloat16* wo = w + o * n;
+    switch (rows) {
+      case 1: dot_rows<1>(wo, x, n, tmp); break;
+      case 2: dot_rows<2>(wo, x, n, tmp); break;
+      case 3: dot_rows<3>(wo, x, n, tmp); break;
+      default: dot_rows<4>(wo, x, n, tmp); break;
+    }
+    for (int64_t r = 0; r < rows; ++r) y[r * ld_y + o] = tmp[r];
+  }
 }
 
 }  // namespace ds3dist

@@ -8,33 +8,23 @@
 
 #ifdef __AVX512F__
 namespace ds3dist {
-namespace {
-
-constexpr int kMaxRows = 4;
-
-// y[r, :] = w @ x[r, :] for `rows` rows (row stride n in x, ld_y in y); w is [out, n].
-void gemv(const c10::BFloat16* w, int64_t out, int64_t n, const float* x, int64_t rows,
-          float* y, int64_t ld_y) {
-  float tmp[kMaxRows];
-  for (int64_t o = 0; o < out; ++o) {
-    const c10::BFloat16* wo = w + o * n;
-    switch (rows) {
-      case 1: dot_rows<1>(wo, x, n, tmp); break;
-      case 2: dot_rows<2>(wo, x, n, tmp); break;
-      case 3: dot_rows<3>(wo, x, n, tmp); break;
-      default: dot_rows<4>(wo, x, n, tmp); break;
+// y [rows, d] = down(silu(gate(x)) * up(x)) for rows (1..4) of x [rows, d], float32 out; gate
+// and up rounded to bf16 as a bf16 GEMM rounds them, the product rounded once. h [4, 2I] and
+// a [4, I] are scratch.
+void expert_rows(const float* x, int64_t rows, const c10::BFloat16* w13, const c10::BFloat16* w2,
+                 int64_t d, int64_t inter, float* h, float* a, float* y) {
+  gemv(w13, 2 * inter, d, x, rows, h, 2 * inter);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < inter; ++j) {
+      const float gate = round_bf16(h[r * 2 * inter + j]);
+      const float up = round_bf16(h[r * 2 * inter + inter + j]);
+      a[r * inter + j] = round_bf16(gate / (1.f + std::exp(-gate)) * up);
     }
-    for (int64_t r = 0; r < rows; ++r) y[r * ld_y + o] = tmp[r];
-  }
+  gemv(w2, d, inter, a, rows, y, d);
 }
 
-inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
-
-}  // namespace
-
 // Groups g: rows starts[g] .. starts[g] + counts[g] - 1 of x_sd (counts 1..4) go through local
-// expert experts[g]: y = down(silu(gate(x)) * up(x)), gate and up rounded to bf16 as a bf16
-// GEMM rounds them, the product rounded once. w13 [E, 2I, D] ([gate; up]), w2 [E, D, I], all
+// expert experts[g] (expert_rows). w13 [E, 2I, D] ([gate; up]), w2 [E, D, I], all
 // bf16 and contiguous. Writes those rows of out_sd [S, D] and no others.
 void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
                      const torch::Tensor& starts, const torch::Tensor& counts,
@@ -60,14 +50,8 @@ void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
     std::vector<float> h(kMaxRows * 2 * inter), a(kMaxRows * inter), y(kMaxRows * d);
     for (int64_t g = lo; g < hi; ++g) {
       const int64_t r0 = st[g], rows = ct[g];
-      gemv(w13p + ex[g] * 2 * inter * d, 2 * inter, d, xp + r0 * d, rows, h.data(), 2 * inter);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < inter; ++j) {
-          const float gate = round_bf16(h[r * 2 * inter + j]);
-          const float up = round_bf16(h[r * 2 * inter + inter + j]);
-          a[r * inter + j] = round_bf16(gate / (1.f + std::exp(-gate)) * up);
-        }
-      gemv(w2p + ex[g] * d * inter, d, inter, a.data(), rows, y.data(), d);
+      expert_rows(xp + r0 * d, rows, w13p + ex[g] * 2 * inter * d, w2p + ex[g] * d * inter, d,
+                  inter, h.data(), a.data(), y.data());
       for (int64_t i = 0; i < rows * d; ++i) yp[r0 * d + i] = c10::BFloat16(y[i]);
     }
   });
