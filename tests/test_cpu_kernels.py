@@ -78,18 +78,20 @@ def _decode_batch(mla, kv_lens, lens, page_size=4, num_pages=40, seed=3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mla_decode_matches_per_sequence_attention(monkeypatch, dtype):
     mla = tiny_model(dtype=dtype).layers["0"].self_attn
-    kv_lens, lens = [1, 5, 8, 13, 9], [1, 1, 1, 1, 3]  # the last one is a prefill chunk
+    # four decode rows, a 3-token step (a speculative verify) and a 6-token prefill chunk
+    kv_lens, lens = [1, 5, 8, 13, 9, 14], [1, 1, 1, 1, 3, 6]
     q, tb, cache = _decode_batch(mla, kv_lens, lens)
     calls = []
     real = cpu_kernel.mla_decode
-    monkeypatch.setattr(cpu_kernel, "mla_decode", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(cpu_kernel, "mla_decode", lambda *a: calls.append(a[1:3]) or real(*a))
     got = mla._attention(q, None, tb, cache)
-    assert calls == [[0, 1, 2, 3]]  # the four one-token rows, in one call
+    # rows of sequences of up to KERNEL_MAX_LEN tokens in one call, each with its own keys
+    assert calls == [([0, 1, 2, 3, 4, 5, 6], [1, 5, 8, 13, 7, 8, 9])]
     monkeypatch.setattr(cpu_kernel, "kernel", lambda: None)  # sequence by sequence
     want = mla._attention(q, None, tb, cache)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL
     torch.testing.assert_close(got.float(), want.float(), **tol)
-    assert torch.equal(got[4:], want[4:])  # the chunk took the same path both times
+    assert torch.equal(got[7:], want[7:])  # the chunk took the same path both times
 
 
 @needs_kernels

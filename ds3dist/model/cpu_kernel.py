@@ -32,7 +32,7 @@ from ds3dist.config import cache_root
 from ds3dist.model.options import cpu_flags
 
 MAX_ROWS = 4  # rows per expert the kernel takes; more go through GEMMs
-MOE_TOKENS = 16  # tokens up to which moe_decode runs a whole layer's routed experts
+MOE_TOKENS = 64  # tokens up to which moe_decode runs a whole layer's routed experts
 BUILD_TIMEOUT_S = 600.0
 _DIR = Path(__file__).with_name("kernels")
 _SOURCES = sorted(_DIR.glob("*.cpp"))
@@ -99,7 +99,8 @@ def moe_decode(x_td: torch.Tensor, gate_w_ed: torch.Tensor, bias_e: torch.Tensor
 def mla_decode(q_thc: torch.Tensor, rows: list[int], kv_lens: list[int],
                page_starts: list[int], page_ids: torch.Tensor, pool: torch.Tensor, r: int,
                scale: float, out_thr: torch.Tensor) -> None:
-    """For each g: the query at row rows[g] of q_thc [T, H, C] attends (softmax of scale * q.k)
+    """For each g (a query row, of a one-token or a short sequence): the query at row rows[g]
+    of q_thc [T, H, C] attends (softmax of scale * q.k)
     to keys 0 .. kv_lens[g] - 1, held in the pages page_ids[page_starts[g]:] of pool
     [P, page, C]; the attended latents (first r columns) go to row rows[g] of out_thr."""
     kernel().mla_decode(q_thc.contiguous(), _int64(rows), _int64(kv_lens), _int64(page_starts),

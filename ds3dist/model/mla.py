@@ -23,6 +23,7 @@ from ds3dist.model.options import BuildOptions
 from ds3dist.model.rope import apply_rope
 
 SCORE_ELEMS = 1 << 26  # attention scores held at once (256 MB in float32)
+KERNEL_MAX_LEN = 4  # sequences feeding up to this many tokens (decode, speculative verify)
 
 
 class MLA(nn.Module):
@@ -80,20 +81,22 @@ class MLA(nn.Module):
 
     def _attention(self, q_thc: torch.Tensor, kv_tc: torch.Tensor, tb: TokenBatch,
                    cache: PagedCache | None) -> torch.Tensor:
-        """Every sequence's attention -> [T, h, r] (absorbed) or [T, h, v] (naive). One-token
-        queries of the absorbed form go through the CPU decode kernel in one call where it is
-        built (cpu_kernel); the others sequence by sequence."""
+        """Every sequence's attention -> [T, h, r] (absorbed) or [T, h, v] (naive). Queries of
+        the absorbed form in sequences of up to KERNEL_MAX_LEN tokens go through the CPU decode
+        kernel in one call where it is built (cpu_kernel), each row with its own causal key
+        count; the others sequence by sequence."""
         out = q_thc.new_empty(q_thc.shape[0], self.h, self.r if self.form == "absorbed" else self.v)
         decode = []
         if (cache is not None and self.form == "absorbed" and q_thc.device.type == "cpu"
                 and q_thc.dtype in (torch.bfloat16, torch.float32) and cpu_kernel.kernel()):
-            decode = [i for i, n in enumerate(tb.lens) if n == 1]
+            decode = [i for i, n in enumerate(tb.lens) if 0 < n <= KERNEL_MAX_LEN]
         offsets = tb.offsets
         if decode:
             page_ids, page_starts = tb.flat_pages()
-            kv_lens = tb.kv_lens
-            cpu_kernel.mla_decode(q_thc, [offsets[i] for i in decode], [kv_lens[i] for i in decode],
-                                  [page_starts[i] for i in decode], page_ids,
+            kv_lens, lens = tb.kv_lens, tb.lens
+            rows = [(offsets[i] + j, kv_lens[i] - lens[i] + j + 1, page_starts[i])
+                    for i in decode for j in range(lens[i])]  # (row, its keys, its pages)
+            cpu_kernel.mla_decode(q_thc, *map(list, zip(*rows)), page_ids,
                                   cache.pools[self.layer_id], self.r, self.scale, out)
         done = set(decode)
         for i, (o, n) in enumerate(zip(offsets, tb.lens)):
