@@ -26,6 +26,7 @@ from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request, RequestStatus
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
+from ds3dist.serving.speculative import SpeculativeConfig
 
 PAGE_SIZE = 64
 
@@ -167,21 +168,27 @@ def result_of(req: Request) -> GenerationResult:
 
 class LocalEngine:
     """The whole model in this process behind the engine interface (`stream`, `generate`):
-    the serving loop with a LocalExecutor, as the Ray engine runs it with its ranks."""
+    the serving loop with a LocalExecutor, as the Ray engine runs it with its ranks.
+    speculative: draft with the MTP layer (the model must hold it: load_model(mtp=True))."""
 
     def __init__(self, model, tokenizer: Any = None, cache_pages: int | None = None,
                  page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
                  max_seqs: int = 64, cache_gb: float = DEFAULT_CPU_CACHE_GB,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, speculative: SpeculativeConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
+        k = speculative.num_tokens if speculative is not None else 0
+        if k and model.mtp is None:
+            raise ValueError("speculative decoding needs the MTP layer: load the model with "
+                             "mtp=True (the checkpoint must have it)")
         width = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
         pages = cache_pages or PagedCache.pages_for_bytes(
-            cache_gb * 1e9, len(model.layer_ids), page_size, width, model.dtype)
+            cache_gb * 1e9, len(model.layer_ids) + len(model.mtp_layer_ids), page_size, width,
+            model.dtype)
         self.sched_cfg = SchedulerConfig(
             pages_per_column=pages, page_size=page_size, max_tokens_per_step=max_tokens_per_step,
             max_seqs=max_seqs, prefill_chunk=prefill_chunk,
-            max_model_len=model.cfg.max_position_embeddings)
-        self.executor = LocalExecutor(model, pages, page_size)
+            max_model_len=model.cfg.max_position_embeddings, num_drafts=k)
+        self.executor = LocalExecutor(model, pages, page_size, k)
         self.scheduler: Scheduler | None = None
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
@@ -199,21 +206,25 @@ class LocalEngine:
     def stats(self) -> dict:
         load = {i: moe.dispatcher.stats()["received_per_expert"]
                 for i, moe in self.model.moe_layers().items()}
-        sched = asdict(self.scheduler.stats) if self.scheduler is not None else {}
-        return {"expert_load": load, "scheduler": sched}
+        stats = self.scheduler.stats if self.scheduler is not None else None
+        return {"expert_load": load, "scheduler": asdict(stats) if stats else {},
+                "speculative": stats.speculative() if stats and self.sched_cfg.num_drafts else None}
 
 
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop=None, *, cache_pages: int | None = None,
              page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
-             max_seqs: int = 64) -> list[GenerationResult]:
+             max_seqs: int = 64, speculative: SpeculativeConfig | None = None
+             ) -> list[GenerationResult]:
     """Generate for prompts with the whole model in this process: continuous batching over a
     paged cache (cache_pages pages of page_size tokens; default: enough for every prompt at
     its longest, so nothing is preempted). Request i samples with noise keyed by
-    (seed, str(i), token index)."""
+    (seed, str(i), token index). speculative: draft with the MTP layer."""
     if cache_pages is None:
+        extra = speculative.num_tokens if speculative is not None else 0
         ids = encode_prompts(tokenizer, prompts, special_ids(tokenizer, model.cfg)[0])
-        cache_pages = max(1, sum(-(-(len(p) + max_new_tokens) // page_size) for p in ids))
-    engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs)
+        cache_pages = max(1, sum(-(-(len(p) + max_new_tokens + extra) // page_size) for p in ids))
+    engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs,
+                         speculative=speculative)
     return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop)

@@ -124,12 +124,14 @@ def local_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any, dtype,
     as a rank keeps it."""
     torch.set_num_threads(int(opts["cpus_per_rank"]))
     retain_freed_memory()
+    spec = opts["speculative"]
     model = load_model(checkpoint, execution=schema.execution_mode(cfg), dtype=dtype,
-                       device=resolved.layout.device, mtp=False)
+                       device=resolved.layout.device, mtp=spec is not None)
     s = opts["serving"]
     return LocalEngine(model, load_tokenizer(checkpoint), page_size=s.page_size,
                        max_tokens_per_step=s.max_tokens_per_step, max_seqs=s.max_seqs,
-                       cache_gb=s.cache_gb or DEFAULT_CPU_CACHE_GB, prefill_chunk=s.prefill_chunk)
+                       cache_gb=s.cache_gb or DEFAULT_CPU_CACHE_GB, prefill_chunk=s.prefill_chunk,
+                       speculative=spec)
 
 
 @dataclass

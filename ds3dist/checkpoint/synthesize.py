@@ -190,11 +190,40 @@ def _row_step(shape: tuple[int, ...], block_rows: int) -> int:
     return max(1, _CHUNK_ELEMS // (per_row * block_rows)) * block_rows
 
 
-def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int):
+# ---- the predictable variant (speculative decoding tests and benchmarks) ------------------
+# Greedy next token = (current + 1) mod vocab, and the MTP module knows it: the head's row v is
+# the embedding of v - 1 (unit length, times HEAD_GAIN / sqrt(hidden) so that the right logit
+# is about HEAD_GAIN), every layer's output projections are damped by DAMP (the residual
+# stream stays near the token's embedding, the layers still compute), and the MTP's eh_proj
+# passes the next token's embedding through ([I | 0]).
+HEAD_GAIN = 25.0
+DAMP = 0.1
+
+
+def _predictable_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int):
+    """(first row, rows) of the predictable variant's special weights; None for the others."""
+    if _source_key(cfg, name) == "lm_head.weight":
+        emb = make_weight(cfg, "model.embed_tokens.weight", shape, seed)
+        rows = torch.roll(emb, 1, dims=0)  # row v: embedding of v - 1
+        gain = HEAD_GAIN / math.sqrt(shape[1])
+        return [(0, rows.div_(rows.norm(dim=1, keepdim=True)).mul_(gain))]
+    if name.endswith(".eh_proj.weight"):
+        return [(0, torch.cat((torch.eye(shape[0]), torch.zeros(shape[0], shape[1] - shape[0])), 1))]
+    return None
+
+
+def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
+                  predictable: bool = False):
     """Yield (first row, float32 rows) of weight `name`, deterministic per seed.
 
     The chunking depends only on the shape, so the values do not depend on the shard count.
+    predictable: the variant above.
     """
+    special = _predictable_chunks(cfg, name, shape, seed) if predictable else None
+    if special is not None:
+        yield from special
+        return
+    damp = DAMP if predictable and name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
     g = _gen(seed, _source_key(cfg, name))
     if name.endswith("e_score_correction_bias"):
         yield 0, torch.randn(shape, generator=g).mul_(0.1)
@@ -202,38 +231,40 @@ def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
     if len(shape) == 1:  # RMSNorm weights
         yield 0, torch.randn(shape, generator=g).mul_(0.05).add_(1.0)
         return
-    std = _std(cfg, name, shape)
+    std = _std(cfg, name, shape) * damp
     step = _row_step(shape, cfg.block_size[0])
     for r0 in range(0, shape[0], step):
         n = min(step, shape[0] - r0)
         yield r0, torch.randn((n, *shape[1:]), generator=g).mul_(std)
 
 
-def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
+                predictable: bool = False) -> torch.Tensor:
     """The float32 value of weight `name` (before FP8/bf16 storage), deterministic per seed."""
-    return torch.cat([c for _, c in _value_chunks(cfg, name, shape, seed)])
+    return torch.cat([c for _, c in _value_chunks(cfg, name, shape, seed, predictable)])
 
 
-def _stored(cfg: ModelConfig, spec: TensorSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stored(cfg: ModelConfig, spec: TensorSpec, seed: int, predictable: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tensor as stored, its block scale for FP8 else None), built chunk by chunk so the
     float32 values never exist for the whole tensor at once."""
     if spec.dtype == "F8_E4M3":
         b0, b1 = cfg.block_size
         out = torch.empty(spec.shape, dtype=fp8.FP8_DTYPE)
         scale = torch.empty(math.ceil(spec.shape[0] / b0), math.ceil(spec.shape[1] / b1))
-        for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed):
+        for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable):
             q, s = fp8.weight_quant(chunk, cfg.block_size)  # chunks hold whole block rows
             out[r0:r0 + chunk.shape[0]] = q
             scale[r0 // b0:r0 // b0 + s.shape[0]] = s
         return out, scale
     out = torch.empty(spec.shape, dtype=spec.torch_dtype)
-    for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed):
+    for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable):
         out[r0:r0 + chunk.shape[0]] = chunk
     return out, None
 
 
 def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
-                   table: dict[str, TensorSpec]):
+                   table: dict[str, TensorSpec], predictable: bool = False):
     """Yield the tensors of `specs` in order; an FP8 weight's scale comes from the same quant."""
     pending_scales: dict[str, torch.Tensor] = {}
     for s in specs:
@@ -241,10 +272,10 @@ def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
             w_name = s.name[: -len(SCALE_SUFFIX)]
             scale = pending_scales.pop(w_name, None)
             if scale is None:  # weight lives in another shard (never with plan_shards order)
-                _, scale = _stored(cfg, table[w_name], seed)
+                _, scale = _stored(cfg, table[w_name], seed, predictable)
             yield scale
             continue
-        t, scale = _stored(cfg, s, seed)
+        t, scale = _stored(cfg, s, seed, predictable)
         if scale is not None and s.name + SCALE_SUFFIX in table:
             pending_scales[s.name] = scale
         yield t
@@ -284,11 +315,14 @@ def synthesize(
     seed: int = 0,
     shards: int | None = None,
     progress: bool | None = None,
+    predictable: bool = False,
 ) -> Path:
     """Write a synthetic checkpoint for `preset` (a preset name or a ModelConfig) into out_dir.
 
     shards defaults to 4 (tiny), 8 (small), 163 (deepseek_v3) and 1 for a custom config.
-    progress: tqdm bar (default: shown for multi-shard writes). Returns out_dir as a Path.
+    progress: tqdm bar (default: shown for multi-shard writes). predictable: greedy next
+    token = current + 1 (mod vocab), which the MTP module predicts too (HEAD_GAIN, DAMP), for
+    speculative decoding. Returns out_dir as a Path.
     """
     if isinstance(preset, ModelConfig):
         cfg, preset_name = preset, None
@@ -318,7 +352,7 @@ def synthesize(
         for k, group in enumerate(groups, start=1):
             fname = shard_name(k, shards)
             h = hashlib.sha256()
-            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table),
+            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table, predictable),
                                    hasher=h)
             digests[fname] = h.hexdigest()
             weight_map.update({s.name: fname for s in group})
@@ -340,9 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=None,
                     help="number of shards (default: tiny 4, small 8, deepseek_v3 163)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--predictable", action="store_true",
+                    help="greedy next token = current + 1, predicted by the MTP module too "
+                         "(speculative decoding tests and benchmarks)")
     a = ap.parse_args(argv)
     out = synthesize(a.out, preset=a.preset, seed=a.seed, shards=a.shards,
-                     progress=False if a.no_progress else None)
+                     progress=False if a.no_progress else None, predictable=a.predictable)
     print(out)
     return 0
 

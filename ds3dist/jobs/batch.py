@@ -15,7 +15,8 @@ engine rejects (too long for the model or the cache) or that fails on its own go
 errors file and the job goes on. The output file is locked while a job writes it.
 
 The engine is a parameter: anything with `stream(requests)` yielding ended
-`ds3dist.serving.request.Request`s, and optionally `stats()`.
+`ds3dist.serving.request.Request`s, and optionally `stats()` and the `scheduler` of its
+stream (whose counters feed the progress bar: speculative acceptance and tokens per step).
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_pa
         },
         "throughput": _throughput(tally, wall),
         "scheduler": dict(stats.get("scheduler") or {}),
+        "speculative": stats.get("speculative"),
         "stage_seconds": list(stats.get("stage_seconds") or []),
         "expert_load": expert_load,
         "ranks": list(stats.get("ranks") or []),
@@ -226,8 +228,19 @@ def _generate(job: _Job, todo: list[Request], progress: bool) -> _Tally:
             tally.seconds = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(tok_s=f"{tally.completion_tokens / max(tally.seconds, 1e-9):.1f}",
-                            refresh=False)
+                            **_speculative_postfix(job.engine), refresh=False)
     return tally
+
+
+def _speculative_postfix(engine: Any) -> dict[str, str]:
+    """Acceptance per draft position and tokens per step, while speculating."""
+    sched = getattr(engine, "scheduler", None)
+    if sched is None or not sched.cfg.num_drafts:
+        return {}
+    spec = sched.stats.speculative()
+    acc = "/".join(f"{a:.2f}" for a in spec["acceptance_per_position"] if a is not None)
+    tps = spec["tokens_per_step"]
+    return {"accept": acc or "-", "tok_step": f"{tps:.2f}" if tps else "-"}
 
 
 def _write(job: _Job, req: Request, ended: EngineRequest, tally: _Tally) -> None:

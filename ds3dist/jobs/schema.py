@@ -20,6 +20,7 @@ from typing import Any, List, Optional
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
 from ds3dist.serving.options import CONTROLS, ServingOptions
+from ds3dist.serving.speculative import MAX_DRAFTS, METHODS, SpeculativeConfig
 
 SCHEMA_NAME = "ds3dist_schema"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -60,6 +61,12 @@ class ExecutionConf:
 
 
 @dataclass
+class SpeculativeConf:
+    method: Optional[str] = None  # mtp: draft with the MTP layer; null: off
+    num_tokens: int = 1  # drafts per request and step (1..3)
+
+
+@dataclass
 class SamplingConf:
     max_new_tokens: int = 64
     temperature: float = 0.6  # 0: greedy
@@ -67,6 +74,7 @@ class SamplingConf:
     top_k: int = 0  # 0: off
     seed: int = 0
     stop: Optional[List[str]] = None
+    speculative: SpeculativeConf = field(default_factory=SpeculativeConf)
 
 
 class JobFormat(Enum):
@@ -207,6 +215,11 @@ def validate(cfg: Any) -> Resolved:
     _check_range(problems, "sampling.temperature", _get(cfg, "sampling.temperature"), 0, None)
     _check_range(problems, "sampling.top_p", _get(cfg, "sampling.top_p"), 0, 1, lo_open=True)
     _check_range(problems, "sampling.top_k", _get(cfg, "sampling.top_k"), 0, None)
+    if _get(cfg, "sampling.speculative.method") not in (None, *METHODS):
+        problems.append(f"sampling.speculative.method: must be null (off) or one of {METHODS}, "
+                        f"got {_get(cfg, 'sampling.speculative.method')!r}")
+    _check_range(problems, "sampling.speculative.num_tokens",
+                 _get(cfg, "sampling.speculative.num_tokens"), 1, MAX_DRAFTS)
     _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
     _check_range(problems, "runtime.collective_timeout_s",
                  _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
@@ -287,7 +300,16 @@ def runtime_options(cfg: Any, world_size: int) -> dict[str, Any]:
             cache_gb=get("cache_gb"), page_size=int(get("page_size")),
             max_tokens_per_step=int(get("max_tokens_per_step")), max_seqs=int(get("max_seqs")),
             prefill_chunk=get("prefill_chunk"), control=str(get("control"))),
+        "speculative": speculative(cfg),
     }
+
+
+def speculative(cfg: Any) -> SpeculativeConfig | None:
+    """sampling.speculative as a SpeculativeConfig, or None when off."""
+    method = _get(cfg, "sampling.speculative.method")
+    if method is None:
+        return None
+    return SpeculativeConfig(str(method), int(_get(cfg, "sampling.speculative.num_tokens")))
 
 
 def default_cpus_per_rank(address: str | None, world_size: int) -> int:

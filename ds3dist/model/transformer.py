@@ -53,11 +53,14 @@ class Transformer(nn.Module):
         mtp = (n - 1 in self.layer_ids and c.num_nextn_predict_layers > 0) if mtp is None else mtp
         if mtp and c.num_nextn_predict_layers == 0:
             raise ValueError("mtp=True but the config has num_nextn_predict_layers = 0")
+        if mtp and not head:
+            raise ValueError("the MTP layer needs the head: hold it on the part with the last layer")
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, opts.dtype) if embed else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(opts, i) for i in self.layer_ids})
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, opts.dtype) if head else None
         self.lm_head = Linear(c.hidden_size, c.vocab_size, fp8=False, dtype=opts.dtype) if head else None
-        self.mtp = nn.ModuleDict({str(i): MTPLayer(opts, i) for i in c.mtp_layer_ids}) if mtp else None
+        self.mtp = nn.ModuleDict({str(i): MTPLayer(opts, i, own_embedding=not embed)
+                                  for i in c.mtp_layer_ids}) if mtp else None
         self.rope = Rope(c)
         self.load_stats: dict = {}
 
@@ -150,10 +153,19 @@ class Transformer(nn.Module):
                    cache: PagedCache | None = None) -> torch.Tensor:
         """The MTP block's output (before shared_head) for hidden_td (main model's last
         hidden state, before the final norm) and next_tokens_t (token t+1 at each t)."""
+        layer = self._mtp_layer()
+        embed = self.embed_tokens if self.embed_tokens is not None else layer.embed_tokens
+        return layer.block(embed, hidden_td, next_tokens_t.to(self.device), tb, cache)
+
+    def _mtp_layer(self) -> MTPLayer:
         if self.mtp is None:
             raise RuntimeError("this model part does not hold the MTP layer")
-        layer = self.mtp[str(self.mtp_layer_ids[0])]  # depth 1 (the release has one module)
-        return layer.block(hidden_td, next_tokens_t.to(self.device), tb, cache)
+        return self.mtp[str(self.mtp_layer_ids[0])]  # depth 1 (the release has one module)
+
+    @torch.no_grad()
+    def mtp_head(self, h_nd: torch.Tensor) -> torch.Tensor:
+        """The MTP block's output -> float32 logits: its own norm, the main head."""
+        return self.lm_head(self._mtp_layer().shared_head.norm(h_nd)).float()
 
     @torch.no_grad()
     def mtp_logits(self, hidden_td: torch.Tensor, next_tokens_t: torch.Tensor, tb: TokenBatch,
@@ -162,5 +174,4 @@ class Transformer(nn.Module):
 
         Positions are those of h_t; rotary attention depends only on position differences,
         so any constant offset (e.g. using t+1) gives the same result."""
-        h_td = self.mtp_hidden(hidden_td, next_tokens_t, tb, cache)
-        return self.mtp[str(self.mtp_layer_ids[0])].shared_head(h_td)
+        return self.mtp_head(self.mtp_hidden(hidden_td, next_tokens_t, tb, cache))

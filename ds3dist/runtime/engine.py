@@ -32,6 +32,7 @@ from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB, ServingOptions
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
+from ds3dist.serving.speculative import SpeculativeConfig
 from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
@@ -59,12 +60,17 @@ class Engine:
         connect_timeout_s: float = 30.0,
         cpus_per_rank: int = 1,
         fault_ids: tuple[str, ...] = (),
+        speculative: SpeculativeConfig | None = None,
     ):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
         self.config = ModelConfig.from_json(self.checkpoint)
         self.plans = self.layout.plan(self.config)
         self.serving = serving or ServingOptions()
+        self.num_drafts = speculative.num_tokens if speculative is not None else 0
+        if self.num_drafts and not self.config.mtp_layer_ids:
+            raise EngineError("sampling.speculative: the model has no MTP layer "
+                              "(num_nextn_predict_layers = 0)")
         if self.serving.control == "local":
             raise EngineError("runtime.control=local runs the model in one process without Ray "
                               "(LocalEngine, which the launch uses for it), not in an Engine")
@@ -113,7 +119,7 @@ class Engine:
                         self.pg, placement_group_bundle_index=plan.rank),
                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         threads, tuple(fault_ids), self.engine_id)
+                         threads, tuple(fault_ids), self.engine_id, self.num_drafts)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
@@ -133,7 +139,8 @@ class Engine:
             nbytes = 0.9 * free
         else:
             nbytes = (opt.cache_gb if opt.cache_gb is not None else DEFAULT_CPU_CACHE_GB) * 1e9
-        layers = max(len(p.layers) for p in self.plans)
+        layers = max(len(p.layers) + (len(cfg.mtp_layer_ids) if p.head and self.num_drafts else 0)
+                     for p in self.plans)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         pages = PagedCache.pages_for_bytes(nbytes, layers, opt.page_size, width, dtype)
         if pages < 1:
@@ -145,7 +152,8 @@ class Engine:
                                page_size=opt.page_size,
                                max_tokens_per_step=opt.max_tokens_per_step,
                                max_seqs=opt.max_seqs, prefill_chunk=opt.prefill_chunk,
-                               max_model_len=cfg.max_position_embeddings)
+                               max_model_len=cfg.max_position_embeddings,
+                               num_drafts=self.num_drafts)
 
     def _executor(self):
         control = self.serving.control
@@ -163,7 +171,8 @@ class Engine:
             raise EngineError("the engine has been shut down")
         if self.executor is None:
             self.executor = self._executor()
-        self.scheduler = Scheduler(replace(self.sched_cfg, overlap=self.executor.overlap))
+        overlap = self.executor.overlap and not self.num_drafts  # drafts need the step before
+        self.scheduler = Scheduler(replace(self.sched_cfg, overlap=overlap))
         yield from serve(self.scheduler, self.executor, requests, timeout_s=self.step_timeout_s)
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -245,9 +254,10 @@ class Engine:
         stage_s = [0.0] * self.layout.pp
         for st in ranks:
             stage_s[st["stage"]] = max(stage_s[st["stage"]], st["busy_seconds"])
-        sched = asdict(self.scheduler.stats) if self.scheduler is not None else {}
+        st = self.scheduler.stats if self.scheduler is not None else None
         return {"ranks": ranks, "expert_load": dict(sorted(load.items())),
-                "stage_seconds": stage_s, "scheduler": sched}
+                "stage_seconds": stage_s, "scheduler": asdict(st) if st else {},
+                "speculative": st.speculative() if st and self.num_drafts else None}
 
     def shutdown(self) -> None:
         for a in self.actors:  # first: a stopped rank must not hold up the graph's teardown

@@ -2,8 +2,8 @@
 
 `CompiledExecutor` (the default on GPU) compiles one Ray graph of every rank's `step`: the
 plan goes in once, stage s rank r hands its payload to stage s+1 rank r through a channel
-(shared memory on one node; never through the driver), and the last stage's (sampled,
-failed) come back. `ClassicExecutor` (the default on CPU, where a compiled-graph actor keeps
+(shared memory on one node; never through the driver), and the last stage's results
+come back. `ClassicExecutor` (the default on CPU, where a compiled-graph actor keeps
 a core spinning) submits the same chain as ordinary actor calls: pp x ep calls a step, the
 plan inlined in each, payloads passed as object refs from actor to actor.
 
@@ -45,12 +45,11 @@ def plans_in_flight(layout: ParallelLayout) -> tuple[bool, int]:
     return layout.pp == 1, layout.pp + (layout.pp == 1)
 
 
-def merge(step_id: int, outs: list) -> StepResult:
-    """The last stage's (sampled, failed) of every column -> one StepResult."""
+def merge(step_id: int, outs: list[StepResult]) -> StepResult:
+    """The last stage's StepResult of every column -> one."""
     res = StepResult(step_id)
-    for sampled, failed in outs:
-        res.sampled.update(sampled)
-        res.failed.update(failed)
+    for out in outs:
+        res.merge(out)
     return res
 
 

@@ -44,7 +44,8 @@ class RankStepError(RuntimeError):
 class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
-                 threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = ""):
+                 threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = "",
+                 num_drafts: int = 0):
         torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
         retain_freed_memory()
         self.plan = plan
@@ -64,6 +65,7 @@ class StageWorker:
         self.net: dict = {}
         self.collectives = CollectiveLog()
         self.engine_id = engine_id  # the key of this rank's published progress
+        self.num_drafts = num_drafts if plan.head else 0  # the last stage drafts with the MTP
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -106,7 +108,7 @@ class StageWorker:
         t0 = time.perf_counter()
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
-            layers=self.plan.layers, experts=set(self.plan.experts), mtp=False,
+            layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.num_drafts > 0,
             embed=self.plan.embed, head=self.plan.head, attn_form=self.attn_form,
         )
         if self.layout.ep > 1:
@@ -123,7 +125,7 @@ class StageWorker:
 
     def setup_cache(self, num_pages: int, page_size: int) -> int:
         """Allocate this rank's page pool (the same page ids on every stage of its column)."""
-        self.runner = StepRunner(self.model, num_pages, page_size)
+        self.runner = StepRunner(self.model, num_pages, page_size, self.num_drafts)
         self.runner.fail_ids = set(self.fault_ids)
         return self.runner.cache.nbytes()
 
@@ -134,7 +136,7 @@ class StageWorker:
     # ---- steps ------------------------------------------------------------------------
     def step(self, plan: StepPlan, payload=None):
         """This rank's column of one step (see ds3dist.serving.executor.run_column): the next
-        stage's payload, or on the last stage (sampled, failed)."""
+        stage's payload, or on the last stage its column's StepResult."""
         t0 = time.perf_counter()
         entered = self.collectives.entered
         try:

@@ -35,8 +35,8 @@ class Executor(Protocol):
 def run_column(runner: StepRunner, plan: StepPlan, seqs: list[SeqStep], first: bool, last: bool,
                payload: tuple[dict[str, str], torch.Tensor] | None = None):
     """One rank's part of a step. payload: (requests failed so far -> reason, hidden states)
-    from the previous stage. Returns the next stage's payload, or on the last stage
-    (sampled, failed)."""
+    from the previous stage. Returns the next stage's payload, or on the last stage the
+    column's StepResult."""
     if first:
         failed, h_td = runner.failing(seqs), None
     else:
@@ -46,7 +46,9 @@ def run_column(runner: StepRunner, plan: StepPlan, seqs: list[SeqStep], first: b
     h_td = runner.layers(seqs, tb, h_td)
     if not last:
         return failed, h_td
-    return runner.sample(seqs, tb, h_td), failed
+    res = runner.sample(plan.step_id, seqs, tb, h_td)
+    res.failed.update(failed)
+    return res
 
 
 class LocalExecutor:
@@ -54,15 +56,14 @@ class LocalExecutor:
 
     max_in_flight, overlap = 1, False
 
-    def __init__(self, model, num_pages: int, page_size: int):
-        self.runner = StepRunner(model, num_pages, page_size)
+    def __init__(self, model, num_pages: int, page_size: int, num_drafts: int = 0):
+        self.runner = StepRunner(model, num_pages, page_size, num_drafts)
         self._done: deque[StepResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:
         if len(plan.columns) != 1:
             raise ValueError(f"one process runs one column, the plan has {len(plan.columns)}")
-        sampled, failed = run_column(self.runner, plan, plan.columns[0], True, True)
-        self._done.append(StepResult(plan.step_id, sampled, failed))
+        self._done.append(run_column(self.runner, plan, plan.columns[0], True, True))
 
     def result(self, timeout_s: float | None = None) -> StepResult:
         return self._done.popleft()

@@ -5,7 +5,9 @@ every step, so a column may have none). Workers first drop the state of the ids 
 then for each SeqStep: a step with `params` (re)introduces the request (start == 0, fresh
 page table); `new_pages` extend its page table; token_ids[i] is written at position start + i;
 when `sample`, a token is sampled from the last position, its noise keyed by
-(params.seed, request id, output_index). A token id FILL stands for the token the worker
+(params.seed, request id, output_index). With speculative decoding the last `drafts` token ids
+are drafts to verify (ds3dist.serving.speculative), and a step that does not sample carries
+`next_token`, the token after its last, for the MTP module. A token id FILL stands for the token the worker
 sampled for the request in the step before (overlapped decode: that step's result has not
 reached the scheduler yet).
 """
@@ -29,6 +31,8 @@ class SeqStep:
     sample: bool
     params: SamplingParams | None
     output_index: int
+    drafts: int = 0  # trailing token ids that are drafts to verify
+    next_token: int | None = None  # the token after the last (steps that do not sample)
 
 
 @dataclass(slots=True)
@@ -47,6 +51,17 @@ class StepPlan:
 
 @dataclass(slots=True)
 class StepResult:
+    """sampled: the step's own token per sampling request; accepted: the drafts it accepted
+    before that token; drafts: the next step's drafts (speculative decoding)."""
     step_id: int
     sampled: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    accepted: dict[str, list[int]] = field(default_factory=dict)
+    drafts: dict[str, list[int]] = field(default_factory=dict)
+
+    def merge(self, other: StepResult) -> None:
+        """Add another column's part of the same step."""
+        self.sampled.update(other.sampled)
+        self.failed.update(other.failed)
+        self.accepted.update(other.accepted)
+        self.drafts.update(other.drafts)

@@ -4,7 +4,8 @@ A request's target is `num_tokens` (prompt + outputs so far). Each step advances
 `num_computed` (tokens whose cache rows are written) towards it; the step that brings
 `num_computed == num_tokens` samples a token from its last position, which is appended to
 `output_ids` (so the target grows by one). Preemption drops the cache (num_computed = 0)
-but keeps the outputs, so recompute prefills prompt + outputs.
+but keeps the outputs, so recompute prefills prompt + outputs. With speculative decoding a
+decode step also feeds the drafts the step before proposed; those accepted count as outputs.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     in_flight: int = 0  # plans holding it (2 only with an overlapped decode)
     sampling: bool = False  # its newest step in flight samples a token
+    drafts: list[int] = field(default_factory=list, repr=False)  # to verify next step
     finish_reason: str | None = None
     error: str | None = None
     arrival: int = -1

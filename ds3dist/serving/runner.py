@@ -6,7 +6,9 @@ parameters the plans introduced, and the last token it sampled for each (a FILL 
 stands for it); a plan only carries diffs (new requests, new pages, new token ids, freed
 ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
-for each sequence whose step reaches its target.
+for each sequence whose step reaches its target. With speculative decoding (num_drafts > 0,
+last stage) `sample` also verifies the drafts a step carries and runs the MTPDrafter for the
+next step's drafts.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from __future__ import annotations
 import torch
 
 from ds3dist.model.cache import TokenBatch
+from ds3dist.serving.drafter import MTPDrafter, Verified
 from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.plan import FILL, SeqStep
+from ds3dist.serving.plan import FILL, SeqStep, StepResult
 from ds3dist.serving.sampling import sample_rows
+from ds3dist.serving.speculative import verify
 
 
 class StepRunner:
-    def __init__(self, model, num_pages: int, page_size: int):
+    def __init__(self, model, num_pages: int, page_size: int, num_drafts: int = 0):
         self.model = model
         self.page_size = page_size
         self.cache = model.new_cache(num_pages, page_size)
+        self.drafter = MTPDrafter(model, self.cache, page_size, num_drafts) if num_drafts else None
         self.tables: dict[str, list[int]] = {}
         self.params: dict[str, SamplingParams] = {}
         self.last: dict[str, int] = {}  # the token sampled for each request's newest step
@@ -34,6 +39,8 @@ class StepRunner:
             self.tables.pop(rid, None)
             self.params.pop(rid, None)
             self.last.pop(rid, None)
+            if self.drafter is not None:
+                self.drafter.forget(rid)
         for s in seqs:
             if s.params is not None:  # (re)introduced: a fresh page table
                 self.tables[s.req_id], self.params[s.req_id] = [], s.params
@@ -63,13 +70,46 @@ class StepRunner:
         return self.model.forward_layers(h_td.to(self.model.device), tb, self.cache)
 
     @torch.inference_mode()
-    def sample(self, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor) -> dict[str, int]:
-        picked = [(s, o + len(s.token_ids) - 1) for s, o in zip(seqs, tb.offsets) if s.sample]
-        if not picked:
-            return {}
-        logits_nv = self.model.logits(h_td[[row for _, row in picked]])
-        tokens = sample_rows(logits_nv, [self.params[s.req_id] for s, _ in picked],
-                             [(s.req_id, s.output_index) for s, _ in picked])
-        sampled = {s.req_id: t for (s, _), t in zip(picked, tokens)}
-        self.last.update(sampled)
-        return sampled
+    def sample(self, step_id: int, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor
+               ) -> StepResult:
+        """The step's tokens (and, speculating, accepted drafts and the next drafts)."""
+        res = StepResult(step_id)
+        picked = [(s, o + len(s.token_ids) - 1 - s.drafts) for s, o in zip(seqs, tb.offsets)
+                  if s.sample]  # each with the row of its newest token, then its drafts' rows
+        if picked and self.drafter is None:
+            logits_nv = self.model.logits(h_td[[row for _, row in picked]])
+            tokens = sample_rows(logits_nv, [self.params[s.req_id] for s, _ in picked],
+                                 [(s.req_id, s.output_index) for s, _ in picked])
+            res.sampled = {s.req_id: t for (s, _), t in zip(picked, tokens)}
+        elif picked:
+            self._verify(picked, h_td, res)
+        self.last.update(res.sampled)
+        if self.drafter is not None:
+            res.drafts = self.drafter.run(self._verified(seqs, tb, res), h_td, self.tables,
+                                          self.params)
+        return res
+
+    def _verify(self, picked: list[tuple[SeqStep, int]], h_td: torch.Tensor, res: StepResult
+                ) -> None:
+        rows = [r for s, r0 in picked for r in range(r0, r0 + s.drafts + 1)]
+        logits = self.model.logits(h_td[rows]).cpu().numpy()
+        i = 0
+        for s, _ in picked:
+            m, rid = s.drafts, s.req_id
+            res.accepted[rid], res.sampled[rid] = verify(
+                logits[i:i + m + 1], s.token_ids[len(s.token_ids) - m:],
+                self.drafter.draft_probs(rid, m), self.params[rid], rid, s.output_index)
+            i += m + 1
+
+    def _verified(self, seqs: list[SeqStep], tb: TokenBatch, res: StepResult) -> list[Verified]:
+        """What the MTP module reads: every position the main model verified, with the token
+        after each; sampling steps draft from their last."""
+        out = []
+        for s, o in zip(seqs, tb.offsets):
+            if not s.sample:
+                out.append(Verified(s, o, len(s.token_ids), s.next_token, None))
+                continue
+            acc = res.accepted.get(s.req_id, [])
+            out.append(Verified(s, o, len(s.token_ids) - s.drafts + len(acc),
+                                res.sampled[s.req_id], s.output_index + len(acc) + 1))
+        return out

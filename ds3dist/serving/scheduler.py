@@ -17,6 +17,13 @@ written FILL for the worker to fill in, so that the workers never wait for the d
 step takes free pages only, never preempts, and is wasted when the token in flight ends the
 request.
 
+With speculative decoding (`num_drafts` k > 0), a decode step feeds the request's newest
+token and the drafts the step before proposed (fewer when the budget, the pages or
+max_new_tokens leave less room); the result says which were accepted, and only those count
+as computed: rejected positions need no rewind, their cache rows are overwritten later. A
+sampling step reserves pages for k - 1 positions past its last, where the MTP module's
+chained drafts write their rows.
+
 Every request that ends (REJECTED at add, FINISHED, FAILED, aborted) is reported exactly once,
 by the next update() or pop_ended(); one that ends while a plan still holds it ends when
 that plan returns. Ids of ended or preempted requests the workers know go into the next
@@ -46,6 +53,7 @@ class SchedulerConfig:
     prefill_chunk: int | None = None  # None: max_tokens_per_step // 2 while others wait
     max_model_len: int
     overlap: bool = False  # decode steps ahead of their token (workers fill it in)
+    num_drafts: int = 0  # speculative decoding: drafts per request and step (0: off)
 
     def __post_init__(self) -> None:
         for name in ("columns", "pages_per_column", "page_size", "max_tokens_per_step",
@@ -56,6 +64,16 @@ class SchedulerConfig:
         if self.prefill_chunk is not None and (not isinstance(self.prefill_chunk, int)
                                                or self.prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None or an integer >= 1, got {self.prefill_chunk!r}")
+        if not isinstance(self.num_drafts, int) or self.num_drafts < 0:
+            raise ValueError(f"num_drafts must be an integer >= 0, got {self.num_drafts!r}")
+        if self.overlap and self.num_drafts:
+            raise ValueError("overlap and speculative drafts exclude each other: a step's "
+                             "drafts are known only when the step before has returned")
+
+    @property
+    def chain_rows(self) -> int:
+        """Cache rows a sampling step writes past its last position (chained drafts)."""
+        return max(0, self.num_drafts - 1)
 
 
 @dataclass
@@ -63,6 +81,30 @@ class SchedulerStats:
     steps: int = 0
     preemptions: int = 0
     tokens_scheduled: int = 0
+    sample_steps: int = 0  # sequence steps that sampled (main-model steps of a request)
+    output_tokens: int = 0  # tokens they produced (accepted drafts included)
+    drafts_proposed: list[int] = field(default_factory=list)  # per draft position
+    drafts_accepted: list[int] = field(default_factory=list)
+
+    def speculative(self) -> dict:
+        """Acceptance per draft position, tokens per sampling step and its inverse."""
+        return {"acceptance_per_position": [round(a / p, 4) if p else None for a, p in
+                                            zip(self.drafts_accepted, self.drafts_proposed)],
+                "tokens_per_step": round(self.output_tokens / self.sample_steps, 4)
+                if self.sample_steps else None,
+                "steps_per_token": round(self.sample_steps / self.output_tokens, 4)
+                if self.output_tokens else None}
+
+    def count(self, proposed: int, accepted: int, produced: int) -> None:
+        """One sampling step: drafts sent and accepted, tokens appended."""
+        grow = max(0, proposed - len(self.drafts_proposed))
+        self.drafts_proposed += [0] * grow
+        self.drafts_accepted += [0] * grow
+        for i in range(proposed):
+            self.drafts_proposed[i] += 1
+            self.drafts_accepted[i] += i < accepted
+        self.sample_steps += 1
+        self.output_tokens += produced
 
 
 @dataclass
@@ -120,7 +162,7 @@ class Scheduler:
         if need > self.cfg.max_model_len:
             return (f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) "
                     f"= {need} exceeds max_model_len {self.cfg.max_model_len}")
-        pages = self.pools[0].pages_for(need)
+        pages = self.pools[0].pages_for(need + self.cfg.chain_rows)
         if pages > self.cfg.pages_per_column:
             return (f"can never fit the cache pool: needs {pages} pages of {self.cfg.page_size} "
                     f"tokens, a column has {self.cfg.pages_per_column}")
@@ -190,11 +232,18 @@ class Scheduler:
 
     def _capacity(self, req: Request, pool: PagePool) -> int:
         """Tokens req can run now without more pages than the pool has free."""
-        return (len(req.pages) + pool.num_free) * pool.page_size - req.num_computed
+        free_rows = (len(req.pages) + pool.num_free) * pool.page_size
+        return free_rows - req.num_computed - self.cfg.chain_rows
+
+    def _want(self, req: Request, col: _Column) -> int:
+        """Tokens req would run this step: its pending ones (and its drafts), capped."""
+        drafts = len(req.drafts) if req.num_pending == 1 else 0
+        drafts = min(drafts, req.max_new_tokens - len(req.output_ids) - 1)
+        return min(req.num_pending + max(0, drafts), self._chunk_cap(req), col.budget)
 
     def _place(self, req: Request, col: _Column) -> None:
         """Schedule a running request, preempting newer ones for pages if it must."""
-        want = min(req.num_pending, self._chunk_cap(req), col.budget)
+        want = self._want(req, col)
         while want > 0:
             n = min(want, self._capacity(req, self.pools[col.index]))
             if n > 0:
@@ -212,7 +261,7 @@ class Scheduler:
         if step is not None:
             col.budget += len(step.token_ids)
         self.pools[col.index].free(victim.pages)
-        victim.pages, victim.num_computed, victim.column = [], 0, None
+        victim.pages, victim.num_computed, victim.column, victim.drafts = [], 0, None, []
         victim.status = WAITING
         del self.running[victim.id]
         self._forget(victim.id)
@@ -243,8 +292,7 @@ class Scheduler:
             if not open_cols:
                 return
             col = max(open_cols, key=lambda c: (self.pools[c.index].num_free, -c.index))
-            want = min(req.num_pending, self._chunk_cap(req), col.budget)
-            n = min(want, self._capacity(req, self.pools[col.index]))
+            n = min(self._want(req, col), self._capacity(req, self.pools[col.index]))
             if n <= 0:
                 return
             self.waiting.pop(0)
@@ -254,15 +302,22 @@ class Scheduler:
             self._add_step(req, col, n)
 
     def _add_step(self, req: Request, col: _Column, n: int) -> None:
+        """n tokens from num_computed: pending ones first, then drafts."""
         pool = self.pools[col.index]
         start = req.num_computed
-        new_pages = pool.allocate(pool.pages_for(start + n) - len(req.pages))
+        fed = min(n, req.num_pending)
+        sample = start + fed == req.num_tokens
+        rows = start + n + (self.cfg.chain_rows if sample else 0)
+        new_pages = pool.allocate(max(0, pool.pages_for(rows) - len(req.pages)))
         req.pages.extend(new_pages)
         col.budget -= n
+        spec = self.cfg.num_drafts > 0
         col.steps[req.id] = SeqStep(
-            req_id=req.id, token_ids=req.token_slice(start, start + n), start=start,
-            new_pages=new_pages, sample=start + n == req.num_tokens,
-            params=req.params if start == 0 else None, output_index=len(req.output_ids))
+            req_id=req.id, token_ids=req.token_slice(start, start + fed) + req.drafts[:n - fed],
+            start=start, new_pages=new_pages, sample=sample,
+            params=req.params if start == 0 else None, output_index=len(req.output_ids),
+            drafts=n - fed, next_token=req.token_slice(start + fed, start + fed + 1)[0]
+            if spec and not sample else None)
 
     def _emit(self, cols: list[_Column]) -> StepPlan | None:
         if not any(c.steps for c in cols):
@@ -295,10 +350,25 @@ class Scheduler:
                     s.req_id, f"step {plan.step_id} returned no token for a sampling step")
                 self._end(req, RequestStatus.FAILED)
             else:
-                req.num_computed = s.start + len(s.token_ids)
+                accepted = result.accepted.get(s.req_id, [])[:s.drafts]
+                req.num_computed = s.start + len(s.token_ids) - s.drafts + len(accepted)
                 if s.sample:
-                    self._append(req, result.sampled[s.req_id])
+                    self._sampled(req, s, accepted, result)
         return self.pop_ended()
+
+    def _sampled(self, req: Request, s: SeqStep, accepted: list[int], result: StepResult) -> None:
+        """Append a sampling step's tokens (accepted drafts, then its own) until one ends the
+        request; keep its drafts for the next step."""
+        tokens = [*accepted, result.sampled[s.req_id]]
+        produced = 0
+        for token in tokens:
+            produced += 1
+            if self._append(req, token):
+                break
+        else:
+            req.drafts = list(result.drafts.get(s.req_id, []))[:self.cfg.num_drafts]
+        if self.cfg.num_drafts:
+            self.stats.count(s.drafts, len(accepted), produced)
 
     def _check_result(self, plan: StepPlan, result: StepResult) -> StepPlan:
         """The outstanding plan `plan` names, once it is known to match `result`."""
@@ -315,15 +385,17 @@ class Scheduler:
         del self._outstanding[plan.step_id]
         return mine
 
-    def _append(self, req: Request, token: int) -> None:
+    def _append(self, req: Request, token: int) -> bool:
+        """Append one output token; whether it ended the request."""
         req.output_ids.append(int(token))
         if req.stop is not None and req.stop.update(req.output_ids):
             req.finish_reason = req.stop.finish_reason or "stop"
         elif len(req.output_ids) >= req.max_new_tokens:
             req.finish_reason = "length"
         else:
-            return
+            return False
         self._end(req, RequestStatus.FINISHED)
+        return True
 
 
 def _arrival(req: Request) -> int:
