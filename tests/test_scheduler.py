@@ -657,3 +657,133 @@ def test_random_page_pressure_preempts_and_stays_exact():
         assert all(p.num_free == p.num_pages for p in s.pools)
         preemptions += s.stats.preemptions
     assert preemptions > 100 and overlapped > 100
+
+
+# ---- speculative decoding ----------------------------------------------------------------------
+class DraftingWorkers:
+    """The workers of a speculating engine, by the plans alone: each request's computed
+    context (a reintroduced request starts empty), its pages (never shared, enough for the
+    step's tokens and the chained rows of a sampling step); a sampling step verifies its drafts
+    greedily against `model` and proposes k drafts: the true continuation, except draft j of
+    request i when (i + j) % 3 == 1, which is wrong (rejected)."""
+
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg, self.k = cfg, cfg.num_drafts
+        self.ctx: dict[str, list[int]] = {}
+        self.pages: dict[str, list[tuple[int, int]]] = {}
+        self.owner: dict[tuple[int, int], str] = {}
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for rid in plan.freed:
+            self.ctx.pop(rid, None)
+            for p in self.pages.pop(rid, []):
+                del self.owner[p]
+        res = StepResult(plan.step_id)
+        for c, col in enumerate(plan.columns):
+            for s in col:
+                self._run(c, s, res)
+        return res
+
+    def _run(self, c: int, s: SeqStep, res: StepResult) -> None:
+        rid = s.req_id
+        if s.params is not None:
+            assert s.start == 0 and rid not in self.ctx, "reintroduced without freed"
+            self.ctx[rid], self.pages[rid] = [], []
+        for p in s.new_pages:
+            assert (c, p) not in self.owner, "page in two requests"
+            self.owner[(c, p)] = rid
+            self.pages[rid].append((c, p))
+        ctx, n = self.ctx[rid], len(s.token_ids) - s.drafts
+        assert s.start == len(ctx), "start is not the computed length"
+        rows = s.start + len(s.token_ids) + (self.k - 1 if s.sample else 0)
+        assert len(self.pages[rid]) * self.cfg.page_size >= rows, "no page for a row written"
+        ctx.extend(s.token_ids[:n])
+        if not s.sample:
+            assert s.drafts == 0 and s.next_token is not None  # the MTP reads the next token
+            return
+        accepted = []
+        for d in s.token_ids[n:]:
+            if model(rid, ctx) != d:
+                break
+            accepted.append(d)
+            ctx.append(d)
+        res.accepted[rid], res.sampled[rid] = accepted, model(rid, ctx)
+        ahead, drafts = ctx + [res.sampled[rid]], []
+        for j in range(self.k):
+            t = model(rid, ahead)
+            ahead.append(t)
+            drafts.append((t + 1) % VOCAB if (int(rid[1:]) + j) % 3 == 1 else t)
+        res.drafts[rid] = drafts
+
+
+def run_drafting(sched: Scheduler, reqs, pp: int = 1, max_steps: int = 10_000):
+    workers, in_flight, ended = DraftingWorkers(sched.cfg), deque(), sched.pop_ended()
+    for _ in range(max_steps):
+        while len(in_flight) < pp and (plan := sched.schedule()) is not None:
+            for s in plan.seqs():
+                req = sched.running[s.req_id]
+                assert s.drafts <= min(len(req.drafts), req.max_new_tokens - len(req.output_ids) - 1)
+                assert s.token_ids[len(s.token_ids) - s.drafts:] == req.drafts[:s.drafts]
+            in_flight.append((plan, workers.execute(plan)))
+        if not in_flight:
+            break
+        ended += sched.update(*in_flight.popleft())
+        check_pages(sched, reqs)
+    assert not sched.has_work
+    return ended + sched.pop_ended()
+
+
+def test_config_refuses_overlap_with_drafts():
+    with pytest.raises(ValueError, match="exclude each other"):
+        cfg(overlap=True, num_drafts=2)
+    assert cfg(num_drafts=3).chain_rows == 2
+
+
+def test_drafts_by_hand():
+    """A decode step feeds the newest token and the drafts; accepted ones are outputs and
+    computed, the rest are not; pages cover the chained rows."""
+    s = Scheduler(cfg(num_drafts=2, page_size=4))
+    r = make(0, 5, 10)
+    s.add(r)
+    plan = s.schedule()
+    (step,) = plan.seqs()
+    assert (step.start, len(step.token_ids), step.drafts, step.sample) == (0, 5, 0, True)
+    assert len(step.new_pages) == 2  # 5 tokens + 1 chained row
+    want, _ = reference("r0", r.prompt_ids, 10)
+    s.update(plan, StepResult(plan.step_id, {"r0": want[0]}, drafts={"r0": [want[1], 99]}))
+    assert r.output_ids == want[:1] and r.drafts == [want[1], 99] and r.num_computed == 5
+    plan = s.schedule()
+    (step,) = plan.seqs()
+    assert step.token_ids == [want[0], want[1], 99] and step.drafts == 2 and step.start == 5
+    s.update(plan, StepResult(plan.step_id, {"r0": want[2]}, accepted={"r0": [want[1]]},
+                              drafts={"r0": [7, 8]}))
+    assert r.output_ids == want[:3] and r.num_computed == 7  # x and the accepted draft
+    assert len(r.pages) * 4 >= 5 + 3 + 1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_drafting_workloads_stay_exact(k):
+    """Seeded workloads under page pressure, pp plans in flight, stops and max_new_tokens:
+    with drafts accepted and rejected, every request ends with the reference tokens."""
+    rng = random.Random(k)
+    accepted = rejected = preemptions = 0
+    for _ in range(80):
+        page_size = rng.randint(1, 4)
+        shapes = [(rng.randint(1, 14), rng.randint(1, 9)) for _ in range(rng.randint(2, 10))]
+        biggest = max(-(-(n + m + k) // page_size) for n, m in shapes)
+        c = cfg(columns=rng.randint(1, 2), page_size=page_size, num_drafts=k,
+                pages_per_column=biggest + rng.randint(0, 3), max_model_len=64,
+                max_tokens_per_step=rng.randint(k + 1, 24), max_seqs=rng.randint(1, 6),
+                prefill_chunk=rng.choice([None, rng.randint(1, 8)]))
+        s = Scheduler(c)
+        reqs = [make(i, n, m, stop=[0] if i % 3 == 0 else None) for i, (n, m) in enumerate(shapes)]
+        for r in reqs:
+            s.add(r)
+        ended = run_drafting(s, reqs, pp=rng.randint(1, 3))
+        assert_outputs(reqs, ended)
+        assert all(r.status is RequestStatus.FINISHED for r in reqs)
+        assert all(p.num_free == p.num_pages for p in s.pools)
+        accepted += sum(s.stats.drafts_accepted)
+        rejected += sum(s.stats.drafts_proposed) - sum(s.stats.drafts_accepted)
+        preemptions += s.stats.preemptions
+    assert accepted > 100 and rejected > 50 and preemptions > 20
