@@ -188,7 +188,7 @@ class LocalEngine:
             pages_per_column=pages, page_size=page_size, max_tokens_per_step=max_tokens_per_step,
             max_seqs=max_seqs, prefill_chunk=prefill_chunk,
             max_model_len=model.cfg.max_position_embeddings, num_drafts=k)
-        self.executor = LocalExecutor(model, pages, page_size, k)
+        self.executor = LocalExecutor(model, pages, page_size, speculative)
         self.scheduler: Scheduler | None = None
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:

@@ -170,3 +170,37 @@ def test_moe_decode_takes_only_what_it_can():
     assert moe._fused(x[:4]) and not moe._fused(x[:4].float())
     moe.dispatcher = type(moe.dispatcher)(moe.experts.expert_ids[:8], 16)  # half the experts
     assert not moe._fused(x[:4])
+
+
+needs_int8 = pytest.mark.skipif(not cpu_kernel.has_int8_logits(),
+                                reason="int8_logits needs the CPU kernels built with AVX512-VNNI")
+
+
+@needs_int8
+@pytest.mark.parametrize("m", [1, 3, 8, 11])
+def test_int8_logits_approximate_the_head(m):
+    from ds3dist.model.draft_head import _quantize
+
+    w = torch.randn(3000, 192, generator=_gen(20)).bfloat16()
+    x = torch.randn(m, 192, generator=_gen(21))
+    q, scale, sums = _quantize(w)
+    assert torch.equal(sums, q.sum(1, dtype=torch.int32)) and q.abs().max() == 127
+    got = cpu_kernel.int8_logits(x, q, scale, sums)
+    want = x @ w.float().T
+    err = (got - want).abs().max() / want.abs().max()
+    assert err < 0.03, err  # about 1% per operand from 8-bit rounding
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert torch.equal(got[-1:], cpu_kernel.int8_logits(x[-1:], q, scale, sums))  # row alone
+
+
+@needs_int8
+def test_draft_head_int8_and_exact():
+    from ds3dist.model.draft_head import DraftHead
+
+    model = tiny_model(dtype=torch.bfloat16, mtp=True)
+    h = torch.randn(4, 192, generator=_gen(22)).bfloat16()
+    exact = DraftHead(model, "exact")(h)
+    int8 = DraftHead(model, "int8")(h)
+    assert DraftHead(model, "auto").int8 is not None and DraftHead(model, "exact").int8 is None
+    torch.testing.assert_close(exact, model.mtp_head(h))
+    assert (int8 - exact).abs().max() < 0.05 * exact.abs().max()

@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
 from ds3dist.serving.options import CONTROLS, ServingOptions
-from ds3dist.serving.speculative import MAX_DRAFTS, METHODS, SpeculativeConfig
+from ds3dist.serving.speculative import DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig
 
 SCHEMA_NAME = "ds3dist_schema"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -64,6 +64,7 @@ class ExecutionConf:
 class SpeculativeConf:
     method: Optional[str] = None  # mtp: draft with the MTP layer; null: off
     num_tokens: int = 1  # drafts per request and step (1..3)
+    draft_head: str = "auto"  # the drafts' logits: auto | exact | int8 (an int8 copy of the head)
 
 
 @dataclass
@@ -220,6 +221,9 @@ def validate(cfg: Any) -> Resolved:
                         f"got {_get(cfg, 'sampling.speculative.method')!r}")
     _check_range(problems, "sampling.speculative.num_tokens",
                  _get(cfg, "sampling.speculative.num_tokens"), 1, MAX_DRAFTS)
+    if _get(cfg, "sampling.speculative.draft_head") not in DRAFT_HEADS:
+        problems.append(f"sampling.speculative.draft_head: must be one of {DRAFT_HEADS}, "
+                        f"got {_get(cfg, 'sampling.speculative.draft_head')!r}")
     _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
     _check_range(problems, "runtime.collective_timeout_s",
                  _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
@@ -309,7 +313,8 @@ def speculative(cfg: Any) -> SpeculativeConfig | None:
     method = _get(cfg, "sampling.speculative.method")
     if method is None:
         return None
-    return SpeculativeConfig(str(method), int(_get(cfg, "sampling.speculative.num_tokens")))
+    return SpeculativeConfig(str(method), int(_get(cfg, "sampling.speculative.num_tokens")),
+                             str(_get(cfg, "sampling.speculative.draft_head")))
 
 
 def default_cpus_per_rank(address: str | None, world_size: int) -> int:

@@ -1,6 +1,6 @@
 """CPU kernels for decode (kernels/*.cpp): routed experts at 1-4 rows, a whole MoE layer's
-routing and experts for a few tokens, and absorbed MLA attention of one-token queries over the
-paged cache.
+routing and experts for a few tokens, absorbed MLA attention of short queries over the paged
+cache, and approximate logits against an int8 head (speculative drafts, AVX512-VNNI).
 
 At decode row counts a step is mostly fixed costs: about 14 us per oneDNN call and a few us
 per small torch op, for each expert and each sequence of each layer. The kernels do each
@@ -94,6 +94,22 @@ def moe_decode(x_td: torch.Tensor, gate_w_ed: torch.Tensor, bias_e: torch.Tensor
     kernel().moe_decode(x_td.contiguous(), gate_w_ed, bias_e, n_group, topk_group, top_k,
                         scaling, w13_egd, w2_edi, out_td, received_e)
     return out_td
+
+
+def has_int8_logits() -> bool:
+    """Whether the kernels run int8_logits (built with AVX512-VNNI)."""
+    mod = kernel()
+    return mod is not None and hasattr(mod, "int8_logits")
+
+
+def int8_logits(x_md: torch.Tensor, w_vd: torch.Tensor, w_scale_v: torch.Tensor,
+                w_sum_v: torch.Tensor) -> torch.Tensor:
+    """Approximate float32 logits [M, V] of rows x_md against an int8 head w_vd (per-row
+    scales w_scale_v, row sums w_sum_v); x is quantized to int8 per row. Needs
+    has_int8_logits()."""
+    out = torch.empty(x_md.shape[0], w_vd.shape[0], dtype=torch.float32)
+    kernel().int8_logits(x_md.float().contiguous(), w_vd, w_scale_v, w_sum_v, out)
+    return out
 
 
 def mla_decode(q_thc: torch.Tensor, rows: list[int], kv_lens: list[int],

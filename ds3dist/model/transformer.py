@@ -163,9 +163,14 @@ class Transformer(nn.Module):
         return self.mtp[str(self.mtp_layer_ids[0])]  # depth 1 (the release has one module)
 
     @torch.no_grad()
+    def mtp_norm(self, h_nd: torch.Tensor) -> torch.Tensor:
+        """The MTP block's output through its final norm (what the head reads)."""
+        return self._mtp_layer().shared_head.norm(h_nd)
+
+    @torch.no_grad()
     def mtp_head(self, h_nd: torch.Tensor) -> torch.Tensor:
         """The MTP block's output -> float32 logits: its own norm, the main head."""
-        return self.lm_head(self._mtp_layer().shared_head.norm(h_nd)).float()
+        return self.lm_head(self.mtp_norm(h_nd)).float()
 
     @torch.no_grad()
     def mtp_logits(self, hidden_td: torch.Tensor, next_tokens_t: torch.Tensor, tb: TokenBatch,

@@ -67,6 +67,7 @@ class Engine:
         self.config = ModelConfig.from_json(self.checkpoint)
         self.plans = self.layout.plan(self.config)
         self.serving = serving or ServingOptions()
+        self.speculative = speculative
         self.num_drafts = speculative.num_tokens if speculative is not None else 0
         if self.num_drafts and not self.config.mtp_layer_ids:
             raise EngineError("sampling.speculative: the model has no MTP layer "
@@ -119,7 +120,7 @@ class Engine:
                         self.pg, placement_group_bundle_index=plan.rank),
                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         threads, tuple(fault_ids), self.engine_id, self.num_drafts)
+                         threads, tuple(fault_ids), self.engine_id, self.speculative)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,

@@ -27,6 +27,7 @@ from ds3dist.runtime.hostmem import retain_freed_memory
 from ds3dist.serving.executor import run_column
 from ds3dist.serving.plan import StepPlan
 from ds3dist.serving.runner import StepRunner
+from ds3dist.serving.speculative import SpeculativeConfig
 
 
 class RankStepError(RuntimeError):
@@ -45,7 +46,7 @@ class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
                  threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = "",
-                 num_drafts: int = 0):
+                 speculative: SpeculativeConfig | None = None):
         torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
         retain_freed_memory()
         self.plan = plan
@@ -65,7 +66,7 @@ class StageWorker:
         self.net: dict = {}
         self.collectives = CollectiveLog()
         self.engine_id = engine_id  # the key of this rank's published progress
-        self.num_drafts = num_drafts if plan.head else 0  # the last stage drafts with the MTP
+        self.speculative = speculative if plan.head else None  # the last stage drafts
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -108,7 +109,7 @@ class StageWorker:
         t0 = time.perf_counter()
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
-            layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.num_drafts > 0,
+            layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.speculative is not None,
             embed=self.plan.embed, head=self.plan.head, attn_form=self.attn_form,
         )
         if self.layout.ep > 1:
@@ -125,7 +126,7 @@ class StageWorker:
 
     def setup_cache(self, num_pages: int, page_size: int) -> int:
         """Allocate this rank's page pool (the same page ids on every stage of its column)."""
-        self.runner = StepRunner(self.model, num_pages, page_size, self.num_drafts)
+        self.runner = StepRunner(self.model, num_pages, page_size, self.speculative)
         self.runner.fail_ids = set(self.fault_ids)
         return self.runner.cache.nbytes()
 

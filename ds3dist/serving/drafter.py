@@ -22,7 +22,8 @@ import torch
 
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.plan import SeqStep
-from ds3dist.serving.speculative import draft
+from ds3dist.model.draft_head import DraftHead
+from ds3dist.serving.speculative import SpeculativeConfig, draft
 
 
 @dataclass(slots=True)
@@ -38,8 +39,9 @@ class Verified:
 
 
 class MTPDrafter:
-    def __init__(self, model, cache, page_size: int, num_tokens: int):
-        self.model, self.cache, self.page_size, self.k = model, cache, page_size, num_tokens
+    def __init__(self, model, cache, page_size: int, spec: SpeculativeConfig):
+        self.model, self.cache, self.page_size, self.k = model, cache, page_size, spec.num_tokens
+        self.head = DraftHead(model, spec.draft_head)
         self.q: dict[str, list[np.ndarray | None]] = {}  # the draft distributions in flight
 
     def forget(self, req_id: str) -> None:
@@ -65,7 +67,7 @@ class MTPDrafter:
         for f, _ in drafting:
             self.q[f.seq.req_id] = []
         for j in range(self.k):
-            logits = m.mtp_head(h_nd).cpu().numpy()
+            logits = self.head(h_nd).cpu().numpy()
             for (f, _), row in zip(drafting, logits):
                 rid = f.seq.req_id
                 token, q = draft(row, params[rid], rid, f.index + j)

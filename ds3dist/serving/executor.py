@@ -19,6 +19,7 @@ import torch
 
 from ds3dist.serving.plan import SeqStep, StepPlan, StepResult
 from ds3dist.serving.runner import StepRunner
+from ds3dist.serving.speculative import SpeculativeConfig
 
 
 class Executor(Protocol):
@@ -56,8 +57,9 @@ class LocalExecutor:
 
     max_in_flight, overlap = 1, False
 
-    def __init__(self, model, num_pages: int, page_size: int, num_drafts: int = 0):
-        self.runner = StepRunner(model, num_pages, page_size, num_drafts)
+    def __init__(self, model, num_pages: int, page_size: int,
+                 speculative: SpeculativeConfig | None = None):
+        self.runner = StepRunner(model, num_pages, page_size, speculative)
         self._done: deque[StepResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:

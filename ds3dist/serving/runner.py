@@ -6,8 +6,8 @@ parameters the plans introduced, and the last token it sampled for each (a FILL 
 stands for it); a plan only carries diffs (new requests, new pages, new token ids, freed
 ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
-for each sequence whose step reaches its target. With speculative decoding (num_drafts > 0,
-last stage) `sample` also verifies the drafts a step carries and runs the MTPDrafter for the
+for each sequence whose step reaches its target. With speculative decoding (a
+SpeculativeConfig, last stage) `sample` also verifies the drafts a step carries and runs the MTPDrafter for the
 next step's drafts.
 """
 
@@ -20,15 +20,17 @@ from ds3dist.serving.drafter import MTPDrafter, Verified
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.plan import FILL, SeqStep, StepResult
 from ds3dist.serving.sampling import sample_rows
-from ds3dist.serving.speculative import verify
+from ds3dist.serving.speculative import SpeculativeConfig, verify
 
 
 class StepRunner:
-    def __init__(self, model, num_pages: int, page_size: int, num_drafts: int = 0):
+    def __init__(self, model, num_pages: int, page_size: int,
+                 speculative: SpeculativeConfig | None = None):
         self.model = model
         self.page_size = page_size
         self.cache = model.new_cache(num_pages, page_size)
-        self.drafter = MTPDrafter(model, self.cache, page_size, num_drafts) if num_drafts else None
+        self.drafter = MTPDrafter(model, self.cache, page_size, speculative) \
+            if speculative is not None else None
         self.tables: dict[str, list[int]] = {}
         self.params: dict[str, SamplingParams] = {}
         self.last: dict[str, int] = {}  # the token sampled for each request's newest step

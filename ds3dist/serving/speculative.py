@@ -29,14 +29,17 @@ from ds3dist.serving.sampling import _draw, _minus_gumbel, cutoff, draw_key
 
 METHODS = ("mtp",)
 MAX_DRAFTS = 3
+DRAFT_HEADS = ("auto", "exact", "int8")  # ds3dist.model.draft_head
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """sampling.speculative: {method: mtp, num_tokens: k}; k drafts per request and step,
-    chaining the one MTP module k times."""
+    """sampling.speculative: {method: mtp, num_tokens: k, draft_head}; k drafts per request
+    and step, chaining the one MTP module k times; the drafts' logits from the exact head or
+    an int8 copy (auto: int8 where the CPU kernel runs it)."""
     method: str = "mtp"
     num_tokens: int = 1
+    draft_head: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +49,9 @@ class SpeculativeConfig:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFTS:
             raise ValueError(f"sampling.speculative.num_tokens: must be an integer in "
                              f"1..{MAX_DRAFTS}, got {k!r}")
+        if self.draft_head not in DRAFT_HEADS:
+            raise ValueError(f"sampling.speculative.draft_head: must be one of {DRAFT_HEADS}, "
+                             f"got {self.draft_head!r}")
 
 
 def probs(logits_v: np.ndarray, p: SamplingParams) -> np.ndarray:

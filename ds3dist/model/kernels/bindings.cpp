@@ -15,6 +15,12 @@ void moe_decode(const torch::Tensor& x_td, const torch::Tensor& gate_w, const to
                 torch::Tensor& received_e);
 }  // namespace ds3dist
 #endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+namespace ds3dist {
+void int8_logits(const torch::Tensor& x_md, const torch::Tensor& w_vd, const torch::Tensor& w_scale,
+                 const torch::Tensor& w_sum, torch::Tensor& out_mv);
+}  // namespace ds3dist
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
@@ -24,5 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode", &ds3dist::mla_decode, "absorbed MLA attention of one-token queries");
 #else
   m.def("avx512", [] { return false; });
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  m.def("int8_logits", &ds3dist::int8_logits, "approximate logits against an int8 head");
 #endif
 }
