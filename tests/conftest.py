@@ -4,6 +4,7 @@ Session-scoped checkpoints (built once per test run, read-only for tests; copy b
 modifying):
   tiny_fp8_dir   the `tiny` preset synthesized with seed 0 in 4 shards (release format, FP8)
   tiny_bf16_dir  the same checkpoint converted to bf16 (scales dropped)
+  tok            the release tokenizer that tiny checkpoint carries
   ray_cluster    one local Ray cluster (num_cpus=8) shared by the session's tests
 """
 
@@ -30,6 +31,13 @@ def tiny_bf16_dir(tiny_fp8_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny-bf16"
     convert(tiny_fp8_dir, out, to="bf16", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_fp8_dir):
+    from ds3dist.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_fp8_dir)
 
 
 @pytest.fixture(scope="session")

@@ -49,13 +49,6 @@ def no_engine(*_args):
     raise AssertionError("the engine (and its Ray cluster) must not start")
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_fp8_dir):
-    from ds3dist.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_fp8_dir)
-
-
 def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
     """The checkpoint's files as symlinks (cheap), config.json copied so it can be edited."""
     dst.mkdir()

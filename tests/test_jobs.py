@@ -64,13 +64,6 @@ class FakeEngine:
         self.shut = True
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_fp8_dir):
-    from ds3dist.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_fp8_dir)
-
-
 def write_lines(path: Path, lines: list) -> Path:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     return path

@@ -28,13 +28,6 @@ VOCAB_IDS = (10, 100_000)  # token ids drawn from the release tokenizer's range
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_fp8_dir):
-    from ds3dist.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_fp8_dir)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_fp8_dir):
     return ds3dist.load_model(tiny_fp8_dir, dtype=torch.float32, mtp=False)
 

@@ -37,13 +37,6 @@ CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_fp8_dir):
-    from ds3dist.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_fp8_dir)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_fp8_dir):
     return ds3dist.load_model(tiny_fp8_dir, dtype=torch.float32, mtp=True)
 
