@@ -30,7 +30,10 @@ import torch
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.generation import LocalEngine
 from ds3dist.model.load import load_model
+from ds3dist.parallel.layout import ParallelLayout
+from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.hostmem import retain_freed_memory
+from ds3dist.serving.options import ServingOptions
 from ds3dist.serving.speculative import SpeculativeConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -96,10 +99,6 @@ def one_process(path: Path, batches, ks, n: int, repeats: int) -> list[dict]:
 
 
 def pp2(path: Path, batches, ks, n: int, repeats: int) -> list[dict]:
-    from ds3dist.parallel.layout import ParallelLayout
-    from ds3dist.runtime.engine import Engine
-    from ds3dist.serving.options import ServingOptions
-
     rows = []
     for k in [0, *ks]:
         spec = SpeculativeConfig(num_tokens=k) if k else None
