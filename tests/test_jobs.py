@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from ds3dist.jobs.batch import JobError, run_batch_job
-from ds3dist.jobs.requests import PromptEncoder, detect_format
+from ds3dist.jobs.records import record_errors
+from ds3dist.jobs.requests import LineError, PromptEncoder, detect_format
 from ds3dist.serving.request import RequestStatus
 
 
@@ -158,9 +159,13 @@ def test_engine_rejections_and_failures_go_to_the_errors_file(tmp_path, tok):
     assert errs["p2"]["code"] == "engine_error" and errs["p2"]["reason"] == "injected fault"
     assert errs["p2"]["line"] == 3
     assert errs[4]["code"] == "context_length_exceeded" and "cache pool" in errs[4]["reason"]
-    # a rerun (the fault gone) completes the two, duplicating nothing
+    # a rerun (the fault gone) completes the two, duplicating nothing; the errors file keeps
+    # the first run's records (the two engine errors, the two bad lines once)
     s2 = run(FakeEngine(tok), tok, inp, out)
     assert s2["counts"]["generated"] == 2 and len(read_jsonl(out)) == 18
+    after = read_jsonl(Path(str(out) + ".errors.jsonl"))
+    assert sorted(e["line"] for e in after) == [3, 5, 6, 13]
+    assert {e["id"]: e for e in after}["p2"] == errs["p2"]
 
 
 def test_chat_template_and_prompt_encoding(tmp_path, tok):
@@ -187,6 +192,10 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tok):
         run(FakeEngine(tok, fail_after=2), tok, inp, out)
     first = read_jsonl(out)
     assert 0 < len(first) < 18
+    # the interrupted run still wrote its summary: what it did, and why it stopped
+    failed = json.loads(Path(str(out) + ".summary.json").read_text())
+    assert failed["error"] == "KeyboardInterrupt: simulated kill"
+    assert failed["counts"]["generated"] == len(first) == 2
     # a kill while writing leaves a truncated last line
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
@@ -200,7 +209,7 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, tok):
         {k: (r["text"], r["token_ids"]) for k, r in ref.items()}
     assert s["counts"]["already_done"] == len(first) - 1
     assert s["counts"]["generated"] == 18 - (len(first) - 1)
-    # the errors file is rewritten, not appended to
+    # the errors file keeps each bad line's record once, however many runs met it
     assert len(read_jsonl(Path(str(out) + ".errors.jsonl"))) == 2
 
     # a third run has nothing left to do and calls the engine not at all
@@ -438,3 +447,15 @@ def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, to
         assert recs[rid]["finish_reason"] == want.finish_reason
         assert recs[rid]["usage"]["prompt_tokens"] == want.prompt_tokens
     assert s["tokens"]["completion"] == sum(len(r["token_ids"]) for r in recs.values())
+
+
+def test_errors_file_keeps_earlier_records_once(tmp_path):
+    path = tmp_path / "e.jsonl"
+    a = LineError(2, "x", "invalid_json", "bad")
+    record_errors(path, [a])
+    with open(path, "a") as f:  # an engine failure appended, then a line a kill cut short
+        f.write(json.dumps({"line": 7, "id": "y", "code": "engine_error", "reason": "fault",
+                            "raw": None}) + "\n" + '{"line": 9, "id"')
+    record_errors(path, [a, LineError(4, "z", "invalid_json", "worse")])
+    assert [(e["line"], e["code"]) for e in read_jsonl(path)] == \
+        [(2, "invalid_json"), (7, "engine_error"), (4, "invalid_json")]

@@ -12,7 +12,9 @@ tokens do not depend on what it shares a step with: a resumed job gives the same
 uninterrupted one (exactly in float32; see README on bf16). A rerun with the same output skips
 the ids already there (a truncated last line left by a kill is cut off first). A request the
 engine rejects (too long for the model or the cache) or that fails on its own goes to the
-errors file and the job goes on. The output file is locked while a job writes it.
+errors file and the job goes on. The output file is locked while a job writes it. The errors
+file keeps every run's records (each distinct record once), and a run that fails still writes
+its summary, with the error, before the error goes on.
 
 The engine is a parameter: anything with `stream(requests)` yielding ended
 `ds3dist.serving.request.Request`s, and optionally `stats()` and the `scheduler` of its
@@ -39,7 +41,7 @@ from ds3dist.jobs.records import (
     openai_error_record,
     openai_record,
     output_key,
-    write_errors,
+    record_errors,
 )
 from ds3dist.jobs.report import engine_stats, plot_expert_load, write_summary
 from ds3dist.jobs.requests import (
@@ -137,7 +139,7 @@ def run_batch_job(
         enc = _encoder(tokenizer, max_prompt_tokens, max_position_embeddings)
         parsed = parse_input(inp.lines, fmt, enc, {**DEFAULT_SAMPLING, **(sampling or {})},
                              inp.bad_lines)
-        write_errors(err_path, parsed.errors)
+        record_errors(err_path, parsed.errors)
         for e in parsed.errors:
             log.warning("input line %d: %s", e.line, e.message)
         done = out.scan(lambda rec: output_key(rec, fmt))
@@ -147,12 +149,17 @@ def run_batch_job(
                         if e.key is not None and e.key not in done])
         todo = [r for r in parsed.requests if r.key not in done]
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name)
-        tally = _generate(job, todo, progress)
+        tally = _Tally()
+        try:
+            _generate(job, todo, progress, tally)
+        except BaseException as e:  # the summary still says what this run did
+            out.sync()
+            _fail_summary(sum_path, e, lambda: _summary(
+                engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
+                _counts(parsed, tally, already, out), tally, time.perf_counter() - t_start))
+            raise
         out.sync()
-        counts = {"lines": parsed.lines, "valid": len(parsed.requests),
-                  "errors": len(parsed.errors), "failed": tally.failed, "already_done": already,
-                  "generated": tally.generated, "output_records": out.records,
-                  "finish_reason": tally.finish}
+        counts = _counts(parsed, tally, already, out)
     finally:
         if own:
             out.close()
@@ -163,6 +170,23 @@ def run_batch_job(
     write_summary(sum_path, summary)
     summary["summary"] = str(sum_path)
     return summary
+
+
+def _counts(parsed, tally: _Tally, already: int, out: OutputFile) -> dict[str, Any]:
+    return {"lines": parsed.lines, "valid": len(parsed.requests), "errors": len(parsed.errors),
+            "failed": tally.failed, "already_done": already, "generated": tally.generated,
+            "output_records": out.records, "finish_reason": tally.finish}
+
+
+def _fail_summary(path: Path, error: BaseException, build) -> None:
+    """The summary of a run that failed: what it did, and the error (`error`). A failure to
+    write it is logged; the run's own error is the one raised."""
+    try:
+        summary = build()
+        summary["error"] = f"{type(error).__name__}: {error}"
+        write_summary(path, summary)
+    except Exception as e:
+        log.warning("could not write the summary of the failed run: %s", e)
 
 
 def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_path: Path,
@@ -217,8 +241,7 @@ def engine_request(req: Request, tokenizer: Any) -> EngineRequest:
         s["max_new_tokens"], StopChecker(tokenizer, s["stop"], s["max_new_tokens"], eos))
 
 
-def _generate(job: _Job, todo: list[Request], progress: bool) -> _Tally:
-    tally = _Tally()
+def _generate(job: _Job, todo: list[Request], progress: bool, tally: _Tally) -> None:
     by_key = {r.key: r for r in todo}
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="req", desc="generate", disable=not progress,
@@ -229,7 +252,6 @@ def _generate(job: _Job, todo: list[Request], progress: bool) -> _Tally:
             bar.update(1)
             bar.set_postfix(tok_s=f"{tally.completion_tokens / max(tally.seconds, 1e-9):.1f}",
                             **_speculative_postfix(job.engine), refresh=False)
-    return tally
 
 
 def _speculative_postfix(engine: Any) -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -130,9 +131,19 @@ def _error_rows(errors: list[LineError]) -> str:
                    "raw": e.raw} for e in errors])
 
 
-def write_errors(path: Path, errors: list[LineError]) -> None:
-    """The errors file anew: this run's malformed input lines."""
-    write_atomic(path, _error_rows(errors), "job.errors")
+def record_errors(path: Path, errors: list[LineError]) -> None:
+    """Add this run's malformed input lines to the errors file, keeping what earlier runs of
+    the job recorded there; a record already in the file is not added again (a rerun meets
+    the same bad lines). A line a kill left unfinished is dropped."""
+    old: list[str] = []
+    with contextlib.suppress(FileNotFoundError):
+        for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                json.loads(raw)
+                old.append(raw)
+    seen = set(old)
+    new = [r for r in _error_rows(errors).splitlines() if r not in seen]
+    write_atomic(path, "".join(f"{r}\n" for r in old + new), "job.errors")
 
 
 def append_errors(path: Path, errors: list[LineError]) -> None:
