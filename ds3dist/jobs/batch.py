@@ -154,7 +154,7 @@ def run_batch_job(
             _generate(job, todo, progress, tally)
         except BaseException as e:  # the summary still says what this run did
             out.sync()
-            _fail_summary(sum_path, e, lambda: _summary(
+            _fail_summary(sum_path, e, meta, lambda: _summary(
                 engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
                 _counts(parsed, tally, already, out), tally, time.perf_counter() - t_start))
             raise
@@ -178,12 +178,14 @@ def _counts(parsed, tally: _Tally, already: int, out: OutputFile) -> dict[str, A
             "output_records": out.records, "finish_reason": tally.finish}
 
 
-def _fail_summary(path: Path, error: BaseException, build) -> None:
+def _fail_summary(path: Path, error: BaseException, meta: dict[str, Any] | None, build) -> None:
     """The summary of a run that failed: what it did, and the error (`error`). A failure to
     write it is logged; the run's own error is the one raised."""
     try:
         summary = build()
         summary["error"] = f"{type(error).__name__}: {error}"
+        if meta:
+            summary["meta"] = meta
         write_summary(path, summary)
     except Exception as e:
         log.warning("could not write the summary of the failed run: %s", e)
