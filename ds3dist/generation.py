@@ -26,7 +26,7 @@ from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request, RequestStatus
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
-from ds3dist.serving.speculative import SpeculativeConfig
+from ds3dist.serving.speculative import SpeculativeConfig, num_drafts
 
 PAGE_SIZE = 64
 
@@ -176,7 +176,7 @@ class LocalEngine:
                  max_seqs: int = 64, cache_gb: float = DEFAULT_CPU_CACHE_GB,
                  prefill_chunk: int | None = None, speculative: SpeculativeConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
-        k = speculative.num_tokens if speculative is not None else 0
+        k = num_drafts(speculative)
         if k and model.mtp is None:
             raise ValueError("speculative decoding needs the MTP layer: load the model with "
                              "mtp=True (the checkpoint must have it)")
@@ -222,7 +222,7 @@ def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_t
     its longest, so nothing is preempted). Request i samples with noise keyed by
     (seed, str(i), token index). speculative: draft with the MTP layer."""
     if cache_pages is None:
-        extra = speculative.num_tokens if speculative is not None else 0
+        extra = num_drafts(speculative)
         ids = encode_prompts(tokenizer, prompts, special_ids(tokenizer, model.cfg)[0])
         cache_pages = max(1, sum(-(-(len(p) + max_new_tokens + extra) // page_size) for p in ids))
     engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs,

@@ -32,7 +32,7 @@ from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB, ServingOptions
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.request import Request
 from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
-from ds3dist.serving.speculative import SpeculativeConfig
+from ds3dist.serving.speculative import SpeculativeConfig, num_drafts
 from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
@@ -68,7 +68,7 @@ class Engine:
         self.plans = self.layout.plan(self.config)
         self.serving = serving or ServingOptions()
         self.speculative = speculative
-        self.num_drafts = speculative.num_tokens if speculative is not None else 0
+        self.num_drafts = num_drafts(speculative)
         if self.num_drafts and not self.config.mtp_layer_ids:
             raise EngineError("sampling.speculative: the model has no MTP layer "
                               "(num_nextn_predict_layers = 0)")

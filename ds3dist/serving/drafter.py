@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ds3dist.model.draft_head import DraftHead
 from ds3dist.serving.params import SamplingParams
 from ds3dist.serving.plan import SeqStep
-from ds3dist.model.draft_head import DraftHead
 from ds3dist.serving.speculative import SpeculativeConfig, draft
 
 
@@ -64,8 +64,7 @@ class MTPDrafter:
         drafting = [(f, off + f.count - 1) for f, off in zip(fed, tb.offsets) if f.index is not None]
         h_nd = h[[row for _, row in drafting]]
         out: dict[str, list[int]] = {f.seq.req_id: [] for f, _ in drafting}
-        for f, _ in drafting:
-            self.q[f.seq.req_id] = []
+        self.q.update({rid: [] for rid in out})
         for j in range(self.k):
             logits = self.head(h_nd).cpu().numpy()
             for (f, _), row in zip(drafting, logits):

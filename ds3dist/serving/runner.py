@@ -7,8 +7,8 @@ stands for it); a plan only carries diffs (new requests, new pages, new token id
 ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
 for each sequence whose step reaches its target. With speculative decoding (a
-SpeculativeConfig, last stage) `sample` also verifies the drafts a step carries and runs the MTPDrafter for the
-next step's drafts.
+SpeculativeConfig, last stage) `sample` also verifies the drafts a step carries and runs the
+MTPDrafter for the next step's drafts.
 """
 
 from __future__ import annotations

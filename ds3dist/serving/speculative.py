@@ -54,14 +54,20 @@ class SpeculativeConfig:
                              f"got {self.draft_head!r}")
 
 
+def num_drafts(spec: SpeculativeConfig | None) -> int:
+    """Drafts per request and step: 0 when speculation is off."""
+    return spec.num_tokens if spec is not None else 0
+
+
 def probs(logits_v: np.ndarray, p: SamplingParams) -> np.ndarray:
     """The distribution sampling with p draws from (float64): softmax(logits / T) over the
     entries top_k and top_p keep."""
     scaled = logits_v.astype(np.float64) / p.temperature
-    cut = cutoff(scaled.astype(np.float32), p)
+    scaled32 = scaled.astype(np.float32)  # what sampling's cut-off compares
+    cut = cutoff(scaled32, p)
     e = np.exp(scaled - scaled.max())
     if cut is not None:
-        e[scaled.astype(np.float32) < cut] = 0.0
+        e[scaled32 < cut] = 0.0
     return e / e.sum()
 
 
