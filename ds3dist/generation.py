@@ -14,6 +14,7 @@ finish_reason 'error' and its reason in `error`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -66,6 +67,12 @@ class StopChecker:
         if eos_token_id is not None:
             self.stop_ids.add(int(eos_token_id))
         self.finish_reason: str | None = "length" if max_new_tokens == 0 else None
+
+    def fresh(self) -> StopChecker:
+        """The same rules, not yet applied to any token."""
+        out = copy.copy(self)
+        out.finish_reason = "length" if self.max_new_tokens == 0 else None
+        return out
 
     @property
     def done(self) -> bool:

@@ -46,11 +46,13 @@ from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.output_file import OutputFile
 from ds3dist.jobs.preflight import check_checkpoint, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
+from ds3dist.jobs.stop import EXIT_INTERRUPTED, GracefulStop, Interrupted
 from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import LayoutError
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
+from ds3dist.runtime.replicas import ReplicaSet
 from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
@@ -106,15 +108,26 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
     return target
 
 
-def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any) -> Any:
-    """The distributed Engine for this config (Ray cluster started or joined by the Engine),
-    or with runtime.control=local the whole model in this process (no Ray)."""
+def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any,
+                stop: GracefulStop | None = None) -> Any:
+    """runtime.replicas Engines (the first starts or joins the Ray cluster), each rebuilt up
+    to runtime.max_restarts times when it fails; or with runtime.control=local the whole model
+    in this process (no Ray). stop: once requested, a lost replica is not rebuilt."""
     dtype = None if cfg.execution.dtype is None else getattr(torch, cfg.execution.dtype)
-    opts = schema.runtime_options(cfg, resolved.layout.world_size)
+    replicas, lay = int(cfg.runtime.replicas), resolved.layout
+    opts = schema.runtime_options(cfg, lay.world_size * replicas)
     if opts["serving"].control == "local":
         return local_engine(checkpoint, resolved, cfg, dtype, opts)
-    return Engine(checkpoint, resolved.layout, execution=schema.execution_mode(cfg), dtype=dtype,
-                  **opts)
+    opts["num_cpus"] = opts["num_cpus"] or max(8, replicas * lay.world_size * opts["cpus_per_rank"])
+
+    def build(replica: int, attempt: int) -> Engine:
+        # a rebuilt replica waits for replacement resources as long as it may take to start
+        wait = opts["startup_timeout_s"] if attempt else 0.0
+        return Engine(checkpoint, lay, execution=schema.execution_mode(cfg), dtype=dtype,
+                      resource_wait_s=wait, **opts)
+
+    return ReplicaSet(build, replicas, int(cfg.runtime.max_restarts),
+                      should_stop=stop if stop is not None else (lambda: False))
 
 
 def local_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any, dtype,
@@ -182,13 +195,18 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
         return None
     checkpoint = prep.checkpoint
     model_name = cfg.model.preset or checkpoint.name
-    with prep.output as out:
+    replicas = int(cfg.runtime.replicas)
+    with prep.output as out, GracefulStop(float(cfg.runtime.drain_timeout_s)) as stop:
         tokenizer = load_tokenizer(checkpoint)
         print(f"model {model_name} from {checkpoint}; layout pp={resolved.layout.pp} "
               f"ep={resolved.layout.ep} ({resolved.layout.world_size} ranks, "
-              f"{resolved.layout.device}); execution {schema.execution_mode(cfg)}", flush=True)
+              f"{resolved.layout.device}"
+              + (f", {replicas} replicas" if replicas > 1 else "")
+              + f"); execution {schema.execution_mode(cfg)}", flush=True)
         print(f"input {prep.input.path}", flush=True)
-        engine = (engine_factory or make_engine)(checkpoint, resolved, cfg)
+        engine = (engine_factory(checkpoint, resolved, cfg) if engine_factory is not None
+                  else make_engine(checkpoint, resolved, cfg, stop))
+        stop.arm()  # ray.init replaced the SIGTERM handler
         try:
             summary = run_batch_job(
                 engine, tokenizer, prep.input, out,
@@ -197,7 +215,7 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
                 max_prompt_tokens=cfg.job.max_prompt_tokens,
                 max_position_embeddings=resolved.model.max_position_embeddings,
                 fmt=schema.job_format(cfg), model_name=model_name, progress=progress,
-                mtp_layers=resolved.model.mtp_layer_ids,
+                mtp_layers=resolved.model.mtp_layer_ids, stop=stop,
                 meta={"checkpoint": str(checkpoint),
                       "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
                       if isinstance(cfg, DictConfig) else None},
@@ -223,6 +241,12 @@ def _print_closing(summary: dict[str, Any], paths: tuple[Path, ...], synthesized
     if t["completion_tokens_per_second"] is not None:
         print(f"throughput: {t['sequences_per_second']:.2f} seq/s, "
               f"{t['completion_tokens_per_second']:.1f} completion tok/s")
+    if summary.get("recovery") and summary["recovery"]["restarts"]:
+        r = summary["recovery"]
+        print(f"recovery: {r['restarts']} restarts, {r['lost_seconds']:.1f} s lost")
+    if summary.get("stopped") and c["not_run"]:
+        print(f"stopped by {summary['stopped']}: {c['not_run']} requests not run; rerun the "
+              f"same command to finish the job")
     if synthesized:
         print(f"note: the {model} model was synthesized with random weights, so its text is "
               f"noise by design; the figures above are real. With real weights:\n"
@@ -253,14 +277,20 @@ def _fail(e: BaseException, code: int, prefix: str = "") -> None:
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    """Exit codes: 0 done, 1 engine or unexpected error, 2 bad config or input,
+    EXIT_INTERRUPTED (75) stopped by a signal before every request ended (rerun to finish)."""
     try:
-        run(cfg)
+        summary = run(cfg)
+    except KeyboardInterrupt as e:  # a second signal, or the drain ran out of time
+        _fail(e if str(e) else Interrupted("interrupted"), EXIT_INTERRUPTED)
     except (LaunchConfigError, JobError, ConfigError, ClusterError) as e:
         _fail(e, 2)
     except (EngineError, LayoutError, TokenizerError) as e:
         _fail(e, 1)
     except Exception as e:  # a bug: still a short message, the traceback in the log
         _fail(e, 1, prefix=f"unexpected {type(e).__name__}: ")
+    if summary and summary.get("stopped") and summary["counts"]["not_run"]:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

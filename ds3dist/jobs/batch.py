@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -35,6 +35,7 @@ from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.output_file import OutputFile
 from ds3dist.generation import GenerationResult, StopChecker, result_of
+from ds3dist.jobs.stop import GracefulStop
 from ds3dist.jobs.records import (
     append_errors,
     native_record,
@@ -100,6 +101,7 @@ class _Job:
     errors: Path
     fmt: str
     model_name: str
+    stop: GracefulStop | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -120,11 +122,14 @@ def run_batch_job(
     progress: bool = True,
     meta: dict[str, Any] | None = None,
     mtp_layers: Sequence[int] = (),
+    stop: GracefulStop | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a batch job; return the summary (also written to the summary path).
 
     input_path: a path, or the already-read `InputText`; output_path: a path, or an
-    `OutputFile` the caller opened (and locked) and closes.
+    `OutputFile` the caller opened (and locked) and closes. stop: once it is requested no
+    request is admitted (the summary's `stopped` names the signal; `counts.not_run` says
+    how many requests a rerun has left).
     """
     t_start = time.perf_counter()
     inp = input_path if isinstance(input_path, InputText) else read_input(input_path)
@@ -148,44 +153,47 @@ def run_batch_job(
             out.append([openai_error_record(e) for e in parsed.errors
                         if e.key is not None and e.key not in done])
         todo = [r for r in parsed.requests if r.key not in done]
-        job = _Job(engine, tokenizer, out, err_path, fmt, model_name)
+        job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
         tally = _Tally()
+
+        def summarize() -> dict[str, Any]:
+            s = _summary(engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
+                         _counts(parsed, tally, already, out, len(todo)), tally,
+                         time.perf_counter() - t_start)
+            s["stopped"] = stop.signal if stop is not None else None
+            if meta:
+                s["meta"] = meta
+            return s
+
         try:
             _generate(job, todo, progress, tally)
         except BaseException as e:  # the summary still says what this run did
             out.sync()
-            _fail_summary(sum_path, e, meta, lambda: _summary(
-                engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
-                _counts(parsed, tally, already, out), tally, time.perf_counter() - t_start))
+            _fail_summary(sum_path, e, summarize)
             raise
         out.sync()
-        counts = _counts(parsed, tally, already, out)
+        summary = summarize()
     finally:
         if own:
             out.close()
-    summary = _summary(engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
-                       counts, tally, time.perf_counter() - t_start)
-    if meta:
-        summary["meta"] = meta
     write_summary(sum_path, summary)
     summary["summary"] = str(sum_path)
     return summary
 
 
-def _counts(parsed, tally: _Tally, already: int, out: OutputFile) -> dict[str, Any]:
+def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> dict[str, Any]:
     return {"lines": parsed.lines, "valid": len(parsed.requests), "errors": len(parsed.errors),
             "failed": tally.failed, "already_done": already, "generated": tally.generated,
+            "not_run": todo - tally.generated - tally.failed,
             "output_records": out.records, "finish_reason": tally.finish}
 
 
-def _fail_summary(path: Path, error: BaseException, meta: dict[str, Any] | None, build) -> None:
+def _fail_summary(path: Path, error: BaseException, build) -> None:
     """The summary of a run that failed: what it did, and the error (`error`). A failure to
     write it is logged; the run's own error is the one raised."""
     try:
         summary = build()
         summary["error"] = f"{type(error).__name__}: {error}"
-        if meta:
-            summary["meta"] = meta
         write_summary(path, summary)
     except Exception as e:
         log.warning("could not write the summary of the failed run: %s", e)
@@ -215,6 +223,8 @@ def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_pa
         "throughput": _throughput(tally, wall),
         "scheduler": dict(stats.get("scheduler") or {}),
         "speculative": stats.get("speculative"),
+        "replicas": stats.get("replicas"),
+        "recovery": stats.get("recovery"),
         "stage_seconds": list(stats.get("stage_seconds") or []),
         "expert_load": expert_load,
         "ranks": list(stats.get("ranks") or []),
@@ -248,12 +258,20 @@ def _generate(job: _Job, todo: list[Request], progress: bool, tally: _Tally) -> 
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="req", desc="generate", disable=not progress,
               dynamic_ncols=True) as bar:
-        for ended in job.engine.stream(engine_request(r, job.tokenizer) for r in todo):
+        for ended in job.engine.stream(_admitted(job, todo)):
             _write(job, by_key[ended.id], ended, tally)
             tally.seconds = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(tok_s=f"{tally.completion_tokens / max(tally.seconds, 1e-9):.1f}",
                             **_speculative_postfix(job.engine), refresh=False)
+
+
+def _admitted(job: _Job, todo: list[Request]) -> Iterator[EngineRequest]:
+    """The engine's requests, until a stop is requested."""
+    for r in todo:
+        if job.stop is not None and job.stop.requested:
+            return
+        yield engine_request(r, job.tokenizer)
 
 
 def _speculative_postfix(engine: Any) -> dict[str, str]:

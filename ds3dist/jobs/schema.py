@@ -112,6 +112,9 @@ class RuntimeConf:
     max_tokens_per_step: int = 2048  # token budget of one step, per expert-parallel column
     max_seqs: int = 64  # running requests per expert-parallel column
     prefill_chunk: Optional[int] = None  # tokens one request may take per step (null: half)
+    replicas: int = 1  # independent engines (pp x ep ranks each) fed from the one input
+    max_restarts: int = 3  # rebuilds of each replica after a lost rank, node or hung step
+    drain_timeout_s: float = 20.0  # after SIGTERM/SIGINT: how long requests in flight may finish
 
 
 @dataclass
@@ -233,8 +236,11 @@ def validate(cfg: Any) -> Resolved:
                  _get(cfg, "runtime.startup_timeout_s"), 0, None, lo_open=True)
     _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
     _check_range(problems, "runtime.num_cpus", _get(cfg, "runtime.num_cpus"), 1, None)
+    _check_range(problems, "runtime.max_restarts", _get(cfg, "runtime.max_restarts"), 0, None)
+    _check_range(problems, "runtime.drain_timeout_s", _get(cfg, "runtime.drain_timeout_s"), 0,
+                 None)
     for key in ("cpus_per_rank", "page_size", "max_tokens_per_step", "max_seqs",
-                "prefill_chunk"):
+                "prefill_chunk", "replicas"):
         _check_range(problems, f"runtime.{key}", _get(cfg, f"runtime.{key}"), 1, None)
     _check_range(problems, "runtime.cache_gb", _get(cfg, "runtime.cache_gb"), 0, None,
                  lo_open=True)
@@ -245,6 +251,9 @@ def validate(cfg: Any) -> Resolved:
         problems.append(f"runtime.control: local runs the whole model in the launch's process; "
                         f"it needs parallel.pp=1 and parallel.ep=1, got pp="
                         f"{_get(cfg, 'parallel.pp')} ep={_get(cfg, 'parallel.ep')}")
+    if control == "local" and _get(cfg, "runtime.replicas") != 1:
+        problems.append(f"runtime.replicas: runtime.control=local runs one copy of the model in "
+                        f"the launch's process; got replicas={_get(cfg, 'runtime.replicas')}")
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")

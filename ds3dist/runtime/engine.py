@@ -10,6 +10,7 @@ process runs too. Requests go in as a stream and come out as they end.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ds3dist.config import ModelConfig
 from ds3dist.generation import GenerationResult, generate_with
 from ds3dist.model.cache import PagedCache
-from ds3dist.parallel.layout import ParallelLayout
+from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
 from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor, cause_text
 from ds3dist.runtime.worker import StageWorker
@@ -36,6 +37,7 @@ from ds3dist.serving.speculative import SpeculativeConfig, num_drafts
 from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
+RESOURCE_POLL_S = 1.0
 
 
 class EngineError(RuntimeError):
@@ -61,6 +63,7 @@ class Engine:
         cpus_per_rank: int = 1,
         fault_ids: tuple[str, ...] = (),
         speculative: SpeculativeConfig | None = None,
+        resource_wait_s: float = 0.0,
     ):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
@@ -86,7 +89,7 @@ class Engine:
         self.engine_id = uuid.uuid4().hex  # keys the ranks' published progress
         cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size * cpus_per_rank),
                         connect_timeout_s)
-        self.layout.check_resources(ray.available_resources())
+        self._await_resources(resource_wait_s)
         try:
             self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s,
                         fault_ids)
@@ -98,6 +101,19 @@ class Engine:
         self.tokenizer = load_tokenizer(self.checkpoint)
 
     # ---- start-up ---------------------------------------------------------------------
+    def _await_resources(self, wait_s: float) -> None:
+        """Until the cluster has a CPU or GPU for every rank, for at most wait_s (a rebuilt
+        replica waits for its lost node to come back; a first start fails at once)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.layout.check_resources(ray.available_resources())
+                return
+            except LayoutError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(RESOURCE_POLL_S)
+
     def _start(self, attn_form, execution, dtype, port, timeout, fault_ids):
         gpu = self.layout.device == "cuda"
         cpus = self.cpus_per_rank

@@ -39,6 +39,10 @@ class StopRule(Protocol):
         """Look at the newest output token; True when the request has finished."""
         ...
 
+    def fresh(self) -> "StopRule":
+        """The same rule, not yet applied to any token."""
+        ...
+
 
 @dataclass(eq=False)
 class Request:
@@ -70,6 +74,12 @@ class Request:
             raise ValueError(f"request {self.id}: max_new_tokens must be an integer >= 0, "
                              f"got {self.max_new_tokens!r}")
         self.params = SamplingParams.of(self.params)
+
+    def fresh(self) -> "Request":
+        """The request as it was submitted (same id, prompt, parameters and stop rule, a fresh
+        copy of each): to run it again from its prompt after an engine was lost."""
+        return Request(self.id, list(self.prompt_ids), self.params, self.max_new_tokens,
+                       None if self.stop is None else self.stop.fresh())
 
     @property
     def all_ids(self) -> list[int]:

@@ -95,6 +95,16 @@ class SchedulerStats:
                 "steps_per_token": round(self.sample_steps / self.output_tokens, 4)
                 if self.output_tokens else None}
 
+    def add(self, other: SchedulerStats) -> None:
+        """Add another scheduler's counters (per-position lists element by element)."""
+        for name in ("steps", "preemptions", "tokens_scheduled", "sample_steps", "output_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("drafts_proposed", "drafts_accepted"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            mine += [0] * max(0, len(theirs) - len(mine))
+            for k, v in enumerate(theirs):
+                mine[k] += v
+
     def count(self, proposed: int, accepted: int, produced: int) -> None:
         """One sampling step: drafts sent and accepted, tokens appended."""
         grow = max(0, proposed - len(self.drafts_proposed))

@@ -1,0 +1,163 @@
+"""SIGTERM / SIGINT to `python -m ds3dist.launch` mid-job: it stops admitting, writes what
+finished, exits with EXIT_INTERRUPTED within the drain bound, leaves valid output and no Ray
+process; a rerun completes the job with the single-process model's records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import ds3dist
+from ds3dist.jobs.stop import EXIT_INTERRUPTED
+
+pytestmark = pytest.mark.slow
+
+PKG_ROOT = str(Path(ds3dist.__file__).resolve().parents[1])
+N = 24
+
+
+def write_input(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"Line {i} of a long story:"})
+                            + "\n" for i in range(N)))
+    return path
+
+
+def args(inp: Path, out: Path, drain_s: float) -> list[str]:
+    return ["model=tiny", "+parallel=ep2", f"job.input={inp}", f"job.output={out}",
+            "execution.dtype=float32", "sampling.temperature=0", "sampling.max_new_tokens=24",
+            "runtime.max_seqs=2", f"runtime.drain_timeout_s={drain_s}", "job.progress=false"]
+
+
+def processes_marked(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture
+def env(tiny_fp8_dir):
+    ray_dir = tempfile.mkdtemp(prefix="ds3g", dir="/tmp")  # short: Ray's socket paths
+    e = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_dir,
+             DS3DIST_CACHE=str(Path(tiny_fp8_dir).parent / "sig-cache"))
+    e.pop("RAY_ADDRESS", None)
+    e["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [x for x in [e.get("PYTHONPATH")] if x])
+    yield e
+    deadline = time.monotonic() + 20
+    while processes_marked(ray_dir) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    left = processes_marked(ray_dir)
+    for pid in left:  # ours: started by these launches
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_dir, ignore_errors=True)
+    assert not left, f"Ray processes left after the launch: {left}"
+
+
+def start(argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ds3dist.launch", *argv], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= n:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the job ended or stalled before {n} lines: {proc.communicate()}")
+
+
+def valid_records(out: Path) -> dict[str, dict]:
+    recs = [json.loads(x) for x in out.read_text().splitlines()]  # every line whole
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)), "a line was written twice"
+    return {r["id"]: r for r in recs}
+
+
+def stop(proc: subprocess.Popen, *signals: signal.Signals, gap_s: float = 0.3,
+         bound_s: float = 30) -> tuple[float, str, str]:
+    t0 = time.monotonic()
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(gap_s)
+        proc.send_signal(sig)
+    try:
+        stdout, stderr = proc.communicate(timeout=bound_s + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return time.monotonic() - t0, stdout, stderr
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_fp8_dir, tok, tmp_path_factory):
+    from ds3dist.generation import LocalEngine
+    from ds3dist.jobs.batch import run_batch_job
+
+    d = tmp_path_factory.mktemp("sig-oracle")
+    inp = write_input(d / "in.jsonl")
+    model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
+    run_batch_job(LocalEngine(model, tok), tok, inp, d / "out.jsonl", progress=False,
+                  sampling={"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                            "seed": 0, "stop": None})
+    return inp, valid_records(d / "out.jsonl")
+
+
+def test_sigterm_drains_exits_resumable_and_a_rerun_completes(tmp_path, env, tiny_fp8_dir,
+                                                              oracle):
+    inp, want = oracle
+    out = tmp_path / "out.jsonl"
+    argv = args(inp, out, drain_s=15) + [f"model.path={tiny_fp8_dir}"]
+    proc = start(argv, tmp_path, env)
+    wait_for_lines(proc, out, 2)
+    took, stdout, stderr = stop(proc, signal.SIGTERM)
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert took < 30
+    assert "SIGTERM: stopping" in stderr and "rerun the same command" in stdout
+    first = valid_records(out)
+    assert 2 <= len(first) < N
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and "error" not in summary
+    assert summary["counts"]["not_run"] == N - len(first)
+    assert summary["counts"]["generated"] == len(first)
+
+    again = start(argv, tmp_path, env)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    got = valid_records(out)
+    assert sorted(got) == sorted(want)
+    assert {k: r["token_ids"] for k, r in got.items()} == \
+        {k: r["token_ids"] for k, r in want.items()}
+
+
+def test_a_second_signal_exits_at_once_with_valid_output(tmp_path, env, tiny_fp8_dir):
+    out = tmp_path / "out.jsonl"
+    proc = start(args(write_input(tmp_path / "in.jsonl"), out, drain_s=300)
+                 + [f"model.path={tiny_fp8_dir}"], tmp_path, env)
+    wait_for_lines(proc, out, 1)
+    took, stdout, stderr = stop(proc, signal.SIGTERM, signal.SIGINT, bound_s=10)
+    print(f"SIGTERM + SIGINT to exit: {took:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert took < 10, "a second signal must not wait for the 300 s drain"
+    assert "stopped at once after SIGTERM: SIGINT while stopping" in stderr
+    assert 1 <= len(valid_records(out)) < N
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and "Interrupted" in summary["error"]
