@@ -161,3 +161,77 @@ def test_engine_across_two_hosts(two_hosts, tiny_fp8_dir, tmp_path):
     assert got["tokens"] == [w.token_ids for w in want]
     for t in (t1, t2):
         shutil.rmtree(t, ignore_errors=True)
+
+
+def _start_node(ns: str, args: list[str], env: dict, log) -> subprocess.Popen:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    return subprocess.Popen(_in_ns(ns, ray_bin, "start", *args), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_job_outlives_the_loss_of_the_worker_host(two_hosts, tiny_fp8_dir, tok, tmp_path):
+    """`python -m ds3dist.launch` (ep2: one rank per host) while the test kills every process
+    of the worker host mid-job and starts its Ray node again: the replica is rebuilt once the
+    node is back, and the job completes with the single-process model's records, none lost
+    or written twice."""
+    import ds3dist
+    from ds3dist.generation import LocalEngine
+    from ds3dist.jobs.batch import run_batch_job
+
+    n, greedy = 16, {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                     "seed": 0, "stop": None}
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"Host note {i}:"}) + "\n"
+                           for i in range(n)))
+    model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
+    run_batch_job(LocalEngine(model, tok), tok, inp, tmp_path / "want.jsonl", sampling=greedy,
+                  progress=False)
+    want = {r["id"]: r["token_ids"] for r in map(json.loads, open(tmp_path / "want.jsonl"))}
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "DS3DIST_TORCH_THREADS": "1"}
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "RAY_ADDRESS"):
+        env.pop(var, None)
+    t1, t2 = (tempfile.mkdtemp(prefix="r", dir="/tmp") for _ in range(2))
+    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+    worker_args = [f"--address={H1_IP}:{PORT}", f"--node-ip-address={H2_IP}",
+                   f"--temp-dir={t2}", *common]
+    out = tmp_path / "out.jsonl"
+    with open(tmp_path / "nodes.log", "w") as log:
+        _start_node(two_hosts["h1"], ["--head", f"--port={PORT}", f"--node-ip-address={H1_IP}",
+                                      f"--temp-dir={t1}", "--include-dashboard=false", *common],
+                    env, log)
+        _wait_port(two_hosts["h1"], H1_IP, PORT, 90)
+        _start_node(two_hosts["h2"], worker_args, env, log)
+        launch = subprocess.Popen(
+            _in_ns(two_hosts["h1"], sys.executable, "-m", "ds3dist.launch", "model=tiny",
+                   f"model.path={tiny_fp8_dir}", "+parallel=ep2", f"runtime.address={H1_IP}:{PORT}",
+                   "runtime.startup_timeout_s=180", "runtime.collective_timeout_s=30",
+                   "runtime.max_seqs=2", "execution.dtype=float32", "sampling.temperature=0",
+                   "sampling.max_new_tokens=16", f"job.input={inp}", f"job.output={out}",
+                   "job.progress=false"),
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out.exists() and out.read_bytes().count(b"\n") >= 2):
+                assert launch.poll() is None and time.monotonic() < deadline, \
+                    launch.communicate(timeout=30)
+                time.sleep(0.1)
+            _kill_namespace_processes(two_hosts["h2"])  # the worker host is lost
+            time.sleep(2)
+            _start_node(two_hosts["h2"], worker_args, env, log)  # and comes back
+            stdout, stderr = launch.communicate(timeout=420)
+        finally:
+            if launch.poll() is None:
+                os.killpg(launch.pid, signal.SIGKILL)
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in got) == sorted(want), "lost or duplicated lines"
+    assert {r["id"]: r["token_ids"] for r in got} == want
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    rec = summary["recovery"]
+    print("recovery:", rec)
+    assert rec["restarts"] >= 1 and H2_IP in rec["events"][0]["cause"], rec
+    for t in (t1, t2):
+        shutil.rmtree(t, ignore_errors=True)

@@ -64,11 +64,11 @@ def oracle(tiny_fp8_dir, tok, tmp_path_factory):
     return inp, want
 
 
-def builder(ckpt, layout: ParallelLayout, builds: list):
+def builder(ckpt, layout: ParallelLayout, builds: list, collective_timeout_s: float = 30):
     def build(replica: int, attempt: int) -> Engine:
         builds.append((replica, attempt))
         return Engine(ckpt, layout, execution="bf16", dtype=torch.float32,
-                      serving=ServingOptions(max_seqs=8), collective_timeout_s=30,
+                      serving=ServingOptions(max_seqs=8), collective_timeout_s=collective_timeout_s,
                       resource_wait_s=60 if attempt else 0)
     return build
 
@@ -84,10 +84,13 @@ class Killer(threading.Thread):
     """Kills a random rank process of replica `replica` `times` times, each at a random moment
     after the replica (re)started; records (engine number, rank) killed."""
 
-    def __init__(self, rs: ReplicaSet, replica: int, times: int, seed: int):
+    def __init__(self, rs: ReplicaSet, replica: int, times: int, seed: int,
+                 sig: signal.Signals = signal.SIGKILL):
         super().__init__(daemon=True)
         self.rs, self.replica, self.times, self.rng = rs, replica, times, random.Random(seed)
+        self.sig = sig
         self.killed: list[tuple[int, int]] = []
+        self.pids: list[int] = []
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -101,7 +104,8 @@ class Killer(threading.Thread):
             if self.done.wait(self.rng.uniform(0.3, 1.5)):
                 return
             victim = self.rng.choice(engine.infos)
-            os.kill(victim["pid"], signal.SIGKILL)
+            os.kill(victim["pid"], self.sig)
+            self.pids.append(victim["pid"])
             self.killed.append((k, victim["rank"]))
 
 
@@ -165,3 +169,31 @@ def test_two_replicas_one_loses_an_actor(ray_cluster, tiny_fp8_dir, tok, oracle,
     assert summary["recovery"]["restarts"] == 1
     assert sorted(builds) == [(0, 0), (0, 1), (1, 0)]
     assert {r["replica"] for r in summary["ranks"]} == {0, 1}
+
+
+def test_a_hung_rank_is_replaced(ray_cluster, tiny_fp8_dir, tok, oracle, tmp_path):
+    """SIGSTOP one rank mid-job: its peer's collective times out, the step fails naming the
+    stopped rank, and the rebuilt replica completes the job."""
+    inp, want = oracle
+    out = tmp_path / "out.jsonl"
+    with ReplicaSet(builder(tiny_fp8_dir, ParallelLayout(pp=1, ep=2), [],
+                            collective_timeout_s=5), 1, max_restarts=1) as rs:
+        killer = Killer(rs, 0, 1, seed=2, sig=signal.SIGSTOP)
+        killer.start()
+        try:
+            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
+        finally:
+            killer.done.set()
+            killer.join(10)
+            for pid in killer.pids:  # killed by the engine already; make sure
+                for sig in (signal.SIGCONT, signal.SIGKILL):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+    assert killer.killed, "the job ended before a rank was stopped"
+    same_records(records(out), want)
+    (event,) = summary["recovery"]["events"]
+    rank = killer.killed[0][1]
+    assert f"rank {rank} (stage 0, ep rank {rank})" in event["cause"], event
+    assert "stopped or hung" in event["cause"] or "timed out" in event["cause"].lower(), event
