@@ -310,15 +310,18 @@ def _free_port() -> int:
 
 
 def test_slurm_script_with_stub_srun(tmp_path, cache_dir, ray_dir, uninterrupted):
-    """slurm/run.sh on two simulated nodes of this machine (stub srun/scontrol/hostname), two
-    CPUs each: head + worker start and register, the pp2ep2 job's 4 ranks span both nodes
-    through RAY_ADDRESS, and the script stops its Ray processes (checked by ray_dir)."""
+    """slurm/run.sh on two simulated nodes of this machine (stub srun, scontrol, scancel and
+    hostname), two CPUs each: head + worker start and register, the pp2ep2 job's 4 ranks span
+    both nodes through RAY_ADDRESS, and the script stops its Ray processes (checked by
+    ray_dir)."""
     inp, ref_out = uninterrupted
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     real_hostname = shutil.which("hostname")
     (bin_dir / "srun").write_text(SRUN_STUB)
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf '%s\\n' node1 node2\n")
+    # no controller to ask: run.sh then signals its srun clients, which pass it on
+    (bin_dir / "scancel").write_text("#!/usr/bin/env bash\nexit 1\n")
     (bin_dir / "hostname").write_text(
         "#!/usr/bin/env bash\n"
         f'if [[ "$1" == -s ]]; then echo "${{FAKE_NODE:-node1}}"; else exec {real_hostname} "$@"; fi\n')

@@ -1,10 +1,11 @@
 """End to end on a real Slurm: `sbatch --nodes=2 slurm/run.sh ...` on two Slurm nodes of this
 machine.
 
-The test runs its own munged (own key and socket), slurmctld and two slurmd (nodes n1 and n2,
-one CPU each, on free ports), all from a slurm.conf in a temp dir, submits the script with
-`sbatch --wait`, and afterwards stops, by PID, every process it started (the daemons, and
-anything that still carries its temp dir in its command line or environment).
+The tests run their own munged (own key and socket), slurmctld and two slurmd (nodes n1 and
+n2, one CPU each, on free ports), all from a slurm.conf in a temp dir, submit the script with
+`sbatch --wait`, and afterwards stop, by PID, every process they started (the daemons, and
+anything that still carries the temp dir in its command line or environment). One job runs
+to its end; others are stopped mid-job with `scancel --signal=TERM` and then submitted again.
 
 Needs root and the slurm-wlm and munge packages; skipped otherwise.
 """
@@ -12,6 +13,7 @@ Needs root and the slurm-wlm and munge packages; skipped otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,8 +26,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import ds3dist
+from ds3dist.jobs.stop import EXIT_INTERRUPTED
 
 PKG_ROOT = Path(ds3dist.__file__).resolve().parents[1]
 RUN_SH = PKG_ROOT / "slurm" / "run.sh"
@@ -235,7 +239,100 @@ def _job_processes(marker: str, job_id: str) -> dict[int, dict[str, str]]:
     return out
 
 
-def test_sbatch_run_sh_on_two_slurm_nodes(tmp_path, tiny_fp8_dir):
+@pytest.fixture(scope="module")
+def cluster():
+    """This module's Slurm cluster: (its temp dir, the environment jobs are submitted with).
+    The jobs share its kernel cache (built by the first one)."""
+    t0 = time.monotonic()
+    with slurm_cluster() as (d, env):
+        venv = Path(sys.prefix)
+        env.update(
+            PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
+            PYTHONPATH=os.pathsep.join([str(PKG_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
+            RAY_TMP_ROOT=str(d), RAY_TMPDIR=str(d), RAY_WAIT_S="90",
+            DS3DIST_CACHE=str(d / "cache"), DS3DIST_TORCH_THREADS="1")
+        env.pop("RAY_NET_IFACE", None)
+        if (venv / "bin" / "activate").is_file():
+            env["DS3DIST_VENV"] = str(venv)
+        print(f"Slurm cluster up in {time.monotonic() - t0:.1f} s")
+        yield d, env
+        t1 = time.monotonic()
+    print(f"Slurm cluster down in {time.monotonic() - t1:.1f} s")
+
+
+@dataclasses.dataclass
+class Job:
+    """`sbatch --wait slurm/run.sh ARGS` running in the background."""
+
+    proc: subprocess.Popen
+    stdout: Path
+    stderr: Path
+    d: Path
+    env: dict[str, str]
+
+    @classmethod
+    def submit(cls, cluster, cwd: Path, job_args: list[str]) -> Job:
+        d, env = cluster
+        env = dict(env, RAY_PORT=str(_free_ports(1)[0]))
+        n = len(list(cwd.glob("sbatch-*.out")))
+        stdout, stderr = cwd / f"sbatch-{n}.out", cwd / f"sbatch-{n}.err"
+        args = ["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1",
+                "--gpus-per-node=0", "--cpus-per-task=1", "--time=15",
+                f"--output={d}/job-%j.out", str(RUN_SH), *job_args]
+        with open(stdout, "wb") as o, open(stderr, "wb") as e:
+            proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=o, stderr=e,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return cls(proc, stdout, stderr, d, env)
+
+    @property
+    def id(self) -> str:
+        return self.stdout.read_text().strip().split(";")[0]
+
+    def log(self) -> str:
+        f = self.d / f"job-{self.id}.out"
+        return f.read_text(errors="replace") if self.id and f.is_file() else "(no job log)"
+
+    def scancel(self, *args: str) -> None:  # (fails once the job has ended: no matter)
+        subprocess.run(["scancel", *args, self.id], env=self.env, timeout=30, check=False)
+
+    def wait(self, timeout: float, tick=None) -> int:
+        """sbatch's exit status; tick() every 0.2 s meanwhile. Past `timeout` the job is
+        cancelled and the test fails."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if tick is not None and self.id:
+                tick()
+            time.sleep(0.2)
+        if self.proc.poll() is None:
+            if self.id:
+                subprocess.run(["scancel", self.id], env=self.env, timeout=30, check=False)
+            _stop(self.proc)
+            pytest.fail(f"sbatch --wait did not return within {timeout:.0f} s (job "
+                        f"{self.id!r})\n{self.log()[-4000:]}")
+        return self.proc.returncode
+
+    def failure(self) -> str:
+        return (f"sbatch exit {self.proc.returncode}: {self.stderr.read_text()}\n"
+                f"{self.log()[-6000:]}")
+
+    def processes_left(self) -> dict[int, str]:
+        """The job's processes (Ray head and workers included) still running 20 s after it
+        ended: pid -> command line."""
+        gone = time.monotonic() + 20
+        while _job_processes(str(self.d), self.id) and time.monotonic() < gone:
+            time.sleep(0.2)
+        return {pid: _cmdline(pid) for pid in _job_processes(str(self.d), self.id)}
+
+
+def _records(out: Path) -> dict[str, dict]:
+    """The output's records by id; every line whole, none twice."""
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)), "a line was written twice"
+    return {r["id"]: r for r in recs}
+
+
+def test_sbatch_run_sh_on_two_slurm_nodes(tmp_path, cluster, tiny_fp8_dir):
     """run.sh under sbatch on two Slurm nodes with one CPU each: the Ray head and worker
     start in srun steps and register, the two ep ranks run one on each Slurm node (seen in
     the environment of the rank processes while the job runs), the job's output is complete,
@@ -245,55 +342,22 @@ def test_sbatch_run_sh_on_two_slurm_nodes(tmp_path, tiny_fp8_dir):
                            + "\n" for i in range(6)))
     out = tmp_path / "out.jsonl"
     t0 = time.monotonic()
-    with slurm_cluster() as (d, env):
-        t_up = time.monotonic()
-        venv = Path(sys.prefix)
-        env.update(
-            PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}",
-            PYTHONPATH=os.pathsep.join([str(PKG_ROOT), *filter(None, [env.get("PYTHONPATH")])]),
-            RAY_PORT=str(_free_ports(1)[0]), RAY_TMP_ROOT=str(d), RAY_TMPDIR=str(d),
-            RAY_WAIT_S="90", DS3DIST_CACHE=str(d / "cache"), DS3DIST_TORCH_THREADS="1")
-        env.pop("RAY_NET_IFACE", None)
-        if (venv / "bin" / "activate").is_file():
-            env["DS3DIST_VENV"] = str(venv)
-        args = ["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1",
-                "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
-                f"--output={d}/job-%j.out", str(RUN_SH),
-                "model=tiny", f"model.path={tiny_fp8_dir}", "+parallel=ep2",
-                f"job.input={inp}", f"job.output={out}", "sampling.temperature=0",
-                "sampling.max_new_tokens=4", "job.progress=false"]
-        sb_out, sb_err = d / "sbatch.out", d / "sbatch.err"
-        with open(sb_out, "wb") as o, open(sb_err, "wb") as e:
-            p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=o, stderr=e,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        seen: dict[int, dict[str, str]] = {}  # the job's processes, as they ran
-        job_id = ""
-        deadline = time.monotonic() + 180
-        while p.poll() is None and time.monotonic() < deadline:
-            job_id = sb_out.read_text().strip().split(";")[0]
-            if job_id:
-                for pid, penv in _job_processes(str(d), job_id).items():
-                    seen.setdefault(pid, penv)
-            time.sleep(0.2)
-        if p.poll() is None:
-            if job_id:
-                subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
-            _stop(p)
-            pytest.fail(f"sbatch --wait did not return within 180 s (job {job_id!r})")
-        t_job = time.monotonic()
-        job_id = sb_out.read_text().strip().split(";")[0]
-        logs = sorted(d.glob("job-*.out"))
-        log = logs[0].read_text(errors="replace") if logs else "(no job log)"
-        assert p.returncode == 0, \
-            f"sbatch exit {p.returncode}: {sb_err.read_text()}\n{log[-6000:]}"
-        # The job's processes (Ray head and worker included) end with it.
-        gone = time.monotonic() + 20
-        while _job_processes(str(d), job_id) and time.monotonic() < gone:
-            time.sleep(0.2)
-        job_left = {pid: _cmdline(pid) for pid in _job_processes(str(d), job_id)}
-    t_end = time.monotonic()
-    print(f"Slurm test: cluster up {t_up - t0:.1f} s, job {t_job - t_up:.1f} s, "
-          f"teardown {t_end - t_job:.1f} s, total {t_end - t0:.1f} s")
+    job = Job.submit(cluster, tmp_path, [
+        "model=tiny", f"model.path={tiny_fp8_dir}", "+parallel=ep2", f"job.input={inp}",
+        f"job.output={out}", "sampling.temperature=0", "sampling.max_new_tokens=4",
+        "job.progress=false"])
+    seen: dict[int, dict[str, str]] = {}  # the job's processes, as they ran
+
+    def watch():
+        for pid, penv in _job_processes(str(job.d), job.id).items():
+            seen.setdefault(pid, penv)
+
+    assert job.wait(240, watch) == 0, job.failure()
+    t_job = time.monotonic()
+    log = job.log()
+    job_left = job.processes_left()
+    print(f"Slurm job {t_job - t0:.1f} s, its processes gone {time.monotonic() - t_job:.1f} s "
+          f"later")
     assert not job_left, f"processes of the job outlived it: {job_left}"
     assert "ds3dist: 2 nodes (n1 n2)" in log, log[-4000:]
     assert "2/2 Ray nodes registered" in log, log[-4000:]
@@ -317,3 +381,84 @@ def test_sbatch_run_sh_on_two_slurm_nodes(tmp_path, tiny_fp8_dir):
     assert steps[0] != steps[1], steps
     assert all(seen[pid].get("SLURM_STEP_NODELIST") == where[rank]
                for rank, pid in ranks.items()), where
+
+
+STORY_N = 32
+STORY_SAMPLING = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                  "seed": 0, "stop": None}
+
+
+@pytest.fixture(scope="module")
+def story(tiny_fp8_dir, tok, tmp_path_factory):
+    """STORY_N prompts, and their records from the single-process model, uninterrupted."""
+    from ds3dist.generation import LocalEngine
+    from ds3dist.jobs.batch import run_batch_job
+
+    d = tmp_path_factory.mktemp("slurm-story")
+    inp = d / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"Line {i} of a long story:"})
+                           + "\n" for i in range(STORY_N)))
+    model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
+    run_batch_job(LocalEngine(model, tok), tok, inp, d / "ref.jsonl", sampling=STORY_SAMPLING,
+                  progress=False)
+    return inp, _records(d / "ref.jsonl")
+
+
+# scancel's arguments: SIGTERM to every srun step (the launch and the Ray nodes at once), or
+# to the batch script only, as the time-limit warning of `#SBATCH --signal=B:TERM@...` does.
+SCANCEL = {"steps": ("--signal=TERM",), "batch": ("--batch", "--signal=TERM")}
+
+
+@pytest.mark.parametrize("how", sorted(SCANCEL))
+def test_scancel_sigterm_mid_job_then_a_rerun_completes_it(tmp_path, cluster, tiny_fp8_dir,
+                                                           story, how):
+    """`scancel --signal=TERM` (how=steps) or `scancel --batch --signal=TERM` (how=batch)
+    once the job has written a line: the launch stops within 30 s and exits 75, the job with
+    it, leaving valid output and no process; the same sbatch again completes the job with
+    the single-process model's records."""
+    inp, want = story
+    out = tmp_path / "out.jsonl"
+    job_args = ["model=tiny", f"model.path={tiny_fp8_dir}", "+parallel=ep2",
+                f"job.input={inp}", f"job.output={out}", "execution.dtype=float32",
+                "sampling.temperature=0", "sampling.max_new_tokens=24", "runtime.max_seqs=2",
+                "job.progress=false"]
+    job = Job.submit(cluster, tmp_path, job_args)
+    t: dict[str, float] = {}
+
+    def stop_once_a_line_is_out():
+        if "scancel" not in t and out.exists() and out.read_bytes().count(b"\n") >= 1:
+            job.scancel(*SCANCEL[how])
+            t["scancel"] = time.monotonic()
+        if "scancel" in t and "launch" not in t and "launch exited with" in job.log():
+            t["launch"] = time.monotonic()
+
+    rc = job.wait(300, stop_once_a_line_is_out)
+    t_end = time.monotonic()
+    log = job.log()
+    job_left = job.processes_left()
+    assert "scancel" in t, f"the job ended before it was stopped\n{log[-4000:]}"
+    launch_s = t.get("launch", t_end) - t["scancel"]
+    print(f"scancel {' '.join(SCANCEL[how])}: the launch exited {launch_s:.1f} s later, "
+          f"sbatch --wait returned {t_end - t['scancel']:.1f} s later")
+    assert rc == EXIT_INTERRUPTED, job.failure()
+    assert f"launch exited with {EXIT_INTERRUPTED}" in log, log[-4000:]
+    assert launch_s < 30, log[-4000:]
+    assert t_end - t["scancel"] < 30 + 10, "Slurm took over 10 s to end the job"
+    assert not job_left, f"processes of the job outlived it: {job_left}"
+    if how == "batch":
+        assert "ds3dist: SIGTERM: passing it on to the launch" in log, log[-4000:]
+    first = _records(out)
+    assert 1 <= len(first) < STORY_N, len(first)
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM", summary
+    assert summary["counts"]["generated"] == len(first), summary["counts"]
+    assert summary["counts"]["not_run"] == STORY_N - len(first), summary["counts"]
+
+    again = Job.submit(cluster, tmp_path, job_args)
+    assert again.wait(300) == 0, again.failure()
+    assert "launch exited with 0" in again.log()
+    assert not again.processes_left()
+    got = _records(out)
+    assert sorted(got) == sorted(want)
+    assert {k: r["token_ids"] for k, r in got.items()} == \
+        {k: r["token_ids"] for k, r in want.items()}
