@@ -49,6 +49,7 @@ from ds3dist.jobs.schema import LaunchConfigError
 from ds3dist.jobs.stop import EXIT_INTERRUPTED, GracefulStop, Interrupted
 from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import LayoutError
+from ds3dist.runtime import cluster
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
@@ -119,6 +120,9 @@ def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any,
     if opts["serving"].control == "local":
         return local_engine(checkpoint, resolved, cfg, dtype, opts)
     opts["num_cpus"] = opts["num_cpus"] or max(8, replicas * lay.world_size * opts["cpus_per_rank"])
+    cluster.connect(opts["ray_address"], opts["num_cpus"], opts["connect_timeout_s"])
+    if stop is not None:
+        stop.arm()  # ray.init replaced the SIGTERM handler; loading may take minutes
 
     def build(replica: int, attempt: int) -> Engine:
         # a rebuilt replica waits for replacement resources as long as it may take to start

@@ -161,3 +161,56 @@ def test_a_second_signal_exits_at_once_with_valid_output(tmp_path, env, tiny_fp8
     assert 1 <= len(valid_records(out)) < N
     summary = json.loads(Path(f"{out}.summary.json").read_text())
     assert summary["stopped"] == "SIGTERM" and "Interrupted" in summary["error"]
+
+
+def test_sigterm_while_its_cluster_goes_down_too(tmp_path, env, tiny_fp8_dir, oracle):
+    """As `scancel --signal=TERM` does under Slurm: the launch and every process of the Ray
+    cluster it joined get SIGTERM at once. The launch must not wait on the dead cluster: it
+    exits 75 within 30 s, its summary written, its lines whole; a rerun on a new cluster
+    completes the job."""
+    inp, want = oracle
+    ray_tmp = tempfile.mkdtemp(prefix="ds3h", dir="/tmp")
+    port = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+         f"--port={port}", "--num-cpus=4", f"--temp-dir={ray_tmp}", "--include-dashboard=false",
+         "--disable-usage-stats"],
+        env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = tmp_path / "out.jsonl"
+        argv = args(inp, out, drain_s=20) + [f"model.path={tiny_fp8_dir}",
+                                             f"runtime.address=127.0.0.1:{port}"]
+        proc = start(argv, tmp_path, env)
+        wait_for_lines(proc, out, 2)
+        for pid in processes_marked(ray_tmp):  # the whole cluster
+            os.kill(pid, signal.SIGTERM)
+        took, stdout, stderr = stop(proc, signal.SIGTERM)
+        print(f"SIGTERM (cluster going down too) to exit: {took:.1f} s")
+        assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+        assert took < 30
+        first = valid_records(out)
+        summary = json.loads(Path(f"{out}.summary.json").read_text())
+        assert summary["stopped"] == "SIGTERM"
+        assert summary["counts"]["generated"] == len(first) < N
+    finally:
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)
+            head.wait(timeout=30)
+        for pid in processes_marked(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    again = start(args(inp, out, drain_s=20) + [f"model.path={tiny_fp8_dir}"], tmp_path, env)
+    stdout, stderr = again.communicate(timeout=600)
+    assert again.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    got = valid_records(out)
+    assert {k: r["token_ids"] for k, r in got.items()} == \
+        {k: r["token_ids"] for k, r in want.items()}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

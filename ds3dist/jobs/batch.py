@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JobError", "default_paths", "run_batch_job"]
 
+STOPPED_STATS_S = 10.0  # a failed or stopped run waits at most this for the engine's figures
+
 
 def default_paths(output: str | Path, errors: str | Path | None = None,
                   summary: str | Path | None = None,
@@ -156,10 +158,12 @@ def run_batch_job(
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
         tally = _Tally()
 
-        def summarize() -> dict[str, Any]:
+        def summarize(stats_timeout_s: float | None = None) -> dict[str, Any]:
+            if stop is not None and stop.requested:  # its cluster may be going down
+                stats_timeout_s = STOPPED_STATS_S
             s = _summary(engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
                          _counts(parsed, tally, already, out, len(todo)), tally,
-                         time.perf_counter() - t_start)
+                         time.perf_counter() - t_start, stats_timeout_s)
             s["stopped"] = stop.signal if stop is not None else None
             if meta:
                 s["meta"] = meta
@@ -192,7 +196,7 @@ def _fail_summary(path: Path, error: BaseException, build) -> None:
     """The summary of a run that failed: what it did, and the error (`error`). A failure to
     write it is logged; the run's own error is the one raised."""
     try:
-        summary = build()
+        summary = build(STOPPED_STATS_S)
         summary["error"] = f"{type(error).__name__}: {error}"
         write_summary(path, summary)
     except Exception as e:
@@ -201,9 +205,10 @@ def _fail_summary(path: Path, error: BaseException, build) -> None:
 
 def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_path: Path,
              fmt: str, model_name: str, mtp_layers: Sequence[int], counts: dict,
-             tally: _Tally, wall: float) -> dict[str, Any]:
-    """The job's summary: counts, tokens, throughput, the engine's figures; draws the plot."""
-    stats = engine_stats(engine)
+             tally: _Tally, wall: float, stats_timeout_s: float | None) -> dict[str, Any]:
+    """The job's summary: counts, tokens, throughput, the engine's figures (asked for within
+    stats_timeout_s, if given); draws the plot."""
+    stats = engine_stats(engine, stats_timeout_s)
     expert_load = {str(k): list(v) for k, v in (stats.get("expert_load") or {}).items()}
     plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}",
                             mtp_layers=mtp_layers)

@@ -13,15 +13,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ds3dist.jobs.records import write_atomic
+from ds3dist.runtime.cluster import call_within
 
 log = logging.getLogger(__name__)
 
 
-def engine_stats(engine: Any) -> dict:
-    """engine.stats(), or {} when the engine has none or it fails (logged)."""
+def engine_stats(engine: Any, timeout_s: float | None = None) -> dict:
+    """engine.stats(), or {} when the engine has none, it fails or it does not answer within
+    timeout_s (logged; a run that failed asks with a bound: its cluster may be gone)."""
     fn = getattr(engine, "stats", None)
     if fn is None:
         return {}
+    if timeout_s is not None:
+        return call_within(fn, timeout_s, "engine.stats()", {}) or {}
     try:
         s = fn() or {}
     except Exception as e:  # stats are a report, not the job

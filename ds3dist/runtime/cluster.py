@@ -9,11 +9,16 @@ check, then `ray.init` (bounded too when joining an existing cluster).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
+from typing import Any, Callable
 
 import ray
+from ray.experimental import internal_kv
+
+log = logging.getLogger(__name__)
 
 RAY_CLIENT_PORT = 10001
 RAY_GCS_PORT = 6379
@@ -93,3 +98,37 @@ def connect(configured: str | None, num_cpus: int, timeout_s: float) -> None:
     if errors:
         raise ClusterError(f"{source}: cannot join the Ray cluster at {address}: "
                            f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+
+
+def call_within(fn: Callable[[], Any], timeout_s: float, what: str, default: Any = None) -> Any:
+    """fn() run in a daemon thread for at most timeout_s (a call to a cluster that may be
+    gone); `default`, logged, when it did not finish or raised."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    t = threading.Thread(target=call, name=what, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if result:
+        return result[0]
+    why = f"no answer within {timeout_s:g} s" if t.is_alive() else repr(errors[0])
+    log.warning("%s: %s (the cluster may be gone)", what, why)
+    return default
+
+
+def alive(timeout_s: float = 1.0) -> bool:
+    """Whether the cluster this process joined still answers (its control store, within
+    timeout_s); True when none was joined."""
+    if not ray.is_initialized():
+        return True
+    try:
+        internal_kv.global_gcs_client.internal_kv_get(b"alive", b"ds3dist", timeout=timeout_s)
+    except Exception:  # no answer: the head is gone
+        return False
+    return True

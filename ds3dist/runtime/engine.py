@@ -38,6 +38,7 @@ from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
 RESOURCE_POLL_S = 1.0
+SHUTDOWN_CALL_S = 10.0  # each cluster call of a shutdown gives up after this
 
 
 class EngineError(RuntimeError):
@@ -261,7 +262,8 @@ class Engine:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
-        ranks = self._get([a.stats.remote() for a in self.actors], self.step_timeout_s, "stats")
+        ranks = (self._get([a.stats.remote() for a in self.actors], self.step_timeout_s, "stats")
+                 if self.actors else [])  # none after a failure: only the scheduler's figures
         load: dict[int, list[int]] = {}
         for st in ranks:
             for layer_id, d in st.get("dispatch", {}).items():
@@ -277,31 +279,35 @@ class Engine:
                 "speculative": st.speculative() if st and self.num_drafts else None}
 
     def shutdown(self) -> None:
-        for a in self.actors:  # first: a stopped rank must not hold up the graph's teardown
-            try:
-                ray.kill(a)
-            except Exception:  # already gone
-                pass
-        self.actors = []
+        """Kill the actors, release the graph and the placement group. Each cluster call is
+        bounded (SHUTDOWN_CALL_S): with the cluster going down under it (every process of a
+        Slurm step signalled at once) they may never answer."""
+        actors, self.actors = self.actors, []
+        # first: a stopped rank must not hold up the graph's teardown
+        cluster.call_within(lambda: _kill_all(actors), SHUTDOWN_CALL_S, "killing the ranks")
         if self.executor is not None:
             self.executor.close()
             self.executor = None
-        try:
-            progress.clear(self.engine_id, len(self.plans))
-        except Exception:  # the cluster is already gone
-            pass
+        cluster.call_within(lambda: progress.clear(self.engine_id, len(self.plans)),
+                        SHUTDOWN_CALL_S, "clearing the ranks' progress")
         if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:
-                pass
-            self.pg = None
+            pg, self.pg = self.pg, None
+            cluster.call_within(lambda: remove_placement_group(pg), SHUTDOWN_CALL_S,
+                            "removing the placement group")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+def _kill_all(actors: list) -> None:
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # already gone
+            pass
 
 
 def _call_reports(calls: dict) -> dict[int, str]:

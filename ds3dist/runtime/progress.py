@@ -19,6 +19,7 @@ from ray.experimental import internal_kv
 
 HEARTBEAT_S = 2.0
 NAMESPACE = "ds3dist"
+KV_TIMEOUT_S = 2.0  # a read or delete the store does not answer in this time gives up
 
 
 def key(engine_id: str, rank: int) -> str:
@@ -44,17 +45,24 @@ def start_heartbeat(engine_id: str, rank: int, state: Callable[[], dict]) -> thr
     return t
 
 
-def read(engine_id: str, ranks: int) -> dict[int, dict | None]:
+def read(engine_id: str, ranks: int, timeout_s: float = KV_TIMEOUT_S) -> dict[int, dict | None]:
+    """Every rank's entry (None: none published); {} when the store does not answer within
+    timeout_s (the cluster is going down)."""
     out: dict[int, dict | None] = {}
-    for r in range(ranks):
-        raw = internal_kv._internal_kv_get(key(engine_id, r), namespace=NAMESPACE)
-        out[r] = json.loads(raw) if raw else None
+    try:
+        for r in range(ranks):
+            raw = internal_kv.global_gcs_client.internal_kv_get(
+                key(engine_id, r).encode(), NAMESPACE.encode(), timeout=timeout_s)
+            out[r] = json.loads(raw) if raw else None
+    except Exception:  # no answer: nothing is known of the ranks' progress
+        return {}
     return out
 
 
-def clear(engine_id: str, ranks: int) -> None:
+def clear(engine_id: str, ranks: int, timeout_s: float = KV_TIMEOUT_S) -> None:
     for r in range(ranks):
-        internal_kv._internal_kv_del(key(engine_id, r), namespace=NAMESPACE)
+        internal_kv.global_gcs_client.internal_kv_del(
+            key(engine_id, r).encode(), False, NAMESPACE.encode(), timeout=timeout_s)
 
 
 def behind(progress: dict[int, dict | None], stage_of: Callable[[int], int],

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from ds3dist.runtime import cluster
 from ds3dist.runtime.engine import EngineError
 from ds3dist.serving.request import Request, RequestStatus
 from ds3dist.serving.scheduler import SchedulerStats
@@ -163,6 +164,10 @@ class ReplicaSet:
             try:
                 kind, i, item = out.get(timeout=POLL_S)
             except queue.Empty:
+                if self.should_stop() and not cluster.alive():
+                    log.warning("stopping, and the Ray cluster is gone: the requests in flight "
+                                "are left to the next run")
+                    return
                 continue
             if kind == "ended":
                 yield item
@@ -258,7 +263,7 @@ class ReplicaSet:
         summed; busy seconds per stage, the most of any replica), the replicas' own and the
         restarts. Figures of replaced engines' ranks are gone with them; their scheduler
         counters are kept."""
-        per = [_stats_of(e) for e in self.engines]
+        per = [_stats_of(e) for e in self.engines] if cluster.alive() else []
         ranks = [dict(r, replica=i) for i, s in enumerate(per) for r in s.get("ranks") or []]
         load: dict[int, list[int]] = {}
         for s in per:
@@ -282,6 +287,9 @@ class ReplicaSet:
                              "events": [asdict(r) for r in self.restarts]}}
 
     def shutdown(self) -> None:
+        if not cluster.alive():  # nothing left to release, and no call would be answered
+            log.warning("the Ray cluster is gone; the replicas' actors went with it")
+            return
         for e in self.engines:
             try:
                 e.shutdown()
