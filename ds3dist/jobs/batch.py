@@ -146,15 +146,7 @@ def run_batch_job(
         enc = _encoder(tokenizer, max_prompt_tokens, max_position_embeddings)
         parsed = parse_input(inp.lines, fmt, enc, {**DEFAULT_SAMPLING, **(sampling or {})},
                              inp.bad_lines)
-        record_errors(err_path, parsed.errors)
-        for e in parsed.errors:
-            log.warning("input line %d: %s", e.line, e.message)
-        done = out.scan(lambda rec: output_key(rec, fmt))
-        already = sum(r.key in done for r in parsed.requests)
-        if fmt == "openai":  # malformed requests get their own output lines
-            out.append([openai_error_record(e) for e in parsed.errors
-                        if e.key is not None and e.key not in done])
-        todo = [r for r in parsed.requests if r.key not in done]
+        already, todo = _resume(parsed, fmt, out, err_path)
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
         tally = _Tally()
 
@@ -183,6 +175,19 @@ def run_batch_job(
     write_summary(sum_path, summary)
     summary["summary"] = str(sum_path)
     return summary
+
+
+def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, list[Request]]:
+    """Record the malformed lines; (requests already in the output, requests to run)."""
+    record_errors(err_path, parsed.errors)
+    for e in parsed.errors:
+        log.warning("input line %d: %s", e.line, e.message)
+    done = out.scan(lambda rec: output_key(rec, fmt))
+    if fmt == "openai":  # malformed requests get their own output lines
+        out.append([openai_error_record(e) for e in parsed.errors
+                    if e.key is not None and e.key not in done])
+    return (sum(r.key in done for r in parsed.requests),
+            [r for r in parsed.requests if r.key not in done])
 
 
 def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> dict[str, Any]:

@@ -118,8 +118,9 @@ class _Feed:
 
 
 class ReplicaSet:
-    """N engines behind the engine interface (`stream`, `generate`-free): ended requests in
-    the order they end, whichever replica ran them."""
+    """N engines behind the engine interface the batch job uses (`stream`, `stats`,
+    `scheduler`, `shutdown`): ended requests in the order they end, whichever replica ran
+    them. make_engine(replica, attempt) builds one (attempt 0: the first start)."""
 
     def __init__(self, make_engine: MakeEngine, replicas: int = 1, max_restarts: int = 3,
                  should_stop: Callable[[], bool] = lambda: False):
