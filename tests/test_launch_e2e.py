@@ -6,14 +6,12 @@ and synthesizes the tiny checkpoint into a per-session cache dir ($DS3DIST_CACHE
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 # No skip guard: these tests need the real Engine and fail loudly if it cannot be imported.
 from ds3dist.runtime.engine import Engine  # noqa: E402,F401
+from procs import processes_marked, ray_tmp  # noqa: E402
 
 PKG_ROOT = str(Path(ds3dist.__file__).resolve().parents[1])
 NEW_TOKENS = 8
@@ -34,40 +33,6 @@ MAX_LINE_TOKENS = 29  # the most a line of twenty_lines asks for
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ds3dist-cache")
-
-
-def _ray_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions `marker` (the Ray temp dir of our launches)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
-@contextlib.contextmanager
-def ray_tmp():
-    """A short RAY_TMPDIR (Ray's socket paths must stay short) for launches; afterwards no
-    process of their Ray clusters may be left running."""
-    d = tempfile.mkdtemp(prefix="ds3r", dir="/tmp")
-    try:
-        yield d
-    finally:
-        deadline = time.monotonic() + 30
-        while _ray_processes(d) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = _ray_processes(d)
-        for pid in left:  # ours: started by these launches
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(d, ignore_errors=True)
-    assert not left, f"Ray processes left running after the launch: {left}"
 
 
 @pytest.fixture
@@ -223,10 +188,10 @@ def test_kill_midway_and_resume(tmp_path, uninterrupted, cache_dir, ray_dir):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while (_group_alive(proc.pid) or _ray_processes(ray_dir)) and time.monotonic() < deadline:
+    while (_group_alive(proc.pid) or processes_marked(ray_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _group_alive(proc.pid), "processes of the killed job are still running"
-    assert not _ray_processes(ray_dir), "the killed job's Ray processes are still running"
+    assert not processes_marked(ray_dir), "the killed job's Ray processes are still running"
     partial = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
     assert 1 <= len(partial) < 18, len(partial)
 

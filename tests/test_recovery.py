@@ -8,6 +8,7 @@ on a rebuilt engine gives the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -93,6 +94,16 @@ class Killer(threading.Thread):
         self.pids: list[int] = []
         self.done = threading.Event()
 
+    @contextlib.contextmanager
+    def active(self):
+        """Killing while the body runs; stopped and joined after it."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.done.set()
+            self.join(10)
+
     def run(self) -> None:
         for k in range(self.times):
             deadline = time.monotonic() + 120
@@ -117,13 +128,8 @@ def test_chaos_three_stage_workers_killed_mid_job(ray_cluster, tiny_fp8_dir, tok
     seed = random.randrange(1 << 16)
     with ReplicaSet(builder(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), builds), 1,
                     max_restarts=3) as rs:
-        killer = Killer(rs, 0, 3, seed)
-        killer.start()
-        try:
+        with Killer(rs, 0, 3, seed).active() as killer:
             summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
-        finally:
-            killer.done.set()
-            killer.join(10)
     print(f"chaos seed {seed}: killed (restart, rank) {killer.killed}; "
           f"recovery {summary['recovery']}")
     assert len(killer.killed) == 3, f"the job ended before 3 kills: {killer.killed}"
@@ -149,13 +155,8 @@ def test_two_replicas_one_loses_an_actor(ray_cluster, tiny_fp8_dir, tok, oracle,
     out = tmp_path / "two.jsonl"
     with ReplicaSet(builder(tiny_fp8_dir, layout, builds), 2, max_restarts=1) as rs:
         steady = rs.engines[1]
-        killer = Killer(rs, 0, 1, seed=1)
-        killer.start()
-        try:
+        with Killer(rs, 0, 1, seed=1).active() as killer:
             summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
-        finally:
-            killer.done.set()
-            killer.join(10)
         assert rs.engines[1] is steady, "the other replica was rebuilt"
     assert killer.killed, "the job ended before the kill"
     got = records(out)
@@ -179,12 +180,10 @@ def test_a_hung_rank_is_replaced(ray_cluster, tiny_fp8_dir, tok, oracle, tmp_pat
     with ReplicaSet(builder(tiny_fp8_dir, ParallelLayout(pp=1, ep=2), [],
                             collective_timeout_s=5), 1, max_restarts=1) as rs:
         killer = Killer(rs, 0, 1, seed=2, sig=signal.SIGSTOP)
-        killer.start()
         try:
-            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
+            with killer.active():
+                summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
         finally:
-            killer.done.set()
-            killer.join(10)
             for pid in killer.pids:  # killed by the engine already; make sure
                 for sig in (signal.SIGCONT, signal.SIGKILL):
                     try:

@@ -19,6 +19,7 @@ import torch
 
 import ds3dist
 from ds3dist.jobs.stop import EXIT_INTERRUPTED
+from procs import processes_marked, ray_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -38,34 +39,14 @@ def args(inp: Path, out: Path, drain_s: float) -> list[str]:
             "runtime.max_seqs=2", f"runtime.drain_timeout_s={drain_s}", "job.progress=false"]
 
 
-def processes_marked(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if marker.encode() in (d / "cmdline").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.fixture
 def env(tiny_fp8_dir):
-    ray_dir = tempfile.mkdtemp(prefix="ds3g", dir="/tmp")  # short: Ray's socket paths
-    e = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_dir,
-             DS3DIST_CACHE=str(Path(tiny_fp8_dir).parent / "sig-cache"))
-    e.pop("RAY_ADDRESS", None)
-    e["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [x for x in [e.get("PYTHONPATH")] if x])
-    yield e
-    deadline = time.monotonic() + 20
-    while processes_marked(ray_dir) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    left = processes_marked(ray_dir)
-    for pid in left:  # ours: started by these launches
-        os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(ray_dir, ignore_errors=True)
-    assert not left, f"Ray processes left after the launch: {left}"
+    with ray_tmp("ds3g") as ray_dir:
+        e = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_dir,
+                 DS3DIST_CACHE=str(Path(tiny_fp8_dir).parent / "sig-cache"))
+        e.pop("RAY_ADDRESS", None)
+        e["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [x for x in [e.get("PYTHONPATH")] if x])
+        yield e
 
 
 def start(argv: list[str], cwd: Path, env: dict) -> subprocess.Popen:

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import ds3dist
+from procs import processes_marked
 from ds3dist.jobs.stop import EXIT_INTERRUPTED
 
 PKG_ROOT = Path(ds3dist.__file__).resolve().parents[1]
@@ -70,19 +71,6 @@ def _real_memory_mb() -> int:
                          check=False).stdout
     mem = next(int(w.split("=")[1]) for w in out.split() if w.startswith("RealMemory="))
     return max(256, min(4000, mem // 2 - 256))
-
-
-def _processes_marked(marker: str) -> list[int]:
-    """PIDs (not this one) whose command line or environment mentions `marker`."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if any(marker.encode() in (d / f).read_bytes() for f in ("cmdline", "environ")):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10) -> None:
@@ -203,9 +191,9 @@ def slurm_cluster():
         for p in reversed(procs):  # slurmd, slurmctld, then munged
             _stop(p)
         deadline = time.monotonic() + 30
-        while _processes_marked(str(d)) and time.monotonic() < deadline:
+        while processes_marked(str(d), environ=True) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _processes_marked(str(d))
+        left = processes_marked(str(d), environ=True)
         for pid in left:  # started by this test: they carry its temp dir
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -232,7 +220,7 @@ def _cmdline(pid: int) -> str:
 def _job_processes(marker: str, job_id: str) -> dict[int, dict[str, str]]:
     """This test's processes of Slurm job `job_id` (pid -> environment)."""
     out = {}
-    for pid in _processes_marked(marker):
+    for pid in processes_marked(marker, environ=True):
         env = _environ(pid)
         if env.get("SLURM_JOB_ID") == job_id:
             out[pid] = env
