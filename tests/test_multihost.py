@@ -169,6 +169,22 @@ def _start_node(ns: str, args: list[str], env: dict, log) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+WAIT_NODES = r"""
+import sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+deadline = time.monotonic() + float(sys.argv[3])
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
+    if time.monotonic() > deadline:
+        sys.exit("not every Ray node registered")
+    time.sleep(0.5)
+"""
+
+
+def _wait_nodes(ns: str, address: str, n: int, env: dict, timeout: float = 90) -> None:
+    subprocess.run(_in_ns(ns, sys.executable, "-c", WAIT_NODES, address, str(n), str(timeout)),
+                   env=env, check=True, capture_output=True, timeout=timeout + 60)
+
+
 def test_job_outlives_the_loss_of_the_worker_host(two_hosts, tiny_fp8_dir, tok, tmp_path):
     """`python -m ds3dist.launch` (ep2: one rank per host) while the test kills every process
     of the worker host mid-job and starts its Ray node again: the replica is rebuilt once the
@@ -203,6 +219,7 @@ def test_job_outlives_the_loss_of_the_worker_host(two_hosts, tiny_fp8_dir, tok, 
                     env, log)
         _wait_port(two_hosts["h1"], H1_IP, PORT, 90)
         _start_node(two_hosts["h2"], worker_args, env, log)
+        _wait_nodes(two_hosts["h1"], f"{H1_IP}:{PORT}", 2, env)
         launch = subprocess.Popen(
             _in_ns(two_hosts["h1"], sys.executable, "-m", "ds3dist.launch", "model=tiny",
                    f"model.path={tiny_fp8_dir}", "+parallel=ep2", f"runtime.address={H1_IP}:{PORT}",
