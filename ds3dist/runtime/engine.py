@@ -289,11 +289,11 @@ class Engine:
             self.executor.close()
             self.executor = None
         cluster.call_within(lambda: progress.clear(self.engine_id, len(self.plans)),
-                        SHUTDOWN_CALL_S, "clearing the ranks' progress")
+                            SHUTDOWN_CALL_S, "clearing the ranks' progress")
         if self.pg is not None:
             pg, self.pg = self.pg, None
             cluster.call_within(lambda: remove_placement_group(pg), SHUTDOWN_CALL_S,
-                            "removing the placement group")
+                                "removing the placement group")
 
     def __enter__(self):
         return self
