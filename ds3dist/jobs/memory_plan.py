@@ -1,0 +1,135 @@
+"""The dry run's rank plan: per rank, its layers and experts and the weight bytes it holds in
+the execution's form, split into resident and offloaded, with the offload's fetch window
+and the bytes a decode step streams; so a layout can be sized before any GPU is booked.
+
+Bytes follow what load_model keeps: in fp8 execution FP8 weights with their float32 scales,
+in bf16 execution every weight dequantized into the compute dtype (scales dropped); norms
+and the gate in the compute dtype, the gate's bias in float32. The MTP layer counts only when
+speculative decoding loads it, without its copy of the head (the main one serves) and with
+its copy of the embedding only on a last stage that lacks the main one. On CPUs the
+oneDNN-packed copies (up to the plain weights again) are not counted.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds3dist.checkpoint.layout import TensorSpec, expected_tensors, expert_of, layer_of
+from ds3dist.config import ModelConfig
+from ds3dist.parallel.layout import ParallelLayout, RankPlan
+from ds3dist.runtime.offload import OffloadOptions
+
+
+@dataclass(frozen=True)
+class Holding:
+    """How ranks hold weights: execution form, compute dtype, MTP passes per step (0: the MTP
+    layer is not loaded), offload (None: everything resident), paged cache per rank."""
+
+    execution: str = "fp8"
+    dtype: torch.dtype = torch.bfloat16
+    mtp_passes: int = 0
+    offload: OffloadOptions | None = None
+    cache_bytes: float | None = None
+
+
+def held_bytes(spec: TensorSpec, h: Holding) -> int:
+    """Bytes of one checkpoint tensor once loaded."""
+    if spec.is_scale:
+        return spec.nbytes if h.execution == "fp8" else 0
+    if spec.dtype == "F8_E4M3" and h.execution == "fp8":
+        return spec.nbytes
+    if spec.dtype == "F32":
+        return spec.nbytes
+    return spec.numel * h.dtype.itemsize
+
+
+def _held(spec: TensorSpec, plan: RankPlan, mtp_ids: set[int], h: Holding) -> bool:
+    layer, name, expert = layer_of(spec.name), spec.name, expert_of(spec.name)
+    if layer is None:
+        return plan.embed if name.startswith("model.embed_tokens") else plan.head
+    if expert is not None and expert not in plan.experts:
+        return False
+    if layer in mtp_ids:
+        if not (plan.mtp and h.mtp_passes) or name.endswith("shared_head.head.weight"):
+            return False
+        return not (plan.embed and name.endswith(".embed_tokens.weight"))
+    return layer in plan.layers
+
+
+def _unit(spec: TensorSpec, mtp_ids: set[int], offload: OffloadOptions | None) -> int | None:
+    """The offload unit (a layer id) a held tensor is fetched with, or None: resident."""
+    if offload is None:
+        return None
+    layer = layer_of(spec.name)
+    if offload.params == "experts":
+        return layer if expert_of(spec.name) is not None else None
+    return layer if layer is not None and layer not in mtp_ids else None
+
+
+def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[dict[str, Any]]:
+    """One row per rank: stage, layers, experts, weight/resident/offloaded bytes, the fetch
+    window (units fetched at once), bytes streamed per decode step, device bytes needed."""
+    specs = expected_tensors(model).values()
+    mtp_ids = set(model.mtp_layer_ids)
+    rows = []
+    for plan in layout.plan(model):
+        weights = 0
+        units: dict[int, int] = defaultdict(int)  # offload unit (layer) -> bytes
+        for spec in specs:
+            if not _held(spec, plan, mtp_ids, h):
+                continue
+            n = held_bytes(spec, h)
+            weights += n
+            unit = _unit(spec, mtp_ids, h.offload)
+            if unit is not None:
+                units[unit] += n
+        offloaded = sum(units.values())
+        window = (h.offload.prefetch_layers + 1) * max(units.values()) if units else 0
+        streamed = sum(n * (h.mtp_passes if layer in mtp_ids else 1) for layer, n in units.items())
+        resident = weights - offloaded
+        rows.append({
+            "rank": plan.rank, "stage": plan.stage, "ep_rank": plan.ep_rank,
+            "layers": [plan.layers[0], plan.layers[-1]] if plan.layers else [],
+            "num_layers": len(plan.layers), "mtp": bool(plan.mtp and h.mtp_passes),
+            "num_experts": len(plan.experts), "weight_bytes": weights,
+            "resident_bytes": resident, "offloaded_bytes": offloaded, "window_bytes": window,
+            "streamed_bytes_per_step": streamed,
+            "device_bytes": resident + window + (h.cache_bytes or 0),
+        })
+    return rows
+
+
+def describe(model: ModelConfig, layout: ParallelLayout, h: Holding, name: str = "") -> str:
+    rows = rank_table(model, layout, h)
+    gb = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
+    lines = [f"layout {name + ': ' if name else ''}pp={layout.pp} ep={layout.ep} "
+             f"-> {layout.world_size} ranks on {layout.device} ({layout.backend}); "
+             f"{model.num_hidden_layers} layers, {model.n_routed_experts} routed experts; "
+             f"weights {h.execution} in {str(h.dtype).removeprefix('torch.')}"]
+    off = h.offload
+    if off is None:
+        lines.append("rank stage ep_rank layers      experts  weights GB")
+    else:
+        lines.append(f"offload: {off.params} to {off.device} ({off.backend}), "
+                     f"{off.prefetch_layers} prefetched; GB:")
+        lines.append("rank stage ep_rank layers      experts  weights resident offloaded "
+                     "window streamed/step")
+    for r in rows:
+        lay = (f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-") + \
+            ("+mtp" if r["mtp"] else "")
+        line = (f"{r['rank']:>4} {r['stage']:>5} {r['ep_rank']:>7} {lay:<11} "
+                f"{r['num_experts']:>7}  {gb(r['weight_bytes']):>7}")
+        if off is not None:
+            line += (f" {gb(r['resident_bytes']):>8} {gb(r['offloaded_bytes']):>9} "
+                     f"{gb(r['window_bytes']):>6} {gb(r['streamed_bytes_per_step']):>13}")
+        lines.append(line)
+    need = max(r["device_bytes"] for r in rows)
+    cache = (f" + cache {gb(h.cache_bytes)}" if h.cache_bytes else
+             " (+ the paged cache: runtime.cache_gb)")
+    lines.append(f"most a rank needs on its device: {gb(need)} GB (resident"
+                 + (" + window" if off is not None else "") + f"{cache})")
+    return "\n".join(lines)
