@@ -43,6 +43,7 @@ from ds3dist.jobs import schema
 from ds3dist.jobs.batch import default_paths, run_batch_job
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
+from ds3dist.jobs.memory_plan import describe
 from ds3dist.jobs.output_file import OutputFile
 from ds3dist.jobs.preflight import check_checkpoint, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
@@ -53,6 +54,7 @@ from ds3dist.runtime import cluster
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
+from ds3dist.runtime.offload import OffloadError, build_ops
 from ds3dist.runtime.replicas import ReplicaSet
 from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
@@ -119,6 +121,8 @@ def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any,
     opts = schema.runtime_options(cfg, lay.world_size * replicas)
     if opts["serving"].control == "local":
         return local_engine(checkpoint, resolved, cfg, dtype, opts)
+    if opts["offload"] is not None:  # DeepSpeed's C++ ops: compiled once, here, with progress
+        build_ops(opts["offload"], lay.device)
     opts["num_cpus"] = opts["num_cpus"] or max(8, replicas * lay.world_size * opts["cpus_per_rank"])
     cluster.connect(opts["ray_address"], opts["num_cpus"], opts["connect_timeout_s"])
     if stop is not None:
@@ -191,7 +195,7 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any]
     """
     resolved = schema.validate(cfg)
     if cfg.job.dry_run:
-        print(schema.describe(resolved.model, resolved.layout))
+        print(describe(resolved.model, resolved.layout, schema.holding(cfg, resolved.layout)))
         return None
     progress = bool(cfg.job.progress)
     prep = preflight(cfg, progress)
@@ -287,7 +291,7 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg)
     except KeyboardInterrupt as e:  # a second signal, or the drain ran out of time
         _fail(e if str(e) else Interrupted("interrupted"), EXIT_INTERRUPTED)
-    except (LaunchConfigError, JobError, ConfigError, ClusterError) as e:
+    except (LaunchConfigError, JobError, ConfigError, ClusterError, OffloadError) as e:
         _fail(e, 2)
     except (EngineError, LayoutError, TokenizerError) as e:
         _fail(e, 1)

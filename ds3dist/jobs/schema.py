@@ -17,10 +17,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional
 
+import torch
+
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
+from ds3dist.jobs.memory_plan import Holding
+from ds3dist.model.options import default_dtype
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
+from ds3dist.runtime.offload import OffloadOptions, deepspeed_missing
 from ds3dist.serving.options import CONTROLS, ServingOptions
-from ds3dist.serving.speculative import DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig
+from ds3dist.serving.speculative import (DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig,
+                                         num_drafts)
 
 SCHEMA_NAME = "ds3dist_schema"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,9 +61,20 @@ class ExecutionMode(Enum):
 
 
 @dataclass
+class OffloadConf:
+    backend: Optional[str] = None  # deepspeed: ZeRO-Inference weight offload; null: off
+    device: str = "cpu"  # cpu (host memory) | nvme (files under nvme_path)
+    nvme_path: Optional[str] = None
+    params: str = "layers"  # layers (every decoder layer) | experts (routed experts only)
+    prefetch_layers: int = 1  # offloaded units fetched ahead of the one computing
+    pin_memory: bool = True  # page-locked host buffers (GPU only)
+
+
+@dataclass
 class ExecutionConf:
     mode: ExecutionMode = ExecutionMode.bf16
     dtype: Optional[str] = None  # float32 | bfloat16 | float16 (null: model.options.default_dtype)
+    offload: OffloadConf = field(default_factory=OffloadConf)
 
 
 @dataclass
@@ -202,6 +219,33 @@ def _check_range(problems: list[str], key: str, v: Any, lo: float | None, hi: fl
         problems.append(f"{key}: must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v!r}")
 
 
+def _offload_problems(cfg: Any) -> list[str]:
+    opt = offload_options(cfg)
+    if opt is None:
+        return []
+    problems = opt.problems()
+    if _get(cfg, "runtime.control") == "local":
+        problems.append("execution.offload: runtime.control=local runs the model without "
+                        "process groups; offload needs the Ray engine (control auto, compiled "
+                        "or classic)")
+    missing = deepspeed_missing() if opt.backend == "deepspeed" else None
+    if missing:
+        problems.append(f"execution.offload.backend: {missing}")
+    return problems
+
+
+def offload_options(cfg: Any) -> OffloadOptions | None:
+    """execution.offload as OffloadOptions, or None when off (backend null)."""
+    o = _get(cfg, "execution.offload")
+    get = (lambda k: o[k]) if isinstance(o, dict) else (lambda k: getattr(o, k))
+    if get("backend") is None:
+        return None
+    return OffloadOptions(backend=str(get("backend")), device=str(get("device")),
+                          nvme_path=None if get("nvme_path") is None else str(get("nvme_path")),
+                          params=str(get("params")), prefetch_layers=int(get("prefetch_layers")),
+                          pin_memory=bool(get("pin_memory")))
+
+
 @dataclass
 class Resolved:
     model: ModelConfig
@@ -257,6 +301,7 @@ def validate(cfg: Any) -> Resolved:
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
+    problems += _offload_problems(cfg)
     if problems:
         raise LaunchConfigError("\n".join(problems))
 
@@ -314,7 +359,18 @@ def runtime_options(cfg: Any, world_size: int) -> dict[str, Any]:
             max_tokens_per_step=int(get("max_tokens_per_step")), max_seqs=int(get("max_seqs")),
             prefill_chunk=get("prefill_chunk"), control=str(get("control"))),
         "speculative": speculative(cfg),
+        "offload": offload_options(cfg),
     }
+
+
+def holding(cfg: Any, layout: ParallelLayout) -> Holding:
+    """How the ranks will hold weights (the dry run's memory plan)."""
+    dtype = _get(cfg, "execution.dtype")
+    cache_gb = _get(cfg, "runtime.cache_gb")
+    return Holding(execution=execution_mode(cfg),
+                   dtype=getattr(torch, dtype) if dtype else default_dtype(layout.device),
+                   mtp_passes=num_drafts(speculative(cfg)), offload=offload_options(cfg),
+                   cache_bytes=None if cache_gb is None else float(cache_gb) * 1e9)
 
 
 def speculative(cfg: Any) -> SpeculativeConfig | None:
@@ -332,60 +388,3 @@ def default_cpus_per_rank(address: str | None, world_size: int) -> int:
     if address or os.environ.get("RAY_ADDRESS"):
         return 1
     return max(1, (os.cpu_count() or 1) // world_size)
-
-
-def rank_table(model: ModelConfig, layout: ParallelLayout) -> list[dict[str, Any]]:
-    """Per rank: stage, layers, routed experts and checkpoint weight bytes it holds.
-
-    Bytes are those of the checkpoint's tensors (FP8 weights + scales for an FP8 model) that
-    the rank owns: its stage's layers (shared parts whole, routed experts its own), the
-    embedding on the first stage, final norm + lm_head + MTP layer(s) on the last.
-    """
-    from collections import defaultdict
-
-    from ds3dist.checkpoint.layout import expected_tensors, expert_of, layer_of
-
-    mtp_ids = set(model.mtp_layer_ids)
-    shared: dict[int, int] = defaultdict(int)  # layer -> bytes of its non-expert tensors
-    routed: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))  # layer, expert
-    embed = head = 0
-    for spec in expected_tensors(model).values():
-        layer = layer_of(spec.name)
-        if layer is None:
-            if spec.name.startswith("model.embed_tokens"):
-                embed += spec.nbytes
-            else:
-                head += spec.nbytes
-            continue
-        e = expert_of(spec.name)
-        if e is None:
-            shared[layer] += spec.nbytes
-        else:
-            routed[layer][e] += spec.nbytes
-    rows = []
-    for plan in layout.plan(model):
-        layers = list(plan.layers) + (sorted(mtp_ids) if plan.mtp else [])
-        experts = set(plan.experts)
-        nbytes = (embed if plan.embed else 0) + (head if plan.head else 0)
-        for layer in layers:
-            nbytes += shared[layer] + sum(b for e, b in routed[layer].items() if e in experts)
-        rows.append({
-            "rank": plan.rank, "stage": plan.stage, "ep_rank": plan.ep_rank,
-            "layers": [plan.layers[0], plan.layers[-1]] if plan.layers else [],
-            "num_layers": len(plan.layers), "mtp": plan.mtp,
-            "num_experts": len(plan.experts), "weight_bytes": nbytes,
-        })
-    return rows
-
-
-def describe(model: ModelConfig, layout: ParallelLayout, name: str = "") -> str:
-    rows = rank_table(model, layout)
-    head = (f"layout {name + ': ' if name else ''}pp={layout.pp} ep={layout.ep} "
-            f"-> {layout.world_size} ranks on {layout.device} ({layout.backend}); "
-            f"{model.num_hidden_layers} layers, {model.n_routed_experts} routed experts")
-    lines = [head, "rank stage ep_rank layers      experts  weights"]
-    for r in rows:
-        lay = f"{r['layers'][0]}-{r['layers'][1]}" + ("+mtp" if r["mtp"] else "")
-        lines.append(f"{r['rank']:>4} {r['stage']:>5} {r['ep_rank']:>7} {lay:<11} "
-                     f"{r['num_experts']:>7}  {r['weight_bytes'] / 1e9:.2f} GB")
-    return "\n".join(lines)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+from torch import nn
 
 from ds3dist.checkpoint.fp8 import weight_dequant
 from ds3dist.checkpoint.layout import SCALE_SUFFIX
@@ -28,7 +29,8 @@ from ds3dist.model.transformer import Transformer, checkpoint_name
 def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
                experts: Iterable[int] | None = None, mtp: bool = True, embed: bool | None = None,
-               head: bool | None = None, attn_form: str = "absorbed") -> Transformer:
+               head: bool | None = None, attn_form: str = "absorbed",
+               host: Callable[[str], bool] | None = None) -> Transformer:
     """Load (part of) a checkpoint as a Transformer.
 
     execution: 'bf16' (weights dequantized into `dtype`, default `default_dtype(device)`) or
@@ -38,6 +40,8 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
     layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
     loads the MTP layer when the last layer is held and the checkpoint has it.
     `checkpoint_dir` may also be an open CheckpointReader.
+    host: module names whose tensors are loaded into host memory whatever `device` is (what
+    a rank offloads; see runtime.offload).
     model.load_stats = {"bytes_read", "seconds"}.
     """
     from ds3dist.checkpoint.reader import CheckpointReader
@@ -64,7 +68,7 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
         with torch.device("meta"):
             model = Transformer(opts, held, embed=embed, head=head, mtp=with_mtp)
         start = reader.bytes_read
-        _fill(model, reader, torch.device(device), dtype)
+        _fill(model, reader, torch.device(device), dtype, host)
         model.load_stats = {"bytes_read": reader.bytes_read - start,
                             "seconds": time.perf_counter() - t0}
     finally:
@@ -73,12 +77,15 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
     return model
 
 
-def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) -> None:
+def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype,
+          host: Callable[[str], bool] | None = None) -> None:
     """Replace every meta buffer by the checkpoint tensor of the same name."""
+    cpu = torch.device("cpu")
     for mod_name, mod in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        dev = cpu if host is not None and host(mod_name) else device
         if isinstance(mod, Linear):
-            _fill_linear(mod, checkpoint_name(prefix + "weight"), reader, device, dtype)
+            _fill_linear(mod, checkpoint_name(prefix + "weight"), reader, dev, dtype)
             continue
         for buf_name, buf in list(mod._buffers.items()):
             if buf is None or buf_name not in mod._buffers or buf_name in mod._non_persistent_buffers_set:
@@ -86,36 +93,51 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype) 
             name = checkpoint_name(prefix + buf_name)
             t = reader.get(name)
             _check_shape(name, t, buf.shape)
-            mod._buffers[buf_name] = t.to(device=device, dtype=buf.dtype)
-    _prepare(model, dtype)
+            mod._buffers[buf_name] = t.to(device=dev, dtype=buf.dtype)
+    _prepare(model, dtype, device)
     left = [k for k, v in model.state_dict().items() if v.is_meta]
     if left:
         raise RuntimeError(f"tensors not loaded: {left[:5]}")
 
 
-def _prepare(model: Transformer, dtype: torch.dtype) -> None:
+def _prepare(model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
     """The compute forms of the loaded weights: kv_b dequantized once for the absorbed form,
-    fused MLPs, stacked bf16 experts (the grouped CPU kernel), oneDNN-packed copies."""
-    if model.device.type == "cpu":
-        cpu_kernel.kernel()  # built (once per machine) now, not in a rank's first step
-    unpacked: set[int] = set()  # Linears whose forward is never called
+    fused MLPs, and on a CPU stacked bf16 experts (the grouped kernel) and oneDNN-packed
+    copies."""
     for mod in model.modules():
-        if isinstance(mod, MLA) and mod.form == "absorbed":
-            unpacked.add(id(mod.kv_b_proj))  # read through wkv_b
-            if mod.kv_b_proj.is_fp8:
-                mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
+        if isinstance(mod, MLA) and mod.form == "absorbed" and mod.kv_b_proj.is_fp8:
+            mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
         if isinstance(mod, MLP):
             mod.fuse()
+    if device.type != "cpu":
+        return
+    cpu_kernel.kernel()  # built (once per machine) now, not in a rank's first step
     for mod in model.modules():
         if isinstance(mod, Experts):
             mod.stack()  # the grouped kernel's operands (before packing: the weights move)
-    for mod in model.modules():
-        if isinstance(mod, MLP):
-            if mod.pack():  # its fused weights are packed: not its Linears one by one
-                unpacked.update(id(lin) for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
-    for mod in model.modules():  # the other plain CPU weights (attention, the head)
+    pack_weights(model)
+
+
+def pack_weights(root: nn.Module) -> None:
+    """oneDNN-packed copies of the plain CPU weights under `root` that a forward reads: fused
+    MLPs whole, the other Linears (attention, the head) one by one."""
+    unpacked: set[int] = set()  # Linears whose forward is never called
+    for mod in root.modules():
+        if isinstance(mod, MLA) and mod.form == "absorbed":
+            unpacked.add(id(mod.kv_b_proj))  # read through wkv_b
+    for mod in root.modules():
+        if isinstance(mod, MLP) and mod.pack():  # its fused weights: not its Linears
+            unpacked.update(id(lin) for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
+    for mod in root.modules():
         if isinstance(mod, Linear) and id(mod) not in unpacked:
             mod.pack()
+
+
+def unpack_weights(root: nn.Module) -> None:
+    """Drop the packed copies under `root` (pack_weights makes them again)."""
+    for mod in root.modules():
+        if isinstance(mod, (Linear, MLP)):
+            mod.packed = None
 
 
 def _fill_linear(lin: Linear, name: str, reader, device: torch.device, dtype: torch.dtype) -> None:
@@ -170,4 +192,4 @@ def build_model(opts: BuildOptions, tensors: dict[str, torch.Tensor], layers=Non
     return model
 
 
-__all__ = ["load_model", "build_model"]
+__all__ = ["load_model", "build_model", "pack_weights", "unpack_weights"]

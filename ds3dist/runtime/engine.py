@@ -27,6 +27,7 @@ from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
 from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor, cause_text
+from ds3dist.runtime.offload import OffloadOptions, remove_swap_dirs
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.serving.loop import serve
 from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB, ServingOptions
@@ -65,6 +66,7 @@ class Engine:
         fault_ids: tuple[str, ...] = (),
         speculative: SpeculativeConfig | None = None,
         resource_wait_s: float = 0.0,
+        offload: OffloadOptions | None = None,
     ):
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
@@ -72,6 +74,7 @@ class Engine:
         self.plans = self.layout.plan(self.config)
         self.serving = serving or ServingOptions()
         self.speculative = speculative
+        self.offload = offload
         self.num_drafts = num_drafts(speculative)
         if self.num_drafts and not self.config.mtp_layer_ids:
             raise EngineError("sampling.speculative: the model has no MTP layer "
@@ -137,7 +140,8 @@ class Engine:
                         self.pg, placement_group_bundle_index=plan.rank),
                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         threads, tuple(fault_ids), self.engine_id, self.speculative)
+                         threads, tuple(fault_ids), self.engine_id, self.speculative,
+                         self.offload)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
         addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
@@ -285,6 +289,8 @@ class Engine:
         actors, self.actors = self.actors, []
         # first: a stopped rank must not hold up the graph's teardown
         cluster.call_within(lambda: _kill_all(actors), SHUTDOWN_CALL_S, "killing the ranks")
+        if self.offload is not None and self.offload.device == "nvme":
+            remove_swap_dirs(self.offload.nvme_path, self.infos)
         if self.executor is not None:
             self.executor.close()
             self.executor = None

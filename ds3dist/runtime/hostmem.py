@@ -34,3 +34,13 @@ def retain_freed_memory() -> bool:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
         bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> bool:
+    """Return the free heap memory to the OS now (glibc malloc_trim), e.g. after weights were
+    moved out of the process; whether anything was released."""
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(name) and bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

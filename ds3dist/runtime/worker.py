@@ -23,7 +23,8 @@ from ds3dist.model.load import load_model
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import progress, rendezvous
-from ds3dist.runtime.hostmem import retain_freed_memory
+from ds3dist.runtime.hostmem import release_free_memory, retain_freed_memory
+from ds3dist.runtime.offload import Offloaded, OffloadOptions
 from ds3dist.serving.executor import run_column
 from ds3dist.serving.plan import StepPlan
 from ds3dist.serving.runner import StepRunner
@@ -46,7 +47,8 @@ class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
                  execution: str, dtype: str | None, attn_form: str = "absorbed",
                  threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = "",
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None,
+                 offload: OffloadOptions | None = None):
         torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
         retain_freed_memory()
         self.plan = plan
@@ -67,6 +69,9 @@ class StageWorker:
         self.collectives = CollectiveLog()
         self.engine_id = engine_id  # the key of this rank's published progress
         self.speculative = speculative if plan.head else None  # the last stage drafts
+        self.offload = offload
+        self.own_group = None  # a group of this rank alone (what the offload partitions over)
+        self.offloaded: Offloaded | None = None
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -84,7 +89,8 @@ class StageWorker:
         env = rendezvous.set_socket_ifname(ip)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.layout.world_size > 1:  # one rank talks to nobody: no group, no gloo threads
+        # one rank talks to nobody: no group, no gloo threads (unless the offload needs one)
+        if self.layout.world_size > 1 or self.offload is not None:
             self._init_groups(addr, port, timeout_s)
         progress.start_heartbeat(self.engine_id, self.plan.rank, self._progress)
         self.net = {"node_ip": ip, "rendezvous": f"{addr}:{port}",
@@ -104,6 +110,11 @@ class StageWorker:
             group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if stage == self.plan.stage:
                 self.ep_group = group
+        if self.offload is not None:  # the same for one-rank groups
+            for rank in range(self.layout.world_size):
+                group = dist.new_group([rank], timeout=timedelta(seconds=timeout_s))
+                if rank == self.plan.rank:
+                    self.own_group = group
 
     def load(self) -> dict:
         t0 = time.perf_counter()
@@ -111,6 +122,7 @@ class StageWorker:
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
             layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.speculative is not None,
             embed=self.plan.embed, head=self.plan.head, attn_form=self.attn_form,
+            host=self.offload.holds if self.offload is not None else None,
         )
         if self.layout.ep > 1:
             owner = self.layout.expert_to_rank(self.model.config)
@@ -118,10 +130,19 @@ class StageWorker:
                 moe.dispatcher = AllToAllDispatcher(
                     self.ep_group, owner, fp8_payload=(self.execution == "fp8"),
                     layer_id=layer_id, log=self.collectives)
+        offload = {}
+        if self.offload is not None:
+            self.offloaded = Offloaded(self.model, self.offload, self.own_group, self.plan.rank,
+                                       self.device)
+            release_free_memory()  # the loaded copies of what is now offloaded
+            offload = self.offloaded.stats()
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        if free is not None:  # the offloaded units fetched at once are not in the cache's room
+            free -= offload.get("window_bytes", 0)
         self.load_info = {"bytes_read": self.model.load_stats["bytes_read"],
                           "load_seconds": time.perf_counter() - t0, "rss_bytes": _rss_bytes(),
-                          "dtype": str(self.model.dtype), "cuda_free_bytes": free}
+                          "dtype": str(self.model.dtype), "cuda_free_bytes": free,
+                          "offload": offload}
         return self.load_info
 
     def setup_cache(self, num_pages: int, page_size: int) -> int:
@@ -141,6 +162,8 @@ class StageWorker:
         t0 = time.perf_counter()
         entered = self.collectives.entered
         try:
+            if self.offloaded is not None:
+                self.offloaded.begin_step()
             out = run_column(self.runner, plan, plan.columns[self.plan.ep_rank],
                              self.plan.embed, self.plan.head, payload)
         except Exception as e:
@@ -172,6 +195,8 @@ class StageWorker:
                 "steps": self.steps, "dispatch": load}
 
     def shutdown(self) -> None:
+        if self.offloaded is not None:
+            self.offloaded.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

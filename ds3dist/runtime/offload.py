@@ -1,0 +1,385 @@
+"""ZeRO-Inference weight offload: a rank's decoder layers (or only their routed experts) held
+by DeepSpeed ZeRO-3 in host memory or on NVMe and fetched layer by layer, with prefetch, for
+each step.
+
+Each offload unit (a DecoderLayer, or a layer's Experts) becomes a ZeRO-3 leaf module with
+one parameter: every weight tensor the unit holds (its buffers and the fused, stacked or
+dequantized forms load_model made) copied into one flat buffer of 2-byte words, the one dtype
+DeepSpeed's NVMe swapper keeps for every accelerator. Each tensor is a slot: a view of that
+buffer (dtype, shape, stride, offset). When the unit is called, DeepSpeed's pre-forward hook
+fetches the buffer; ours then points every slot at its view and remakes the oneDNN-packed
+copies (CPU); after the forward ours drops them, before DeepSpeed releases the buffer. So
+the unit computes with exactly the tensors it had, and the model knows nothing of this.
+
+Each rank partitions over a process group of its own rank (the worker makes it): its weights
+are its own, nothing is sharded further.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds3dist.model.load import pack_weights, unpack_weights
+from ds3dist.model.transformer import Transformer
+
+BACKENDS = ("deepspeed",)
+DEVICES = ("cpu", "nvme")
+PARAMS = ("layers", "experts")
+WORD = torch.bfloat16  # the flat buffer's dtype (DeepSpeed swaps parameters as 2-byte words)
+ALIGN = 64  # bytes: every tensor's region starts at a multiple (any dtype views it)
+INSTALL_HINT = "pip install 'ds3dist[deepspeed]' (or: pip install deepspeed)"
+
+
+class OffloadError(RuntimeError):
+    """The offload cannot be set up; the message names the execution.offload setting."""
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """execution.offload: where a rank's offloaded weights live and what is offloaded.
+
+    device: cpu (host memory) | nvme (files under nvme_path, read with async I/O)
+    params: layers (every decoder layer the rank holds; embedding, head and MTP layer stay
+            resident) | experts (only the routed experts, most of the bytes)
+    prefetch_layers: units fetched ahead of the one computing
+    pin_memory: page-locked host buffers (GPU only)
+    """
+
+    backend: str = "deepspeed"
+    device: str = "cpu"
+    nvme_path: str | None = None
+    params: str = "layers"
+    prefetch_layers: int = 1
+    pin_memory: bool = True
+
+    def problems(self) -> list[str]:
+        out = []
+        for key, value, allowed in (("backend", self.backend, BACKENDS),
+                                    ("device", self.device, DEVICES),
+                                    ("params", self.params, PARAMS)):
+            if value not in allowed:
+                out.append(f"execution.offload.{key}: must be one of {list(allowed)}, "
+                           f"got {value!r}")
+        if self.device == "nvme" and not self.nvme_path:
+            out.append("execution.offload.nvme_path: needed with device=nvme (a directory on "
+                       "a local NVMe drive, one folder per rank is made in it)")
+        if self.prefetch_layers < 0:
+            out.append(f"execution.offload.prefetch_layers: must be >= 0, got "
+                       f"{self.prefetch_layers}")
+        return out
+
+    def holds(self, module_name: str) -> bool:
+        """Whether the Transformer module `module_name` belongs to an offload unit."""
+        if self.params == "experts":
+            return ".mlp.experts." in module_name
+        return module_name.startswith("layers.")
+
+
+def units(model: Transformer, params: str) -> list[nn.Module]:
+    """The modules offloaded as wholes, in the order a step calls them."""
+    if params == "experts":
+        return [moe.experts for moe in model.moe_layers().values()]
+    return list(model.layers.values())
+
+
+def deepspeed_missing() -> str | None:
+    """Why the deepspeed backend cannot be used here (not installed), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return f"DeepSpeed is not installed: {INSTALL_HINT}"
+    return None
+
+
+# ---- slots: a unit's tensors as views of one flat buffer -----------------------------------
+@dataclass(frozen=True)
+class _Slot:
+    module: nn.Module
+    name: str  # buffer or attribute name
+    index: int | None  # element of a tuple attribute
+    is_buffer: bool
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int  # in elements of dtype from the buffer's start
+
+
+def _held_tensors(unit: nn.Module) -> Iterator[tuple[nn.Module, str, int | None, bool,
+                                                      torch.Tensor]]:
+    """Every non-empty tensor the unit's modules hold: buffers, tensor attributes, tuples."""
+    for m in unit.modules():
+        for name, t in m._buffers.items():
+            if t is not None and t.numel():
+                yield m, name, None, True, t
+        for name, v in vars(m).items():
+            if isinstance(v, torch.Tensor) and v.numel():
+                yield m, name, None, False, v
+            elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
+                for i, t in enumerate(v):
+                    yield m, name, i, False, t
+
+
+def flatten(unit: nn.Module) -> tuple[torch.Tensor, list[_Slot]]:
+    """The unit's tensors copied into one flat WORD buffer (views of one storage share one
+    region), and their slots. The unit's packed copies must be dropped first."""
+    held = list(_held_tensors(unit))
+    regions: dict[int, tuple[int, torch.UntypedStorage]] = {}  # storage ptr -> (byte offset, s)
+    total = 0
+    for *_, t in held:
+        s = t.untyped_storage()
+        if s.data_ptr() not in regions:
+            regions[s.data_ptr()] = (total, s)
+            total += -(-s.nbytes() // ALIGN) * ALIGN
+    device = held[0][-1].device if held else torch.device("cpu")
+    flat = torch.empty(total // WORD.itemsize, dtype=WORD, device=device)
+    flat_bytes = flat.view(torch.uint8)
+    for start, s in regions.values():
+        flat_bytes[start:start + s.nbytes()].copy_(
+            torch.empty(0, dtype=torch.uint8, device=s.device).set_(s))
+    slots = [_Slot(m, name, i, is_buf, t.dtype, tuple(t.shape), tuple(t.stride()),
+                   regions[t.untyped_storage().data_ptr()][0] // t.element_size()
+                   + t.storage_offset())
+             for m, name, i, is_buf, t in held]
+    return flat, slots
+
+
+def restore(flat: torch.Tensor, slots: list[_Slot]) -> None:
+    """Point every slot at its view of `flat` (fetched)."""
+    tuples: dict[tuple[int, str], list] = {}
+    for s in slots:
+        base = flat.view(s.dtype)
+        t = base.as_strided(s.shape, s.stride, base.storage_offset() + s.offset)
+        if s.is_buffer:
+            s.module._buffers[s.name] = t
+        elif s.index is None:
+            setattr(s.module, s.name, t)
+        else:
+            tuples.setdefault((id(s.module), s.name), [s.module, s.name, {}])[2][s.index] = t
+    for module, name, parts in tuples.values():
+        setattr(module, name, tuple(parts[i] for i in range(len(parts))))
+
+
+def drop(slots: list[_Slot], device: torch.device) -> None:
+    """Replace every slot by a placeholder (an empty tensor of its dtype; None for
+    attributes), so nothing keeps the fetched buffer alive once DeepSpeed releases it."""
+    for s in slots:
+        if s.is_buffer:
+            s.module._buffers[s.name] = torch.empty(0, dtype=s.dtype, device=device)
+        else:
+            setattr(s.module, s.name, None)
+
+
+# ---- DeepSpeed ----------------------------------------------------------------------------
+def ds_config(opt: OffloadOptions, unit_words: list[int], swap_dir: str | None,
+              gpu: bool) -> dict:
+    """The DeepSpeed config: ZeRO-3, parameter offload, no persistence (everything in a unit
+    is offloaded), nothing kept past its use, `prefetch_layers` units fetched ahead."""
+    largest = max(unit_words)
+    offload = {"device": opt.device, "pin_memory": bool(opt.pin_memory and gpu)}
+    if opt.device == "nvme":
+        offload.update(nvme_path=swap_dir, buffer_count=opt.prefetch_layers + 2,
+                       buffer_size=largest)
+    return {
+        "train_batch_size": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": offload,
+            "memory_efficient_linear": False,  # else DeepSpeed replaces F.linear globally
+            "stage3_param_persistence_threshold": 0,
+            "stage3_model_persistence_threshold": 0,
+            "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": opt.prefetch_layers * largest,
+            "stage3_max_live_parameters": (opt.prefetch_layers + 1) * largest,
+        },
+    }
+
+
+def swap_dir(nvme_path: str, host: str | None = None, pid: int | None = None) -> Path:
+    """The swap folder under nvme_path of the rank process `pid` on `host` (default: this
+    process)."""
+    host, pid = host or socket.gethostname(), pid or os.getpid()
+    return Path(nvme_path).expanduser() / f"ds3dist-{host}-{pid}"
+
+
+def remove_swap_dirs(nvme_path: str, ranks: list[dict]) -> None:
+    """Remove the swap folders of ranks ({"hostname", "pid"}) that ran on this host (the
+    engine's shutdown kills its ranks; a rank's own start removes stale ones on its host)."""
+    here = socket.gethostname()
+    for r in ranks:
+        if r.get("hostname") == here:
+            shutil.rmtree(swap_dir(nvme_path, here, r["pid"]), ignore_errors=True)
+
+
+def _own_swap_dir(nvme_path: str) -> str:
+    """This process's swap folder, made empty; folders of processes of this host that no
+    longer run (killed ranks') are removed first."""
+    own = swap_dir(nvme_path)
+    for old in own.parent.glob(f"ds3dist-{socket.gethostname()}-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        own.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OffloadError(f"execution.offload.nvme_path: cannot create {own}: {e}") from None
+    return str(own)
+
+
+class _OneRank:
+    """The model-parallel unit DeepSpeed asks for: data parallelism over one rank."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def get_data_parallel_group(self):
+        return self.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return 1
+
+    def get_data_parallel_rank(self) -> int:
+        return 0
+
+    get_model_parallel_group = get_data_parallel_group
+    get_model_parallel_world_size = get_data_parallel_world_size
+    get_model_parallel_rank = get_data_parallel_rank
+
+
+def import_deepspeed(device_type: str):
+    """deepspeed, with its accelerator chosen by the rank's device (set before import)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
+    os.environ.setdefault("LOCAL_RANK", "0")  # each rank sees its one device as 0
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise OffloadError(f"execution.offload.backend=deepspeed: cannot import deepspeed "
+                           f"({e}); {INSTALL_HINT}") from None
+    return deepspeed
+
+
+class Offloaded:
+    """A model part whose offload units DeepSpeed holds; call begin_step() before each step."""
+
+    def __init__(self, model: Transformer, opt: OffloadOptions, group, rank: int,
+                 device: torch.device):
+        deepspeed = import_deepspeed(device.type)
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+        from deepspeed.utils import set_z3_leaf_module
+
+        deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), verbose=False,
+                                        auto_mpi_discovery=False)
+        self.units = units(model, opt.params)
+        self.device = device
+        self.zero = None
+        self.swap_dir = None
+        slots = []
+        for unit in self.units:
+            unpack_weights(unit)
+            flat, unit_slots = flatten(unit)
+            drop(unit_slots, device)
+            unit.register_parameter("offload_words", nn.Parameter(flat, requires_grad=False))
+            set_z3_leaf_module(unit, True)
+            slots.append(unit_slots)
+        words = [u.offload_words.numel() for u in self.units]
+        self.bytes = sum(words) * WORD.itemsize
+        # fetched at once: the unit computing and those prefetched
+        self.window_bytes = (opt.prefetch_layers + 1) * max(words, default=0) * WORD.itemsize
+        if not self.units:
+            return
+        self.swap_dir = _own_swap_dir(opt.nvme_path) if opt.device == "nvme" else None
+        cfg = ds_config(opt, words, self.swap_dir, device.type == "cuda")
+        mpu = _OneRank(group)
+        zc = deepspeed.runtime.config.DeepSpeedConfig(cfg, mpu=mpu).zero_config
+        self.zero = DeepSpeedZeRoOffload(  # hooks the units only: not the rest of the model
+            nn.ModuleList(self.units), timers=None, ds_config=cfg,
+            overlap_comm=zc.overlap_comm, prefetch_bucket_size=zc.prefetch_bucket_size,
+            max_reuse_distance=zc.max_reuse_distance,
+            max_live_parameters=zc.max_live_parameters,
+            param_persistence_threshold=zc.param_persistence_threshold,
+            model_persistence_threshold=zc.model_persistence_threshold,
+            offload_param_config=zc.offload_param, mpu=mpu)
+        for unit, unit_slots in zip(self.units, slots):
+            self._hook(unit, unit_slots)
+
+    def close(self) -> None:
+        """Remove this rank's swap folder (NVMe) when the rank ends cleanly."""
+        if self.swap_dir is not None:
+            shutil.rmtree(self.swap_dir, ignore_errors=True)
+
+    def _hook(self, unit: nn.Module, slots: list[_Slot]) -> None:
+        """After DeepSpeed's hooks exist: ours run after its fetch and before its release."""
+        param = unit.offload_words
+        repack = self.device.type == "cpu"
+
+        def fetched(module, args):
+            restore(param.data, slots)
+            if repack:
+                pack_weights(module)
+
+        def done(module, args, out):
+            unpack_weights(module)
+            drop(slots, self.device)
+
+        unit.register_forward_pre_hook(fetched)
+        unit.register_forward_hook(done, prepend=True)
+
+    def begin_step(self) -> None:
+        """A new step: DeepSpeed replays its recorded unit order from the start (prefetch)."""
+        if self.zero is not None:
+            self.zero.get_param_coordinator().reset_step()
+
+    def stats(self) -> dict:
+        return {"offloaded_bytes": self.bytes, "window_bytes": self.window_bytes,
+                "units": len(self.units)}
+
+
+def build_ops(opt: OffloadOptions, device_type: str,
+              say: Callable[[str], None] = lambda m: print(m, flush=True)) -> float:
+    """Build (or load from torch's extension cache) the DeepSpeed C++ ops the ranks will use,
+    in this process, saying so every 15 s: the first build compiles for a minute or more, and
+    the ranks then load the cached build. Seconds taken."""
+    import_deepspeed(device_type)
+    from deepspeed.accelerator import get_accelerator
+
+    names = ["AsyncIOBuilder"] if opt.device == "nvme" else []
+    if device_type != "cuda":
+        names.append("ShareMemCommBuilder")  # what DeepSpeed's CPU accelerator loads
+    t0 = time.perf_counter()
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is None:
+            continue
+        if not builder.is_compatible(verbose=False):
+            hint = ("it needs libaio: apt-get install libaio-dev" if builder.NAME == "async_io"
+                    else "see ds_report")
+            raise OffloadError(f"execution.offload.device={opt.device}: DeepSpeed's "
+                               f"{builder.NAME} op cannot be built here ({hint})")
+        say(f"offload: DeepSpeed op {builder.NAME}: loading, or building once into torch's "
+            f"extension cache (about a minute)")
+        t = time.perf_counter()
+        done = threading.Event()
+        ticker = threading.Thread(target=_tick, args=(done, builder.NAME, t, say), daemon=True)
+        ticker.start()
+        try:
+            builder.load(verbose=False)
+        finally:
+            done.set()
+            ticker.join()
+        say(f"offload: DeepSpeed op {builder.NAME} ready in {time.perf_counter() - t:.1f} s")
+    return time.perf_counter() - t0
+
+
+def _tick(done: threading.Event, name: str, t0: float, say: Callable[[str], None]) -> None:
+    while not done.wait(15.0):
+        say(f"offload: still building DeepSpeed op {name} ({time.perf_counter() - t0:.0f} s)")
