@@ -6,6 +6,7 @@ and synthesizes the tiny checkpoint into a per-session cache dir ($DS3DIST_CACHE
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -157,6 +158,26 @@ def test_local_control_runs_without_ray_and_equals_pp2ep2(tmp_path, uninterrupte
     bad = launch(["model=tiny", "+parallel=pp2ep2", "runtime.control=local"], cwd=tmp_path,
                  cache_dir=cache_dir, ray_dir=str(tmp_path))
     assert bad.returncode == 2 and "runtime.control: local" in bad.stderr and "pp=2" in bad.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="the deepspeed extra is not installed")
+def test_job_with_weight_offload_equals_pp2ep2(tmp_path, uninterrupted, cache_dir, ray_dir):
+    """A pp1ep2 job whose ranks offload their decoder layers (DeepSpeed ZeRO-3, host memory):
+    the same records as pp2ep2 without offload (which equals one process)."""
+    inp, ref = uninterrupted
+    out = tmp_path / "offload.jsonl"
+    p = launch(run_args(inp, out, "+parallel=ep2") + ["execution.offload.backend=deepspeed"],
+               cwd=tmp_path, cache_dir=cache_dir, ray_dir=ray_dir)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
+    assert "offload: DeepSpeed op deepspeed_shm_comm ready in" in p.stdout  # built or loaded
+    key = lambda r: json.dumps(r["id"])  # noqa: E731
+    got, want = sorted(read_jsonl(out), key=key), sorted(read_jsonl(ref), key=key)
+    assert [(r["id"], r["token_ids"], r["text"]) for r in got] == \
+        [(r["id"], r["token_ids"], r["text"]) for r in want]
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    ranks = summary["ranks"]
+    assert len(ranks) == 2 and all(r["offload"]["offloaded_bytes"] > 0 for r in ranks)
 
 
 def _group_alive(pgid: int) -> bool:

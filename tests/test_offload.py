@@ -5,6 +5,8 @@ hand-computed bytes; configuration errors name the setting."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,7 +22,9 @@ from ds3dist.jobs.memory_plan import Holding, rank_table
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.offload import OffloadOptions
 
-deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+# deepspeed is imported by the ranks (and the subprocesses below), never by the test process
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="the deepspeed extra is not installed")
 
 PROMPTS = ["The capital of France is", "Hello",
            "Mixture-of-experts models route each token to a few experts, and",
@@ -28,16 +32,21 @@ PROMPTS = ["The capital of France is", "Hello",
 NEW_TOKENS = 16
 
 
+@functools.cache
 def aio_missing() -> str | None:
     """Why DeepSpeed's async I/O op (NVMe offload) cannot be built here, or None."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if AsyncIOBuilder().is_compatible(verbose=False):
+    p = subprocess.run([sys.executable, "-c", "import os; os.environ['DS_ACCELERATOR'] = 'cpu'; "
+                        "from deepspeed.ops.op_builder.cpu import AsyncIOBuilder; "
+                        "print(AsyncIOBuilder().is_compatible(verbose=False))"],
+                       capture_output=True, text=True, timeout=120)
+    if p.stdout.strip().endswith("True"):
         return None
-    return "DeepSpeed's async_io op cannot be built here: libaio-dev is not installed"
+    return "DeepSpeed's async_io op cannot be built here (libaio-dev is not installed)"
 
 
-NVME = pytest.mark.skipif(aio_missing() is not None, reason=str(aio_missing()))
+def needs_aio() -> None:
+    if aio_missing() is not None:
+        pytest.skip(aio_missing())
 
 # One process, a one-rank gloo group: every unit's forward with offload against the same
 # model part resident (logits of a whole causal forward, three steps: the first records
@@ -47,13 +56,14 @@ UNIT_CHECK = textwrap.dedent("""
     import torch, torch.distributed as dist
     from ds3dist.model.load import load_model
     from ds3dist.runtime.offload import Offloaded, OffloadOptions
-    ckpt, execution, params, device, nvme = sys.argv[1:6]
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[6], rank=0,
+    ckpt, execution, params, device, nvme, port, dtype = sys.argv[1:8]
+    dtype = getattr(torch, dtype)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=0,
                             world_size=1)
     group = dist.new_group([0])
     tokens = torch.randint(0, 5000, (3, 9), generator=torch.Generator().manual_seed(0))
-    ref = load_model(ckpt, execution=execution, dtype=torch.float32)(tokens)
-    model = load_model(ckpt, execution=execution, dtype=torch.float32)
+    ref = load_model(ckpt, execution=execution, dtype=dtype)(tokens)
+    model = load_model(ckpt, execution=execution, dtype=dtype)
     opt = OffloadOptions(device=device, nvme_path=nvme, params=params)
     off = Offloaded(model, opt, group, 0, torch.device("cpu"))
     equal = []
@@ -65,30 +75,33 @@ UNIT_CHECK = textwrap.dedent("""
 """)
 
 
-def _unit_check(ckpt, execution, params, device, nvme, port) -> dict:
+def _unit_check(ckpt, execution, params, device, nvme, port, dtype) -> dict:
     p = subprocess.run([sys.executable, "-c", UNIT_CHECK, str(ckpt), execution, params, device,
-                        str(nvme), str(port)], capture_output=True, text=True, timeout=300)
+                        str(nvme), str(port), dtype], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("execution,params,device", [
-    ("bf16", "layers", "cpu"), ("fp8", "experts", "cpu"),
-    pytest.param("fp8", "layers", "nvme", marks=NVME),
-    pytest.param("bf16", "experts", "nvme", marks=NVME)])
+@pytest.mark.parametrize("execution,params,device,dtype", [
+    ("bf16", "layers", "cpu", "float32"), ("fp8", "experts", "cpu", "float32"),
+    ("fp8", "layers", "nvme", "float32"), ("bf16", "experts", "nvme", "float32"),
+    # bf16: stacked experts and the CPU kernels (grouped experts, fused MoE decode)
+    ("bf16", "layers", "cpu", "bfloat16"), ("bf16", "experts", "cpu", "bfloat16")])
 def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, execution, params,
-                                                     device):
+                                                     device, dtype):
     from ds3dist.runtime.rendezvous import free_port
 
+    if device == "nvme":
+        needs_aio()
     out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
-                      free_port("127.0.0.1", None))
+                      free_port("127.0.0.1", None), dtype)
     assert out["equal"] == [True, True, True]
     assert out["stats"]["offloaded_bytes"] > 0
     # what stays resident: nothing of an offloaded unit
     unit = "layers." if params == "layers" else ".mlp.experts."
     assert not [n for n in out["resident"] if unit in n or n.startswith(unit)]
-    if device == "nvme":  # the swap files were written under nvme_path
-        assert list((tmp_path / "nvme").rglob("*.swp")) or list((tmp_path / "nvme").rglob("*"))
+    if device == "nvme":  # swap files under nvme_path (DeepSpeed may keep some in its buffers)
+        assert 0 < len(list((tmp_path / "nvme").rglob("*.swp"))) <= out["stats"]["units"]
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +138,9 @@ def test_engine_with_offload_matches_without(ray_cluster, tiny_fp8_dir, resident
         assert planned <= g <= planned + 64 * 40
 
 
-@NVME
 def test_engine_with_nvme_expert_offload_matches_without(ray_cluster, tiny_fp8_dir, tmp_path,
                                                          resident_tokens):
+    needs_aio()
     opt = OffloadOptions(device="nvme", nvme_path=str(tmp_path / "nvme"), params="experts")
     tokens, load_info = _engine_tokens(tiny_fp8_dir, opt)
     assert tokens == resident_tokens
