@@ -110,11 +110,11 @@ def resident_tokens(ray_cluster, tiny_fp8_dir):
     return _engine_tokens(tiny_fp8_dir, None)[0]
 
 
-def _engine_tokens(ckpt, offload):
+def _engine_tokens(ckpt, offload, layout=ParallelLayout(pp=1, ep=2), speculative=None):
     from ds3dist import Engine
 
-    with Engine(ckpt, ParallelLayout(pp=1, ep=2), execution="bf16", dtype=torch.float32,
-                offload=offload) as engine:
+    with Engine(ckpt, layout, execution="bf16", dtype=torch.float32, offload=offload,
+                speculative=speculative) as engine:
         got = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
         return [g.token_ids for g in got], engine.load_info
 
@@ -148,6 +148,19 @@ def test_engine_with_nvme_expert_offload_matches_without(ray_cluster, tiny_fp8_d
     for g, planned in zip(got, _planned_offload(tiny_fp8_dir, opt)):
         assert planned <= g <= planned + 64 * 40
     assert not list((tmp_path / "nvme").iterdir())  # the engine removed its swap folders
+
+
+def test_pipeline_speculating_with_expert_offload_matches_without(ray_cluster, tiny_fp8_dir):
+    """pp2: the stages hold different units (stage 0 none: its one layer is dense; the last
+    stage its MoE layers and the MTP layer's experts, run k times a step)."""
+    from ds3dist.serving.speculative import SpeculativeConfig
+
+    spec = SpeculativeConfig("mtp", 2, "exact")
+    lay = ParallelLayout(pp=2, ep=1)
+    want = _engine_tokens(tiny_fp8_dir, None, lay, spec)[0]
+    got, load_info = _engine_tokens(tiny_fp8_dir, OffloadOptions(params="experts"), lay, spec)
+    assert got == want
+    assert [i["offload"]["units"] for i in load_info] == [0, 3]
 
 
 def test_memory_plan_of_expert_offload_on_ep8():

@@ -17,6 +17,7 @@ are its own, nothing is sharded further.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -95,9 +96,11 @@ def units(model: Transformer, params: str) -> list[nn.Module]:
 
 def deepspeed_missing() -> str | None:
     """Why the deepspeed backend cannot be used here (not installed), or None."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
+    try:
+        found = importlib.util.find_spec("deepspeed") is not None
+    except ValueError:  # deepspeed in sys.modules as None: import blocked
+        found = False
+    if not found:
         return f"DeepSpeed is not installed: {INSTALL_HINT}"
     return None
 
@@ -268,6 +271,16 @@ def import_deepspeed(device_type: str):
     return deepspeed
 
 
+def _skip_world_trace_check() -> None:
+    """DeepSpeed's coordinator checks, at the first reset_step, that every rank of the world
+    recorded the same module order, by broadcasts on the world group (a data-parallel
+    assumption). Here each rank is a data-parallel world of its own, holding other layers
+    than its peers: those broadcasts would pair with unrelated ranks' (a pipeline hangs)."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    partitioned_param_coordinator.assert_ints_same_as_other_ranks = lambda ints: None
+
+
 class Offloaded:
     """A model part whose offload units DeepSpeed holds; call begin_step() before each step."""
 
@@ -279,6 +292,7 @@ class Offloaded:
 
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), verbose=False,
                                         auto_mpi_discovery=False)
+        _skip_world_trace_check()
         self.units = units(model, opt.params)
         self.device = device
         self.zero = None
