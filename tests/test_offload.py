@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,23 @@ def test_missing_deepspeed_fails_at_once_with_the_install_hint(monkeypatch):
         schema.validate(_cfg("execution.offload.backend=deepspeed"))
     assert "execution.offload.backend: DeepSpeed is not installed" in str(e.value)
     assert "pip install 'ds3dist[deepspeed]'" in str(e.value)
+
+
+def test_launch_without_deepspeed_stops_before_starting_anything(tmp_path):
+    """The launch with the backend chosen and deepspeed not importable: exit 2, the key and
+    the install hint, no cluster started and no output written."""
+    import os
+
+    import ds3dist
+
+    code = ("import sys; sys.modules['deepspeed'] = None; sys.argv[0] = 'ds3dist.launch'; "
+            "from ds3dist.launch import main; main()")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS="127.0.0.1:1",
+               PYTHONPATH=str(Path(ds3dist.__file__).resolve().parents[1]))
+    p = subprocess.run([sys.executable, "-c", code, "execution.offload.backend=deepspeed",
+                        f"job.output={tmp_path / 'out.jsonl'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "execution.offload.backend: DeepSpeed is not installed" in p.stderr
+    assert "pip install 'ds3dist[deepspeed]'" in p.stderr
+    assert not (tmp_path / "out.jsonl").exists()
