@@ -57,16 +57,18 @@ UNIT_CHECK = textwrap.dedent("""
     import torch, torch.distributed as dist
     from ds3dist.model.load import load_model
     from ds3dist.runtime.offload import Offloaded, OffloadOptions
-    ckpt, execution, params, device, nvme, port, dtype = sys.argv[1:8]
+    ckpt, execution, params, device, nvme, port, dtype, compute = sys.argv[1:9]
     dtype = getattr(torch, dtype)
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + port, rank=0,
-                            world_size=1)
+    if compute == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if compute == "cuda" else "gloo",
+                            init_method="tcp://127.0.0.1:" + port, rank=0, world_size=1)
     group = dist.new_group([0])
     tokens = torch.randint(0, 5000, (3, 9), generator=torch.Generator().manual_seed(0))
-    ref = load_model(ckpt, execution=execution, dtype=dtype)(tokens)
-    model = load_model(ckpt, execution=execution, dtype=dtype)
+    ref = load_model(ckpt, execution=execution, dtype=dtype, device=compute)(tokens)
     opt = OffloadOptions(device=device, nvme_path=nvme, params=params)
-    off = Offloaded(model, opt, group, 0, torch.device("cpu"))
+    model = load_model(ckpt, execution=execution, dtype=dtype, device=compute, host=opt.holds)
+    off = Offloaded(model, opt, group, 0, torch.device(compute))
     equal = []
     for _ in range(3):
         off.begin_step()
@@ -76,9 +78,10 @@ UNIT_CHECK = textwrap.dedent("""
 """)
 
 
-def _unit_check(ckpt, execution, params, device, nvme, port, dtype) -> dict:
+def _unit_check(ckpt, execution, params, device, nvme, port, dtype, compute="cpu") -> dict:
     p = subprocess.run([sys.executable, "-c", UNIT_CHECK, str(ckpt), execution, params, device,
-                        str(nvme), str(port), dtype], capture_output=True, text=True, timeout=300)
+                        str(nvme), str(port), dtype, compute], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -103,6 +106,24 @@ def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, exe
     assert not [n for n in out["resident"] if unit in n or n.startswith(unit)]
     if device == "nvme":  # swap files under nvme_path (DeepSpeed may keep some in its buffers)
         assert 0 < len(list((tmp_path / "nvme").rglob("*.swp"))) <= out["stats"]["units"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("execution,params,device", [("fp8", "experts", "cpu"),
+                                                     ("bf16", "layers", "cpu"),
+                                                     ("fp8", "layers", "nvme")])
+def test_offloaded_units_on_a_gpu_compute_exactly_as_resident(tiny_fp8_dir, tmp_path,
+                                                              execution, params, device):
+    """The GPU path: units loaded into host memory (or NVMe), fetched onto the GPU."""
+    from ds3dist.runtime.rendezvous import free_port
+
+    if device == "nvme":
+        needs_aio()
+    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
+                      free_port("127.0.0.1", None), "bfloat16", compute="cuda")
+    assert out["equal"] == [True, True, True]
+    assert out["stats"]["offloaded_bytes"] > 0
 
 
 @pytest.fixture(scope="module")
