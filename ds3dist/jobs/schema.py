@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -162,6 +162,14 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _section(cfg: Any, dotted: str) -> Callable[[str], Any]:
+    """A getter of the keys of one section (`get("pp")` for `parallel.pp`)."""
+    node = _get(cfg, dotted)
+    if isinstance(node, dict):
+        return lambda key: node[key]
+    return lambda key: getattr(node, key)
+
+
 def _enum_value(v: Any) -> Any:
     return v.value if isinstance(v, Enum) else v
 
@@ -193,8 +201,7 @@ def model_config(cfg: Any) -> ModelConfig:
 
 
 def parallel_layout(cfg: Any) -> ParallelLayout:
-    p = _get(cfg, "parallel")
-    get = (lambda k: p[k]) if isinstance(p, dict) else (lambda k: getattr(p, k))
+    get = _section(cfg, "parallel")
     try:
         return ParallelLayout(
             pp=get("pp"),
@@ -236,8 +243,7 @@ def _offload_problems(cfg: Any) -> list[str]:
 
 def offload_options(cfg: Any) -> OffloadOptions | None:
     """execution.offload as OffloadOptions, or None when off (backend null)."""
-    o = _get(cfg, "execution.offload")
-    get = (lambda k: o[k]) if isinstance(o, dict) else (lambda k: getattr(o, k))
+    get = _section(cfg, "execution.offload")
     if get("backend") is None:
         return None
     return OffloadOptions(backend=str(get("backend")), device=str(get("device")),
@@ -321,8 +327,7 @@ def validate(cfg: Any) -> Resolved:
 
 
 def sampling_defaults(cfg: Any) -> dict[str, Any]:
-    s = _get(cfg, "sampling")
-    get = (lambda k: s[k]) if isinstance(s, dict) else (lambda k: getattr(s, k))
+    get = _section(cfg, "sampling")
     stop = get("stop")
     return {
         "max_new_tokens": int(get("max_new_tokens")),
@@ -344,8 +349,7 @@ def job_format(cfg: Any) -> str:
 
 def runtime_options(cfg: Any, world_size: int) -> dict[str, Any]:
     """Keyword arguments of the Engine taken from `runtime.*`."""
-    r = _get(cfg, "runtime")
-    get = (lambda k: r[k]) if isinstance(r, dict) else (lambda k: getattr(r, k))
+    get = _section(cfg, "runtime")
     return {
         "ray_address": get("address"),
         "num_cpus": get("num_cpus"),
