@@ -22,15 +22,21 @@ MMAP_THRESHOLD = 16 << 20  # larger ones (a long prefill's) still get their own 
 TRIM_THRESHOLD = 128 << 20  # free heap top kept up to this
 
 
-def retain_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; whether it took effect."""
+def _glibc_call(fn: str):
+    """glibc's function `fn`, or None where the C library is not glibc (or not found)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
+        return getattr(ctypes.CDLL(name), fn)
+    except (OSError, AttributeError):
+        return None
+
+
+def retain_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; whether it took effect."""
+    mallopt = _glibc_call("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
         bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
@@ -39,8 +45,5 @@ def retain_freed_memory() -> bool:
 def release_free_memory() -> bool:
     """Return the free heap memory to the OS now (glibc malloc_trim), e.g. after weights were
     moved out of the process; whether anything was released."""
-    name = ctypes.util.find_library("c")
-    try:
-        return bool(name) and bool(ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    malloc_trim = _glibc_call("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
