@@ -184,14 +184,14 @@ def drop(slots: list[_Slot], device: torch.device) -> None:
 
 
 # ---- DeepSpeed ----------------------------------------------------------------------------
-def ds_config(opt: OffloadOptions, unit_words: list[int], swap_dir: str | None,
+def ds_config(opt: OffloadOptions, unit_words: list[int], swap_folder: str | None,
               gpu: bool) -> dict:
     """The DeepSpeed config: ZeRO-3, parameter offload, no persistence (everything in a unit
     is offloaded), nothing kept past its use, `prefetch_layers` units fetched ahead."""
     largest = max(unit_words)
     offload = {"device": opt.device, "pin_memory": bool(opt.pin_memory and gpu)}
     if opt.device == "nvme":
-        offload.update(nvme_path=swap_dir, buffer_count=opt.prefetch_layers + 2,
+        offload.update(nvme_path=swap_folder, buffer_count=opt.prefetch_layers + 2,
                        buffer_size=largest)
     return {
         "train_batch_size": 1,
@@ -296,7 +296,6 @@ class Offloaded:
         self.units = units(model, opt.params)
         self.device = device
         self.zero = None
-        self.swap_dir = None
         slots = []
         for unit in self.units:
             unpack_weights(unit)
@@ -311,8 +310,8 @@ class Offloaded:
         self.window_bytes = (opt.prefetch_layers + 1) * max(words, default=0) * WORD.itemsize
         if not self.units:
             return
-        self.swap_dir = _own_swap_dir(opt.nvme_path) if opt.device == "nvme" else None
-        cfg = ds_config(opt, words, self.swap_dir, device.type == "cuda")
+        swap = _own_swap_dir(opt.nvme_path) if opt.device == "nvme" else None
+        cfg = ds_config(opt, words, swap, device.type == "cuda")
         mpu = _OneRank(group)
         zc = deepspeed.runtime.config.DeepSpeedConfig(cfg, mpu=mpu).zero_config
         self.zero = DeepSpeedZeRoOffload(  # hooks the units only: not the rest of the model
@@ -325,11 +324,6 @@ class Offloaded:
             offload_param_config=zc.offload_param, mpu=mpu)
         for unit, unit_slots in zip(self.units, slots):
             self._hook(unit, unit_slots)
-
-    def close(self) -> None:
-        """Remove this rank's swap folder (NVMe) when the rank ends cleanly."""
-        if self.swap_dir is not None:
-            shutil.rmtree(self.swap_dir, ignore_errors=True)
 
     def _hook(self, unit: nn.Module, slots: list[_Slot]) -> None:
         """After DeepSpeed's hooks exist: ours run after its fetch and before its release."""

@@ -195,8 +195,6 @@ class StageWorker:
                 "steps": self.steps, "dispatch": load}
 
     def shutdown(self) -> None:
-        if self.offloaded is not None:
-            self.offloaded.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
