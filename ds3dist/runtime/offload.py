@@ -110,7 +110,7 @@ def deepspeed_missing() -> str | None:
 class _Slot:
     module: nn.Module
     name: str  # buffer or attribute name
-    index: int | None  # element of a tuple attribute
+    in_tuple: bool  # an element of a tuple attribute (its slots come in the tuple's order)
     is_buffer: bool
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -118,19 +118,18 @@ class _Slot:
     offset: int  # in elements of dtype from the buffer's start
 
 
-def _held_tensors(unit: nn.Module) -> Iterator[tuple[nn.Module, str, int | None, bool,
-                                                      torch.Tensor]]:
+def _held_tensors(unit: nn.Module) -> Iterator[tuple[nn.Module, str, bool, bool, torch.Tensor]]:
     """Every non-empty tensor the unit's modules hold: buffers, tensor attributes, tuples."""
     for m in unit.modules():
         for name, t in m._buffers.items():
             if t is not None and t.numel():
-                yield m, name, None, True, t
+                yield m, name, False, True, t
         for name, v in vars(m).items():
             if isinstance(v, torch.Tensor) and v.numel():
-                yield m, name, None, False, v
+                yield m, name, False, False, v
             elif isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v):
-                for i, t in enumerate(v):
-                    yield m, name, i, False, t
+                for t in v:
+                    yield m, name, True, False, t
 
 
 def flatten(unit: nn.Module) -> tuple[torch.Tensor, list[_Slot]]:
@@ -150,27 +149,27 @@ def flatten(unit: nn.Module) -> tuple[torch.Tensor, list[_Slot]]:
     for start, s in regions.values():
         flat_bytes[start:start + s.nbytes()].copy_(
             torch.empty(0, dtype=torch.uint8, device=s.device).set_(s))
-    slots = [_Slot(m, name, i, is_buf, t.dtype, tuple(t.shape), tuple(t.stride()),
+    slots = [_Slot(m, name, in_tuple, is_buf, t.dtype, tuple(t.shape), tuple(t.stride()),
                    regions[t.untyped_storage().data_ptr()][0] // t.element_size()
                    + t.storage_offset())
-             for m, name, i, is_buf, t in held]
+             for m, name, in_tuple, is_buf, t in held]
     return flat, slots
 
 
 def restore(flat: torch.Tensor, slots: list[_Slot]) -> None:
     """Point every slot at its view of `flat` (fetched)."""
-    tuples: dict[tuple[int, str], list] = {}
+    tuples: dict[tuple[int, str], tuple[nn.Module, str, list[torch.Tensor]]] = {}
     for s in slots:
         base = flat.view(s.dtype)
         t = base.as_strided(s.shape, s.stride, base.storage_offset() + s.offset)
         if s.is_buffer:
             s.module._buffers[s.name] = t
-        elif s.index is None:
-            setattr(s.module, s.name, t)
+        elif s.in_tuple:
+            tuples.setdefault((id(s.module), s.name), (s.module, s.name, []))[2].append(t)
         else:
-            tuples.setdefault((id(s.module), s.name), [s.module, s.name, {}])[2][s.index] = t
+            setattr(s.module, s.name, t)
     for module, name, parts in tuples.values():
-        setattr(module, name, tuple(parts[i] for i in range(len(parts))))
+        setattr(module, name, tuple(parts))
 
 
 def drop(slots: list[_Slot], device: torch.device) -> None:
