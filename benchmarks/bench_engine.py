@@ -38,15 +38,16 @@ def parse_layout(s: str) -> ParallelLayout:
     return ParallelLayout(pp=int(pp.group(1)) if pp else 1, ep=int(ep.group(1)) if ep else 1)
 
 
-def timed(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per step)."""
-    engine.generate(prompts[:2], max_new_tokens=2)  # warm-up
+def timed(engine, prompts: list[list[int]], new_tokens: int, **sampling
+          ) -> tuple[float, float, list]:
+    """(prefill seconds, decode seconds per step, the decode run's results)."""
+    engine.generate(prompts[:2], max_new_tokens=2, **sampling)  # warm-up
     t0 = time.perf_counter()
-    engine.generate(prompts, max_new_tokens=1)
+    engine.generate(prompts, max_new_tokens=1, **sampling)
     t_prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    engine.generate(prompts, max_new_tokens=new_tokens + 1)
-    return t_prefill, max(time.perf_counter() - t0 - t_prefill, 1e-9) / new_tokens
+    out = engine.generate(prompts, max_new_tokens=new_tokens + 1, **sampling)
+    return t_prefill, max(time.perf_counter() - t0 - t_prefill, 1e-9) / new_tokens, out
 
 
 def main() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
     local = LocalEngine(model, cache_gb=1.0)
 
     def run_local(name: str) -> None:
-        t_pre, t_step = timed(local, prompts, args.new_tokens)
+        t_pre, t_step, _ = timed(local, prompts, args.new_tokens)
         print(f"{name:8} {'-':9} {args.batch * args.prompt_len / t_pre:14.0f} "
               f"{1000 * t_step:15.1f}", flush=True)
 
@@ -86,7 +87,7 @@ def main() -> None:
         for control in args.controls.split(","):
             with Engine(ckpt, layout, execution=args.execution, cpus_per_rank=cpus,
                         serving=ServingOptions(control=control, cache_gb=1.0)) as engine:
-                t_pre, t_step = timed(engine, prompts, args.new_tokens)
+                t_pre, t_step, _ = timed(engine, prompts, args.new_tokens)
             print(f"{lay:8} {control:9} {args.batch * args.prompt_len / t_pre:14.0f} "
                   f"{1000 * t_step:15.1f}", flush=True)
     ray.shutdown()

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
-import time
 from pathlib import Path
 
 import ray
@@ -26,10 +24,11 @@ import torch
 
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.jobs.schema import cached_checkpoint_dir
-from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.offload import OffloadOptions, build_ops
 from ds3dist.serving.options import ServingOptions
+
+from bench_engine import parse_layout, timed  # this folder is on sys.path when run as a script
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_worker_niceness", "0")  # as ds3dist.runtime.cluster starts it
@@ -47,19 +46,13 @@ def run(ckpt: Path, layout, opt: OffloadOptions | None, prompts, new_tokens: int
     cpus = max(1, (os.cpu_count() or 1) // layout.world_size)
     with Engine(ckpt, layout, execution=execution, cpus_per_rank=cpus, offload=opt,
                 serving=ServingOptions(cache_gb=0.5)) as engine:
-        engine.generate(prompts[:2], max_new_tokens=2, temperature=0.0)  # warm-up
-        t0 = time.perf_counter()
-        engine.generate(prompts, max_new_tokens=1, temperature=0.0)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, max_new_tokens=new_tokens + 1, temperature=0.0)
-        t_decode = max(time.perf_counter() - t0 - t_prefill, 1e-9)
+        t_prefill, t_step, out = timed(engine, prompts, new_tokens, temperature=0.0)
         ranks = engine.stats()["ranks"]
         load = engine.load_info
     return {"tokens": [o.token_ids for o in out], "rss": [r["rss_bytes"] for r in ranks],
             "offload": [i["offload"] for i in load],
             "prefill": len(prompts) * len(prompts[0]) / t_prefill,
-            "decode": len(prompts) * new_tokens / t_decode}
+            "decode": len(prompts) / t_step}
 
 
 def main() -> None:
@@ -76,8 +69,7 @@ def main() -> None:
     ap.add_argument("--execution", default="bf16")
     args = ap.parse_args()
 
-    pp, ep = (re.search(rf"{k}(\d+)", args.layout) for k in ("pp", "ep"))
-    layout = ParallelLayout(pp=int(pp.group(1)) if pp else 1, ep=int(ep.group(1)) if ep else 1)
+    layout = parse_layout(args.layout)
     ckpt = Path(args.checkpoint) if args.checkpoint else cached_checkpoint_dir(args.preset)
     if not (ckpt / "config.json").is_file():
         synthesize(ckpt, preset=args.preset, seed=0)

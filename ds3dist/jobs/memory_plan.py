@@ -103,9 +103,12 @@ def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[d
     return rows
 
 
+def gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f}"
+
+
 def describe(model: ModelConfig, layout: ParallelLayout, h: Holding, name: str = "") -> str:
     rows = rank_table(model, layout, h)
-    gb = lambda n: f"{n / 1e9:.2f}"  # noqa: E731
     lines = [f"layout {name + ': ' if name else ''}pp={layout.pp} ep={layout.ep} "
              f"-> {layout.world_size} ranks on {layout.device} ({layout.backend}); "
              f"{model.num_hidden_layers} layers, {model.n_routed_experts} routed experts; "
