@@ -2,14 +2,15 @@
 by DeepSpeed ZeRO-3 in host memory or on NVMe and fetched layer by layer, with prefetch, for
 each step.
 
-Each offload unit (a DecoderLayer, or a layer's Experts) becomes a ZeRO-3 leaf module with
-one parameter: every weight tensor the unit holds (its buffers and the fused, stacked or
-dequantized forms load_model made) copied into one flat buffer of 2-byte words, the one dtype
-DeepSpeed's NVMe swapper keeps for every accelerator. Each tensor is a slot: a view of that
-buffer (dtype, shape, stride, offset). When the unit is called, DeepSpeed's pre-forward hook
-fetches the buffer; ours then points every slot at its view and remakes the oneDNN-packed
-copies (CPU); after the forward ours drops them, before DeepSpeed releases the buffer. So
-the unit computes with exactly the tensors it had, and the model knows nothing of this.
+Each offload unit (a DecoderLayer; or a MoE layer, holding only its routed experts' weights)
+becomes a ZeRO-3 leaf module with one parameter: every weight tensor of the offloaded part
+(its buffers and the fused, stacked or dequantized forms load_model made) copied into one flat
+buffer of 2-byte words, the one dtype DeepSpeed's NVMe swapper keeps for every accelerator.
+Each tensor is a slot: a view of that buffer (dtype, shape, stride, offset). When the unit is
+called, DeepSpeed's pre-forward hook fetches the buffer; ours then points every slot at its
+view and remakes the oneDNN-packed copies (CPU); after the forward ours drops them, before
+DeepSpeed releases the buffer. So the unit computes with exactly the tensors it had, on the
+same path (the fused MoE decode kernel included), and the model knows nothing of this.
 
 Each rank partitions over a process group of its own rank (the worker makes it): its weights
 are its own, nothing is sharded further.
@@ -21,11 +22,9 @@ import importlib.util
 import os
 import shutil
 import socket
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,11 +86,14 @@ class OffloadOptions:
         return module_name.startswith("layers.")
 
 
-def units(model: Transformer, params: str) -> list[nn.Module]:
-    """The modules offloaded as wholes, in the order a step calls them."""
+def units(model: Transformer, params: str) -> list[tuple[nn.Module, nn.Module]]:
+    """(module, part) in the order a step calls them: the part's weights are offloaded and
+    fetched when the module is called. A decoder layer is its own part; a MoE layer's routed
+    experts are fetched when the MoE layer is called, since its fused decode path
+    (cpu_kernel.moe_decode) reads them without calling its Experts."""
     if params == "experts":
-        return [moe.experts for moe in model.moe_layers().values()]
-    return list(model.layers.values())
+        return [(moe, moe.experts) for moe in model.moe_layers().values()]
+    return [(layer, layer) for layer in model.layers.values()]
 
 
 def deepspeed_missing() -> str | None:
@@ -292,17 +294,18 @@ class Offloaded:
         deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), verbose=False,
                                         auto_mpi_discovery=False)
         _skip_world_trace_check()
-        self.units = units(model, opt.params)
+        pairs = units(model, opt.params)
+        self.units = [unit for unit, _ in pairs]
         self.device = device
         self.zero = None
         slots = []
-        for unit in self.units:
-            unpack_weights(unit)
-            flat, unit_slots = flatten(unit)
-            drop(unit_slots, device)
+        for unit, part in pairs:
+            unpack_weights(part)
+            flat, part_slots = flatten(part)
+            drop(part_slots, device)
             unit.register_parameter("offload_words", nn.Parameter(flat, requires_grad=False))
             set_z3_leaf_module(unit, True)
-            slots.append(unit_slots)
+            slots.append(part_slots)
         words = [u.offload_words.numel() for u in self.units]
         self.bytes = sum(words) * WORD.itemsize
         # fetched at once: the unit computing and those prefetched
@@ -321,10 +324,10 @@ class Offloaded:
             param_persistence_threshold=zc.param_persistence_threshold,
             model_persistence_threshold=zc.model_persistence_threshold,
             offload_param_config=zc.offload_param, mpu=mpu)
-        for unit, unit_slots in zip(self.units, slots):
-            self._hook(unit, unit_slots)
+        for (unit, part), part_slots in zip(pairs, slots):
+            self._hook(unit, part, part_slots)
 
-    def _hook(self, unit: nn.Module, slots: list[_Slot]) -> None:
+    def _hook(self, unit: nn.Module, part: nn.Module, slots: list[_Slot]) -> None:
         """After DeepSpeed's hooks exist: ours run after its fetch and before its release."""
         param = unit.offload_words
         repack = self.device.type == "cpu"
@@ -332,10 +335,10 @@ class Offloaded:
         def fetched(module, args):
             restore(param.data, slots)
             if repack:
-                pack_weights(module)
+                pack_weights(part)
 
         def done(module, args, out):
-            unpack_weights(module)
+            unpack_weights(part)
             drop(slots, self.device)
 
         unit.register_forward_pre_hook(fetched)
@@ -349,44 +352,3 @@ class Offloaded:
     def stats(self) -> dict:
         return {"offloaded_bytes": self.bytes, "window_bytes": self.window_bytes,
                 "units": len(self.units)}
-
-
-def build_ops(opt: OffloadOptions, device_type: str,
-              say: Callable[[str], None] = lambda m: print(m, flush=True)) -> float:
-    """Build (or load from torch's extension cache) the DeepSpeed C++ ops the ranks will use,
-    in this process, saying so every 15 s: the first build compiles for a minute or more, and
-    the ranks then load the cached build. Seconds taken."""
-    import_deepspeed(device_type)
-    from deepspeed.accelerator import get_accelerator
-
-    names = ["AsyncIOBuilder"] if opt.device == "nvme" else []
-    if device_type != "cuda":
-        names.append("ShareMemCommBuilder")  # what DeepSpeed's CPU accelerator loads
-    t0 = time.perf_counter()
-    for name in names:
-        builder = get_accelerator().create_op_builder(name)
-        if builder is None:
-            continue
-        if not builder.is_compatible(verbose=False):
-            hint = ("it needs libaio: apt-get install libaio-dev" if builder.NAME == "async_io"
-                    else "see ds_report")
-            raise OffloadError(f"execution.offload.device={opt.device}: DeepSpeed's "
-                               f"{builder.NAME} op cannot be built here ({hint})")
-        say(f"offload: DeepSpeed op {builder.NAME}: loading, or building once into torch's "
-            f"extension cache (about a minute)")
-        t = time.perf_counter()
-        done = threading.Event()
-        ticker = threading.Thread(target=_tick, args=(done, builder.NAME, t, say), daemon=True)
-        ticker.start()
-        try:
-            builder.load(verbose=False)
-        finally:
-            done.set()
-            ticker.join()
-        say(f"offload: DeepSpeed op {builder.NAME} ready in {time.perf_counter() - t:.1f} s")
-    return time.perf_counter() - t0
-
-
-def _tick(done: threading.Event, name: str, t0: float, say: Callable[[str], None]) -> None:
-    while not done.wait(15.0):
-        say(f"offload: still building DeepSpeed op {name} ({time.perf_counter() - t0:.0f} s)")
