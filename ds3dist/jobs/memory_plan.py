@@ -47,44 +47,59 @@ def held_bytes(spec: TensorSpec, h: Holding) -> int:
     return spec.numel * h.dtype.itemsize
 
 
-def _held(spec: TensorSpec, plan: RankPlan, mtp_ids: set[int], h: Holding) -> bool:
-    layer, name, expert = layer_of(spec.name), spec.name, expert_of(spec.name)
+# What decides whether a rank holds a tensor: its layer, its expert and its kind.
+_Group = tuple[int | None, int | None, str]
+
+
+def _group(name: str) -> _Group:
+    layer, expert = layer_of(name), expert_of(name)
     if layer is None:
-        return plan.embed if name.startswith("model.embed_tokens") else plan.head
+        kind = "embed" if name.startswith("model.embed_tokens") else "head"
+    else:
+        kind = ("head_copy" if name.endswith("shared_head.head.weight") else
+                "embed_copy" if name.endswith(".embed_tokens.weight") else "layer")
+    return layer, expert, kind
+
+
+def _held(group: _Group, plan: RankPlan, mtp_ids: set[int], h: Holding) -> bool:
+    layer, expert, kind = group
+    if layer is None:
+        return plan.embed if kind == "embed" else plan.head
     if expert is not None and expert not in plan.experts:
         return False
     if layer in mtp_ids:
-        if not (plan.mtp and h.mtp_passes) or name.endswith("shared_head.head.weight"):
+        if not (plan.mtp and h.mtp_passes) or kind == "head_copy":
             return False
-        return not (plan.embed and name.endswith(".embed_tokens.weight"))
+        return not (plan.embed and kind == "embed_copy")
     return layer in plan.layers
 
 
-def _unit(spec: TensorSpec, mtp_ids: set[int], offload: OffloadOptions | None) -> int | None:
+def _unit(group: _Group, mtp_ids: set[int], offload: OffloadOptions | None) -> int | None:
     """The offload unit (a layer id) a held tensor is fetched with, or None: resident."""
     if offload is None:
         return None
-    layer = layer_of(spec.name)
+    layer, expert, _ = group
     if offload.params == "experts":
-        return layer if expert_of(spec.name) is not None else None
+        return layer if expert is not None else None
     return layer if layer is not None and layer not in mtp_ids else None
 
 
 def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[dict[str, Any]]:
     """One row per rank: stage, layers, experts, weight/resident/offloaded bytes, the fetch
     window (units fetched at once), bytes streamed per decode step, device bytes needed."""
-    specs = expected_tensors(model).values()
+    groups: dict[_Group, int] = defaultdict(int)  # held bytes, summed per group once
+    for spec in expected_tensors(model).values():
+        groups[_group(spec.name)] += held_bytes(spec, h)
     mtp_ids = set(model.mtp_layer_ids)
     rows = []
     for plan in layout.plan(model):
         weights = 0
         units: dict[int, int] = defaultdict(int)  # offload unit (layer) -> bytes
-        for spec in specs:
-            if not _held(spec, plan, mtp_ids, h):
+        for group, n in groups.items():
+            if not _held(group, plan, mtp_ids, h):
                 continue
-            n = held_bytes(spec, h)
             weights += n
-            unit = _unit(spec, mtp_ids, h.offload)
+            unit = _unit(group, mtp_ids, h.offload)
             if unit is not None:
                 units[unit] += n
         offloaded = sum(units.values())
