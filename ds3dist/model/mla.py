@@ -129,11 +129,12 @@ class MLA(nn.Module):
 
     def _softmax(self, scores_ths: torch.Tensor, pos_t: torch.Tensor, s: int,
                  dtype: torch.dtype) -> torch.Tensor:
-        """Scaled softmax in float32; key j is hidden from a query at position q < j."""
-        x = scores_ths.float() * self.scale
+        """Scaled softmax in float32; key j is hidden from a query at position q < j. The
+        scores are overwritten."""
+        x = scores_ths.float().mul_(self.scale)  # in place: the scores are this step's own
         if int(pos_t[0]) < s - 1:  # some query is before the last key: causal mask
             future_ts = torch.arange(s, device=x.device)[None, :] > pos_t[:, None]
-            x = x.masked_fill(future_ts[:, None, :], float("-inf"))
+            x.masked_fill_(future_ts[:, None, :], float("-inf"))
         return x.softmax(dim=-1).to(dtype)
 
     def _naive_kv(self, kv_sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
