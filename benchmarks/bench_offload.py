@@ -22,10 +22,11 @@ from pathlib import Path
 import ray
 import torch
 
+from ds3dist import build_ops
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.jobs.schema import cached_checkpoint_dir
 from ds3dist.runtime.engine import Engine
-from ds3dist.runtime.offload import OffloadOptions, build_ops
+from ds3dist.runtime.offload import OffloadOptions
 from ds3dist.serving.options import ServingOptions
 
 from bench_engine import parse_layout, timed  # this folder is on sys.path when run as a script
@@ -81,7 +82,7 @@ def main() -> None:
     for spec in specs:
         opt = variant(spec, nvme)
         if opt is not None:
-            build_ops(opt, "cpu")
+            build_ops.for_ranks("cpu", opt)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     results = {spec: run(ckpt, layout, variant(spec, nvme), prompts, args.new_tokens,
                          args.execution) for spec in specs}

@@ -28,7 +28,7 @@ ROPE_SCALING_KEYS = (
 
 
 def cache_root() -> Path:
-    """$DS3DIST_CACHE, else ~/.cache/ds3dist: synthesized presets and built CPU kernels."""
+    """$DS3DIST_CACHE, else ~/.cache/ds3dist: synthesized presets."""
     env = os.environ.get("DS3DIST_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "ds3dist"
 

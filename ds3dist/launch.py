@@ -36,6 +36,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ds3dist import build_ops
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.config import ConfigError
 from ds3dist.generation import LocalEngine
@@ -54,7 +55,7 @@ from ds3dist.runtime import cluster
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
-from ds3dist.runtime.offload import OffloadError, build_ops
+from ds3dist.runtime.offload import OffloadError
 from ds3dist.runtime.replicas import ReplicaSet
 from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
@@ -119,10 +120,9 @@ def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any,
     dtype = None if cfg.execution.dtype is None else getattr(torch, cfg.execution.dtype)
     replicas, lay = int(cfg.runtime.replicas), resolved.layout
     opts = schema.runtime_options(cfg, lay.world_size * replicas)
+    build_ops.for_ranks(lay.device, opts["offload"])  # compiled once per machine, here, with progress
     if opts["serving"].control == "local":
         return local_engine(checkpoint, resolved, cfg, dtype, opts)
-    if opts["offload"] is not None:  # DeepSpeed's C++ ops: compiled once, here, with progress
-        build_ops(opts["offload"], lay.device)
     opts["num_cpus"] = opts["num_cpus"] or max(8, replicas * lay.world_size * opts["cpus_per_rank"])
     cluster.connect(opts["ray_address"], opts["num_cpus"], opts["connect_timeout_s"])
     if stop is not None:

@@ -6,13 +6,77 @@ modifying):
   tiny_bf16_dir  the same checkpoint converted to bf16 (scales dropped)
   tok            the release tokenizer that tiny checkpoint carries
   ray_cluster    one local Ray cluster (num_cpus=8) shared by the session's tests
+
+One-time builds (ds3dist.build_ops) run once, before the first test, in a subprocess bounded by
+BUILD_BOUND_S, printing their progress: the CPU decode kernels always, DeepSpeed's ops where a
+collected test is marked `ops(...)` with them. A test marked `ops(name, ...)` skips with the
+build's reason where one of them is not ready; with CI set in the environment a failed build
+fails it instead (an op that does not apply to this machine still skips).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
+
+from ds3dist.build_ops import OPS
+
+BUILD_BOUND_S = 3600.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_time_builds(request) -> dict[str, dict]:
+    """{op: its ds3dist.build_ops result} for the CPU kernels and every op a collected test
+    is marked with."""
+    wanted = {"cpu_kernels"} | {name for item in request.session.items
+                                for mark in item.iter_markers("ops") for name in mark.args}
+    names = [n for n in OPS if n in wanted]
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter is not None else print
+    proc = subprocess.Popen([sys.executable, "-m", "ds3dist.build_ops", "--device", "cpu",
+                             "--json", *names], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def relay():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if not lines[-1].startswith("["):  # the JSON line is for us
+                say(f"[one-time builds] {lines[-1]}")
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=BUILD_BOUND_S)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
+    got = {op["name"]: op for op in json.loads(lines[-1])} if lines and lines[-1][:1] == "[" else {}
+    why = (f"ds3dist.build_ops ran past {BUILD_BOUND_S:.0f} s" if timed_out
+           else f"ds3dist.build_ops exited {proc.returncode}: {' | '.join(lines[-5:])}")
+    return {n: got.get(n, {"name": n, "state": "failed", "reason": why}) for n in names}
+
+
+@pytest.fixture(autouse=True)
+def _marked_ops_ready(request, one_time_builds):
+    for mark in request.node.iter_markers("ops"):
+        for name in mark.args:
+            op = one_time_builds[name]
+            if op["state"] == "ready":
+                continue
+            why = f"{name} is not built: {op['reason']}"
+            if op["state"] == "failed" and os.environ.get("CI"):
+                pytest.fail(f"a one-time build failed: {why}")
+            pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,7 @@ from ds3dist.model.rope import Rope
 from test_model_units import tiny_model
 
 torch.set_num_threads(1)
-needs_kernels = pytest.mark.skipif(cpu_kernel.kernel() is None,
-                                   reason="the CPU decode kernels are not built here "
-                                          "(no AVX-512, no compiler or DS3DIST_CPU_KERNEL=0)")
+needs_kernels = pytest.mark.ops("cpu_kernels")  # skips saying why they are not built here
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 TINY_ROPE = Rope(preset("tiny"))
 
@@ -172,8 +170,14 @@ def test_moe_decode_takes_only_what_it_can():
     assert not moe._fused(x[:4])
 
 
-needs_int8 = pytest.mark.skipif(not cpu_kernel.has_int8_logits(),
-                                reason="int8_logits needs the CPU kernels built with AVX512-VNNI")
+@pytest.fixture
+def int8_kernel():
+    if not cpu_kernel.has_int8_logits():
+        pytest.skip("int8_logits needs the CPU kernels built with AVX512-VNNI")
+
+
+def needs_int8(test):
+    return needs_kernels(pytest.mark.usefixtures("int8_kernel")(test))
 
 
 @needs_int8

@@ -5,7 +5,6 @@ hand-computed bytes; configuration errors name the setting."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import subprocess
@@ -23,31 +22,17 @@ from ds3dist.jobs.memory_plan import Holding, rank_table
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.offload import OffloadOptions
 
-# deepspeed is imported by the ranks (and the subprocesses below), never by the test process
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                reason="the deepspeed extra is not installed")
+# deepspeed is imported by the ranks (and the subprocesses below), never by the test process;
+# DeepSpeed's CPU accelerator loads its shm_comm op, built once before the session's tests
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                 reason="the deepspeed extra is not installed"),
+              pytest.mark.ops("shm_comm")]
+needs_aio = pytest.mark.ops("async_io")  # NVMe: DeepSpeed's async I/O op (libaio)
 
 PROMPTS = ["The capital of France is", "Hello",
            "Mixture-of-experts models route each token to a few experts, and",
            "1 2 3 4 5 6", "def fibonacci(n):"]
 NEW_TOKENS = 16
-
-
-@functools.cache
-def aio_missing() -> str | None:
-    """Why DeepSpeed's async I/O op (NVMe offload) cannot be built here, or None."""
-    p = subprocess.run([sys.executable, "-c", "import os; os.environ['DS_ACCELERATOR'] = 'cpu'; "
-                        "from deepspeed.ops.op_builder.cpu import AsyncIOBuilder; "
-                        "print(AsyncIOBuilder().is_compatible(verbose=False))"],
-                       capture_output=True, text=True, timeout=120)
-    if p.stdout.strip().endswith("True"):
-        return None
-    return "DeepSpeed's async_io op cannot be built here (libaio-dev is not installed)"
-
-
-def needs_aio() -> None:
-    if aio_missing() is not None:
-        pytest.skip(aio_missing())
 
 # One process, a one-rank gloo group: every unit's forward with offload against the same
 # model part resident (logits of a whole causal forward, three steps: the first records
@@ -88,15 +73,14 @@ def _unit_check(ckpt, execution, params, device, nvme, port, dtype, compute="cpu
 
 @pytest.mark.parametrize("execution,params,device,dtype", [
     ("bf16", "layers", "cpu", "float32"), ("fp8", "experts", "cpu", "float32"),
-    ("fp8", "layers", "nvme", "float32"), ("bf16", "experts", "nvme", "float32"),
+    pytest.param("fp8", "layers", "nvme", "float32", marks=needs_aio),
+    pytest.param("bf16", "experts", "nvme", "float32", marks=needs_aio),
     # bf16: stacked experts and the CPU kernels (grouped experts, fused MoE decode)
     ("bf16", "layers", "cpu", "bfloat16"), ("bf16", "experts", "cpu", "bfloat16")])
 def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, execution, params,
                                                      device, dtype):
     from ds3dist.runtime.rendezvous import free_port
 
-    if device == "nvme":
-        needs_aio()
     out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
                       free_port("127.0.0.1", None), dtype)
     assert out["equal"] == [True, True, True]
@@ -110,16 +94,14 @@ def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, exe
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("execution,params,device", [("fp8", "experts", "cpu"),
-                                                     ("bf16", "layers", "cpu"),
-                                                     ("fp8", "layers", "nvme")])
+@pytest.mark.parametrize("execution,params,device", [
+    ("fp8", "experts", "cpu"), ("bf16", "layers", "cpu"),
+    pytest.param("fp8", "layers", "nvme", marks=needs_aio)])
 def test_offloaded_units_on_a_gpu_compute_exactly_as_resident(tiny_fp8_dir, tmp_path,
                                                               execution, params, device):
     """The GPU path: units loaded into host memory (or NVMe), fetched onto the GPU."""
     from ds3dist.runtime.rendezvous import free_port
 
-    if device == "nvme":
-        needs_aio()
     out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
                       free_port("127.0.0.1", None), "bfloat16", compute="cuda")
     assert out["equal"] == [True, True, True]
@@ -160,9 +142,9 @@ def test_engine_with_offload_matches_without(ray_cluster, tiny_fp8_dir, resident
         assert planned <= g <= planned + 64 * 40
 
 
+@needs_aio
 def test_engine_with_nvme_expert_offload_matches_without(ray_cluster, tiny_fp8_dir, tmp_path,
                                                          resident_tokens):
-    needs_aio()
     opt = OffloadOptions(device="nvme", nvme_path=str(tmp_path / "nvme"), params="experts")
     tokens, load_info = _engine_tokens(tiny_fp8_dir, opt)
     assert tokens == resident_tokens

@@ -9,9 +9,12 @@ attention in one call (straight from the pages). Every output row is computed al
 fixed order, so a row does not depend on what shares its batch.
 
 Built once per machine with torch's C++ extension tooling (a C++ compiler and ninja; about
-45 s on 2 cores) into $DS3DIST_CACHE/kernels/, under a file lock every process waits on for at
-most BUILD_TIMEOUT_S; used on CPUs with AVX-512. Elsewhere, when the build fails (a warning
-says why, once), or with DS3DIST_CPU_KERNEL=0, the same math runs as torch ops.
+a minute on 2 cores) into torch's extension folder ($TORCH_EXTENSIONS_DIR, else
+~/.cache/torch_extensions/<python>_<accelerator>/), under a file lock every process waits on for
+at most BUILD_TIMEOUT_S: `python -m ds3dist.build_ops` and the launch build them up front, and a
+process that meets no build builds it where it first needs it. Used on CPUs with AVX-512.
+Elsewhere, when the build fails (a warning says why, once), or with DS3DIST_CPU_KERNEL=0, the
+same math runs as torch ops.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ds3dist.config import cache_root
 from ds3dist.model.options import cpu_flags
 
 MAX_ROWS = 4  # rows per expert the kernel takes; more go through GEMMs
@@ -40,33 +45,79 @@ _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def kernel():
-    """The built extension module, or None where it is not used (see the module doc)."""
-    if os.environ.get("DS3DIST_CPU_KERNEL", "1") == "0" or "avx512f" not in cpu_flags():
-        return None
+@dataclass(frozen=True)
+class Build:
+    """The kernels on this machine: the loaded module, or why there is none (unavailable: not
+    for this CPU or switched off; error: the build failed)."""
+    module: Any = None
+    unavailable: str = ""
+    error: str = ""
+
+
+def unavailable() -> str:
+    """Why the kernels are not used on this machine, or "" where they are."""
+    if os.environ.get("DS3DIST_CPU_KERNEL", "1") == "0":
+        return "switched off by DS3DIST_CPU_KERNEL=0"
+    if "avx512f" not in cpu_flags():
+        return "this CPU has no AVX-512"
+    return ""
+
+
+def extensions_dir() -> Path:
+    """torch's folder of built C++ extensions, where DeepSpeed's ops are built too."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+             f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "torch_extensions" / f"{py}_{accel}"
+
+
+def build_dir() -> Path:
+    """This source, torch and CPU's build folder (a new one when any of them changes)."""
     parts = [*(f.read_bytes() for f in sorted(_DIR.iterdir())), torch.__version__.encode(),
              " ".join(_CFLAGS).encode(), " ".join(sorted(cpu_flags())).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    name = f"ds3dist_kernels_{key}"
-    build_dir = cache_root() / "kernels" / name
-    failed = build_dir / "FAILED"  # an earlier build's error: not retried by every process
+    return extensions_dir() / f"ds3dist_kernels_{key}"
+
+
+def is_built() -> bool:
+    d = build_dir()
+    return any(d.glob(f"{d.name}*.so"))
+
+
+@functools.cache
+def load() -> Build:
+    """The kernels, built first where this machine has no build yet (see the module doc)."""
+    why = unavailable()
+    if why:
+        return Build(unavailable=why)
+    d = build_dir()
+    failed = d / "FAILED"  # an earlier build's error: not retried by every process
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(build_dir / "build.lock", BUILD_TIMEOUT_S):
+        with build_lock(d):
             if failed.exists():
-                raise RuntimeError(f"an earlier build failed (delete {build_dir} to retry): "
+                raise RuntimeError(f"an earlier build failed (delete {d} to retry): "
                                    f"{failed.read_text()}")
-            (build_dir / "lock").unlink(missing_ok=True)  # torch's baton from a killed build
-            if not any(build_dir.glob(f"{name}*.so")):
+            if not is_built():
                 log.warning("building the CPU decode kernels into %s (once per machine, about "
-                            "45 s)", build_dir)
-            mod = _build(name, build_dir, failed)
+                            "a minute)", d)
+            mod = _build(d.name, d, failed)
     except Exception as e:  # no compiler, no ninja, a failed build, the lock timed out
-        warnings.warn(f"the CPU decode kernels are not available ({type(e).__name__}: "
-                      f"...{str(e)[-400:]}); decode runs as torch ops (slower)")
-        return None
-    return mod if mod.avx512() else None
+        error = f"{type(e).__name__}: ...{str(e)[-400:]}"
+        warnings.warn(f"the CPU decode kernels are not available ({error}); decode runs as "
+                      f"torch ops (slower)")
+        return Build(error=error)
+    if not mod.avx512():
+        return Build(unavailable="built without AVX-512 (the compiler's -march=native)")
+    return Build(module=mod)
+
+
+def kernel():
+    """The built extension module, or None where it is not used (see the module doc)."""
+    return load().module
 
 
 def _int64(values) -> torch.Tensor:
@@ -132,6 +183,17 @@ def _build(name: str, build_dir: Path, failed: Path):
     except (RuntimeError, OSError, ImportError) as e:
         failed.write_text(str(e)[-2000:])
         raise
+
+
+@contextmanager
+def build_lock(folder: Path, timeout_s: float = BUILD_TIMEOUT_S):
+    """Sole use of an extension's build folder among ds3dist's processes (waited for at most
+    timeout_s); torch's own baton file left there by a killed build, on which torch would wait
+    forever, is cleared."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder / "build.lock", timeout_s):
+        (folder / "lock").unlink(missing_ok=True)
+        yield
 
 
 @contextmanager

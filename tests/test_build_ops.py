@@ -1,0 +1,81 @@
+"""One-time builds (ds3dist.build_ops): each op ready, not applicable here with the reason, or
+failed with its error (exit 1); the launch's step stops for an op the offload needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ds3dist import build_ops
+from ds3dist.runtime.offload import OffloadError, OffloadOptions
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ds3dist.build_ops", *args],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def test_an_op_that_does_not_apply_says_why_and_is_not_an_error():
+    p = _cli("--json", "cpu_kernels", DS3DIST_CPU_KERNEL="0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "cpu_kernels: not built: switched off by DS3DIST_CPU_KERNEL=0" in p.stdout
+    assert json.loads(p.stdout.splitlines()[-1]) == [
+        {"name": "cpu_kernels", "state": "unavailable", "seconds": 0.0, "built": False,
+         "reason": "switched off by DS3DIST_CPU_KERNEL=0"}]
+
+
+def test_a_failed_build_exits_1_with_its_error(tmp_path):
+    """No working compiler (CXX=/bin/false) in an empty extension folder: every op that
+    applies here fails, naming the compiler's error; nothing is called ready."""
+    p = _cli("--json", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/bin/false")
+    ops = {op["name"]: op for op in json.loads(p.stdout.splitlines()[-1])}
+    tried = [n for n, op in ops.items() if op["state"] != "unavailable"]
+    if not tried:
+        pytest.skip(f"no op applies to this machine: {ops}")
+    assert p.returncode == 1, p.stdout + p.stderr
+    for name in tried:
+        assert ops[name]["state"] == "failed" and "/bin/false" in ops[name]["reason"]
+        assert f"{name}: FAILED: " in p.stdout
+    assert f"FAILED: {', '.join(tried)}" in p.stdout
+
+
+def test_bad_op_name_exits_2():
+    p = _cli("cpu_kernel")
+    assert p.returncode == 2 and "unknown op cpu_kernel" in p.stderr
+
+
+def test_a_build_says_its_cost_first_and_then_how_long_it_has_run(monkeypatch):
+    monkeypatch.setattr(build_ops, "TICK_S", 0.05)
+    said = []
+    with build_ops._progress("async_io", False, said.append):
+        import time
+        time.sleep(0.3)
+    assert said[0].startswith("building async_io once for this machine (3 to 6 minutes")
+    assert len(said) >= 3 and all(s.startswith("still building async_io (") for s in said[1:])
+    said.clear()
+    with build_ops._progress("async_io", True, said.append):  # cached: loaded quietly
+        pass
+    assert said == []
+
+
+@pytest.mark.parametrize("device,missing", [("nvme", "async_io"), ("cpu", "shm_comm")])
+def test_the_launch_stops_at_once_without_an_op_the_offload_needs(monkeypatch, device,
+                                                                 missing):
+    def fake(name, device_type, say):
+        state = "unavailable" if name == missing else "ready"
+        return build_ops.OpBuild(name, state, "libaio is missing" if state != "ready" else "")
+
+    monkeypatch.setattr(build_ops, "deepspeed_op", fake)
+    monkeypatch.setattr(build_ops, "cpu_kernels", lambda say: build_ops.OpBuild(
+        "cpu_kernels", "unavailable", "switched off"))
+    said = []
+    opt = OffloadOptions(device=device, nvme_path="/tmp" if device == "nvme" else None)
+    with pytest.raises(OffloadError) as e:
+        build_ops.for_ranks("cpu", opt, said.append)
+    assert str(e.value).startswith(f"execution.offload.device={device}: {missing}: not built")
+    assert "cpu_kernels: not built: switched off" in said  # without the kernels it goes on
+    assert build_ops.for_ranks("cpu", None, said.append)[0].name == "cpu_kernels"
