@@ -154,8 +154,10 @@ def test_40k_token_prompt_beside_short_requests(tiny_fp8_dir, ray_cluster):
     reqs = [Request("long", ids(40000), SamplingParams(), 4)]
     reqs += [Request(f"short{i}", ids(20 + i), SamplingParams(), 6) for i in range(3)]
     reqs += [Request("huge", ids(60000), SamplingParams(), 4)]
+    # two threads per rank (the session's default is one): the long prompt's column works
+    # alone, and its attention is most of the test's time
     with Engine(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), dtype=torch.float32,
-                serving=ServingOptions(cache_gb=gb, page_size=16)) as engine:
+                serving=ServingOptions(cache_gb=gb, page_size=16, threads=2)) as engine:
         order = [(r.id, r.status.value, r.error, r.output_ids) for r in engine.stream(reqs)]
         peak = max(st["peak_rss_bytes"] for st in engine.stats()["ranks"])
     got = _check_long(order, peak)

@@ -131,7 +131,7 @@ class Engine:
             )
         remote_cls = ray.remote(StageWorker)
         dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
-        threads = self.serving.threads or cpus
+        threads = self.serving.threads or int(os.environ.get("DS3DIST_TORCH_THREADS", cpus))
         for plan in self.plans:
             self.actors.append(
                 remote_cls.options(

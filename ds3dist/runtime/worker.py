@@ -49,7 +49,7 @@ class StageWorker:
                  threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = "",
                  speculative: SpeculativeConfig | None = None,
                  offload: OffloadOptions | None = None):
-        torch.set_num_threads(int(os.environ.get("DS3DIST_TORCH_THREADS", threads)))
+        torch.set_num_threads(threads)
         retain_freed_memory()
         self.plan = plan
         self.layout = layout

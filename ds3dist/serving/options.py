@@ -20,7 +20,8 @@ class ServingOptions:
     # which on a CPU layout costs the ranks more than the cheaper calls save); compiled (Ray
     # compiled graph) | classic (actor calls) | local (launch only)
     control: str = "auto"
-    threads: int | None = None  # torch threads per rank (None: the CPUs a rank was given)
+    # torch threads per rank; None: $DS3DIST_TORCH_THREADS, else the CPUs a rank was given
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
