@@ -80,7 +80,7 @@ def cpu_kernels(say: Say = _print) -> OpBuild:
         return OpBuild("cpu_kernels", "failed", got.error, seconds)
     if got.unavailable:
         return OpBuild("cpu_kernels", "unavailable", got.unavailable, seconds)
-    return OpBuild("cpu_kernels", "ready", seconds=seconds, built=not cached)
+    return OpBuild("cpu_kernels", "ready", seconds=seconds, built=_built(cached, seconds))
 
 
 def deepspeed_op(name: str, device_type: str, say: Say = _print) -> OpBuild:
@@ -112,23 +112,24 @@ def deepspeed_op(name: str, device_type: str, say: Say = _print) -> OpBuild:
     except Exception as e:  # a compiler error, no ninja, the lock held too long
         return OpBuild(name, "failed", f"{type(e).__name__}: ...{str(e)[-600:]}",
                        time.perf_counter() - t0)
-    return OpBuild(name, "ready", seconds=time.perf_counter() - t0, built=not cached)
+    seconds = time.perf_counter() - t0
+    return OpBuild(name, "ready", seconds=seconds, built=_built(cached, seconds))
 
 
 @contextmanager
 def _progress(name: str, cached: bool, say: Say):
-    """Around a build: what it costs up front, then how long it has run every TICK_S (the
-    caller says how it ended: describe())."""
-    if cached:
-        yield
-        return
-    say(f"building {name} once for this machine ({COST[name]} on 2 cores; later runs load it "
-        f"from torch's extension cache)")
+    """Around a build or a load: what a build costs, up front, then how long it has run every
+    TICK_S (a cached op whose sources, flags or torch changed is rebuilt: the ticks say so).
+    The caller says how it ended: describe()."""
+    if not cached:
+        say(f"building {name} once for this machine ({COST[name]} on 2 cores; later runs "
+            f"load it from torch's extension cache)")
+    doing = "building" if not cached else "rebuilding (its sources, flags or torch changed)"
     t0, done = time.perf_counter(), threading.Event()
 
     def tick():
         while not done.wait(TICK_S):
-            say(f"still building {name} ({time.perf_counter() - t0:.0f} s)")
+            say(f"still {doing} {name} ({time.perf_counter() - t0:.0f} s)")
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
@@ -137,6 +138,11 @@ def _progress(name: str, cached: bool, say: Say):
     finally:
         done.set()
         ticker.join()
+
+
+def _built(cached: bool, seconds: float) -> bool:
+    """Whether a load compiled: nothing was cached, or it took as long as a build."""
+    return not cached or seconds >= TICK_S
 
 
 def for_ranks(device_type: str, offload=None, say: Say = _print) -> list[OpBuild]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,7 +53,6 @@ def test_a_build_says_its_cost_first_and_then_how_long_it_has_run(monkeypatch):
     monkeypatch.setattr(build_ops, "TICK_S", 0.05)
     said = []
     with build_ops._progress("async_io", False, said.append):
-        import time
         time.sleep(0.3)
     assert said[0].startswith("building async_io once for this machine (3 to 6 minutes")
     assert len(said) >= 3 and all(s.startswith("still building async_io (") for s in said[1:])
@@ -60,6 +60,10 @@ def test_a_build_says_its_cost_first_and_then_how_long_it_has_run(monkeypatch):
     with build_ops._progress("async_io", True, said.append):  # cached: loaded quietly
         pass
     assert said == []
+    with build_ops._progress("async_io", True, said.append):  # cached, but rebuilt
+        time.sleep(0.12)
+    assert said and said[0].startswith("still rebuilding (its sources, flags or torch changed) "
+                                       "async_io (")
 
 
 @pytest.mark.parametrize("device,missing", [("nvme", "async_io"), ("cpu", "shm_comm")])
