@@ -22,9 +22,9 @@ import torch
 
 import ds3dist
 from ds3dist.checkpoint.synthesize import synthesize
-from ds3dist.generation import LocalEngine
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request
+from ds3dist.local import LocalEngine
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request
 
 
 def workload(n: int, seed: int = 7) -> list[tuple[str, list[int], SamplingParams, int]]:

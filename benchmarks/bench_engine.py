@@ -23,11 +23,11 @@ import torch
 
 import ds3dist
 from ds3dist.checkpoint.synthesize import synthesize
-from ds3dist.generation import LocalEngine
+from ds3dist.local import LocalEngine
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.hostmem import retain_freed_memory
-from ds3dist.serving.options import ServingOptions
+from ds3dist.core.options import ServingOptions
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_worker_niceness", "0")  # as ds3dist.runtime.cluster starts it

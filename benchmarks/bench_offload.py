@@ -27,7 +27,7 @@ from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.jobs.schema import cached_checkpoint_dir
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.offload import OffloadOptions
-from ds3dist.serving.options import ServingOptions
+from ds3dist.core.options import ServingOptions
 
 from bench_engine import parse_layout, timed  # this folder is on sys.path when run as a script
 

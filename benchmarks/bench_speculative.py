@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from ds3dist.checkpoint.synthesize import synthesize
-from ds3dist.generation import LocalEngine
+from ds3dist.local import LocalEngine
 from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.hostmem import retain_freed_memory
-from ds3dist.serving.options import ServingOptions
-from ds3dist.serving.speculative import SpeculativeConfig
+from ds3dist.core.options import ServingOptions
+from ds3dist.core.options import SpeculativeConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving import default_ckpt_dir  # noqa: E402

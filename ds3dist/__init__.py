@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return load_model
     if name == "generate":
-        from ds3dist.generation import generate
+        from ds3dist.local import generate
 
         return generate
     if name == "Engine":

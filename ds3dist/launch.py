@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from ds3dist import build_ops
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.config import ConfigError
-from ds3dist.generation import LocalEngine
+from ds3dist.local import LocalEngine
 from ds3dist.jobs import schema
 from ds3dist.jobs.batch import default_paths, run_batch_job
 from ds3dist.jobs.errors import JobError
@@ -57,7 +57,7 @@ from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
 from ds3dist.runtime.offload import OffloadError
 from ds3dist.runtime.replicas import ReplicaSet
-from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB
+from ds3dist.core.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
 

@@ -38,7 +38,7 @@ def reference(tiny_fp8_dir):
                                            (1, 4, "compiled"), (2, 2, "classic")])
 def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp, ep, control):
     from ds3dist import Engine
-    from ds3dist.serving.options import ServingOptions
+    from ds3dist.core.options import ServingOptions
 
     with Engine(tiny_fp8_dir, ParallelLayout(pp=pp, ep=ep), execution="bf16",
                 dtype=torch.float32, serving=ServingOptions(control=control)) as engine:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ds3dist.generation import (GenerationResult, StopChecker, encode_prompts, generate,
-                                right_pad)
+from collections import deque
+
+from ds3dist.core.loop import serve
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.plan import StepResult
+from ds3dist.core.scheduler import Scheduler, SchedulerConfig
+from ds3dist.local import generate
 from ds3dist.model.load import load_model
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.sampling import _keeps, candidates, draw_seed, sample_rows
+from ds3dist.rank.sampling import _keeps, candidates, draw_seed, sample_rows
+from ds3dist.text import GenerationResult, StopStrings, encode_prompts, make_request, result_of
+from padding import right_pad
 
 torch.set_num_threads(2)
 
@@ -97,24 +103,61 @@ class CharTokenizer:
         return "".join(chr(ord("a") + i) for i in ids if not (skip_special_tokens and i == 0))
 
 
+class Scripted:
+    """An executor (one column) whose sampling steps return the next of `tokens`."""
+
+    max_in_flight, overlap = 1, False
+
+    def __init__(self, tokens):
+        self.tokens, self.done = iter(tokens), deque()
+
+    def submit(self, plan):
+        res = StepResult(plan.step_id)
+        res.sampled = {s.req_id: next(self.tokens) for s in plan.seqs() if s.sample}
+        self.done.append(res)
+
+    def result(self, timeout_s=None):
+        return self.done.popleft()
+
+
 def test_stop_rules():
+    """Stop token ids and lengths end a request in the scheduler, stop strings in the loop
+    (the text edge); the result's text leaves out the stop token and the stop string."""
     tok = CharTokenizer()
 
     def run(tokens, max_new=10):
-        c = StopChecker(tok, stop=["cd", 7], max_new_tokens=max_new)
-        out = []
-        for t in tokens:
-            assert not c.done
-            out.append(t)
-            c.update(out)
-        assert c.done
-        return c.result([1], out)
+        req = make_request(tok, "r", [1], SamplingParams(), max_new, stop=["cd", 7])
+        sched = Scheduler(SchedulerConfig(pages_per_column=8, page_size=4, max_model_len=64))
+        (ended,) = serve(sched, Scripted(tokens + [99]), [req])  # 99: never reached
+        return result_of(ended, tok)
 
     assert run([1, 2, 3]) == GenerationResult([1, 2, 3], "b", "stop", 1)  # "bcd" holds "cd"
     assert run([5, 7]) == GenerationResult([5, 7], "f", "stop", 1)  # stop token id 7
     assert run([4, 0]) == GenerationResult([4, 0], "e", "stop", 1)  # EOS (the tokenizer's)
     assert run([4, 5], max_new=2) == GenerationResult([4, 5], "ef", "length", 1)
-    assert StopChecker(tok, None, 0).done
+    assert run([], max_new=0) == GenerationResult([], "", "length", 1)
+
+
+def test_stop_strings_are_found_where_decoding_everything_finds_them(tok):
+    """The incremental check against the full decode after every token (the release
+    tokenizer; random ids break characters across tokens, real text does not)."""
+    import random
+
+    rng = random.Random(0)
+    text_ids = tok.encode("Héllo wörld 🙂 日本語のテキスト, and more: ünïcödé " * 4)
+    for trial in range(60):
+        ids = text_ids if trial % 4 == 0 else [rng.randrange(0, 128000) for _ in range(80)]
+        k = rng.randrange(1, len(ids))
+        full = tok.decode(ids[:k])
+        stop = full[-rng.randrange(1, 6):] if full.strip() else "\x00never"
+        want = next((n for n in range(1, len(ids) + 1) if stop in tok.decode(ids[:n])), None)
+        s, got, fed = StopStrings(tok, [stop, "\x01absent"]), None, 0
+        while got is None and fed < len(ids):
+            step = ids[fed:fed + rng.randrange(1, 4)]  # one token, or several (drafts)
+            hit = s.feed(step)
+            got = None if hit is None else fed + hit
+            fed += len(step)
+        assert got == want, (trial, stop, got, want)
 
 
 def test_encode_prompts_prepends_bos_once():

@@ -17,7 +17,7 @@ import pytest
 from ds3dist.jobs.batch import JobError, run_batch_job
 from ds3dist.jobs.records import record_errors
 from ds3dist.jobs.requests import LineError, PromptEncoder, detect_format
-from ds3dist.serving.request import RequestStatus
+from ds3dist.core.request import RequestStatus
 
 
 class FakeEngine:
@@ -41,7 +41,7 @@ class FakeEngine:
             p = req.params
             self.calls.append(dict(id=req.id, prompt=list(req.prompt_ids), max_new_tokens=req.max_new_tokens,
                                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                   seed=p.seed, stop=req.stop.stop_strings or None))
+                                   seed=p.seed, stop=req.stop_text.strings if req.stop_text else None))
             if req.id in self.reject_ids or req.id in self.fail_ids:
                 rejected = req.id in self.reject_ids
                 req.status = RequestStatus.REJECTED if rejected else RequestStatus.FAILED
@@ -50,9 +50,12 @@ class FakeEngine:
                 continue
             h = hashlib.sha256(json.dumps([req.id, req.prompt_ids, p.temperature, p.seed])
                                .encode()).digest()
+            req.finish_reason = "length"
             for i in range(req.max_new_tokens):
                 req.output_ids.append(1000 + h[i % len(h)] * 7 + i)
-                if req.stop.update(req.output_ids):
+                if req.output_ids[-1] in req.stop_ids or (
+                        req.stop_text is not None and req.stop_text.feed(req.output_ids[-1:])):
+                    req.finish_reason = "stop"
                     break
             req.status = RequestStatus.FINISHED
             yield req
@@ -414,7 +417,7 @@ def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, to
     from hydra import compose, initialize_config_module
 
     from ds3dist import launch
-    from ds3dist.generation import LocalEngine
+    from ds3dist.local import LocalEngine
 
     monkeypatch.chdir(tmp_path)
     inp = write_lines(tmp_path / "in.jsonl", [

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ds3dist.generation import right_pad
+from padding import right_pad
 from ds3dist.model.load import load_model
 
 STEPS = 32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ds3dist.generation import right_pad
+from padding import right_pad
 from ds3dist.model.load import load_model
 
 

@@ -191,7 +191,7 @@ def test_job_outlives_the_loss_of_the_worker_host(two_hosts, tiny_fp8_dir, tok, 
     node is back, and the job completes with the single-process model's records, none lost
     or written twice."""
     import ds3dist
-    from ds3dist.generation import LocalEngine
+    from ds3dist.local import LocalEngine
     from ds3dist.jobs.batch import run_batch_job
 
     n, greedy = 16, {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0,

@@ -157,7 +157,7 @@ def test_engine_with_nvme_expert_offload_matches_without(ray_cluster, tiny_fp8_d
 def test_pipeline_speculating_with_expert_offload_matches_without(ray_cluster, tiny_fp8_dir):
     """pp2: the stages hold different units (stage 0 none: its one layer is dense; the last
     stage its MoE layers and the MTP layer's experts, run k times a step)."""
-    from ds3dist.serving.speculative import SpeculativeConfig
+    from ds3dist.core.options import SpeculativeConfig
 
     spec = SpeculativeConfig("mtp", 2, "exact")
     lay = ParallelLayout(pp=2, ep=1)

@@ -23,7 +23,7 @@ from ds3dist.jobs.batch import run_batch_job
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.replicas import ReplicaSet
-from ds3dist.serving.options import ServingOptions
+from ds3dist.core.options import ServingOptions
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def records(path) -> dict[str, dict]:
 def oracle(tiny_fp8_dir, tok, tmp_path_factory):
     """The job's records from the single-process model, and its input file."""
     import ds3dist
-    from ds3dist.generation import LocalEngine
+    from ds3dist.local import LocalEngine
 
     d = tmp_path_factory.mktemp("oracle")
     inp = write_input(d / "in.jsonl", N)

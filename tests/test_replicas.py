@@ -18,8 +18,8 @@ import pytest
 from ds3dist.jobs.stop import GracefulStop, Interrupted
 from ds3dist.runtime.engine import EngineError
 from ds3dist.runtime.replicas import ReplicaSet
-from ds3dist.serving.request import Request, RequestStatus
-from ds3dist.serving.scheduler import SchedulerStats
+from ds3dist.core.request import Request, RequestStatus
+from ds3dist.core.scheduler import SchedulerStats
 
 VOCAB = 1000
 

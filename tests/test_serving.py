@@ -17,11 +17,12 @@ import torch
 
 import ds3dist
 from ds3dist.config import ModelConfig
-from ds3dist.generation import LocalEngine, StopChecker
+from ds3dist.local import LocalEngine
 from ds3dist.parallel.layout import ParallelLayout
-from ds3dist.serving.options import ServingOptions
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request, RequestStatus
+from ds3dist.core.options import ServingOptions
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request, RequestStatus
+from ds3dist.text import make_request
 
 PAGE = 16
 VOCAB_IDS = (10, 100_000)  # token ids drawn from the release tokenizer's range
@@ -42,8 +43,8 @@ def _spec(i: int, rng: random.Random) -> dict:
 
 
 def _request(spec: dict, tok) -> Request:
-    return Request(spec["id"], list(spec["prompt"]), spec["params"], spec["max_new"],
-                   StopChecker(tok, spec["stop"], spec["max_new"], tok.eos_token_id))
+    return make_request(tok, spec["id"], spec["prompt"], spec["params"], spec["max_new"],
+                        spec["stop"])
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,9 @@ def test_mixed_workload_on_ranks(ray_cluster, tiny_fp8_dir, tok, workload, pp, e
 
 LONG_SCRIPT = r"""
 import json, random, sys, torch, ds3dist
-from ds3dist.generation import LocalEngine
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request
+from ds3dist.local import LocalEngine
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request
 torch.set_num_threads(2)
 model = ds3dist.load_model(sys.argv[1], dtype=torch.float32, mtp=False)
 rng = random.Random(1)

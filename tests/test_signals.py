@@ -89,7 +89,7 @@ def stop(proc: subprocess.Popen, *signals: signal.Signals, gap_s: float = 0.3,
 
 @pytest.fixture(scope="module")
 def oracle(tiny_fp8_dir, tok, tmp_path_factory):
-    from ds3dist.generation import LocalEngine
+    from ds3dist.local import LocalEngine
     from ds3dist.jobs.batch import run_batch_job
 
     d = tmp_path_factory.mktemp("sig-oracle")

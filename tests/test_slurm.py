@@ -379,7 +379,7 @@ STORY_SAMPLING = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k
 @pytest.fixture(scope="module")
 def story(tiny_fp8_dir, tok, tmp_path_factory):
     """STORY_N prompts, and their records from the single-process model, uninterrupted."""
-    from ds3dist.generation import LocalEngine
+    from ds3dist.local import LocalEngine
     from ds3dist.jobs.batch import run_batch_job
 
     d = tmp_path_factory.mktemp("slurm-story")

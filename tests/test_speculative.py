@@ -1,4 +1,4 @@
-"""Speculative decoding's math (ds3dist.serving.speculative) against hand-computed values and
+"""Speculative decoding's math (ds3dist.rank.speculative) against hand-computed values and
 exact distributions: greedy verification, and rejection sampling whose output is distributed
 as the target whatever the draft distribution."""
 
@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.speculative import SpeculativeConfig, draft, probs, verify
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.options import SpeculativeConfig
+from ds3dist.rank.speculative import draft, probs, verify
 
 GREEDY = SamplingParams()
 # chi-square critical values at a false-alarm rate of 0.001 (tables), by degrees of freedom

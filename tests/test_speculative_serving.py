@@ -23,12 +23,13 @@ import torch
 import ds3dist
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.config import ModelConfig
-from ds3dist.generation import LocalEngine, StopChecker
+from ds3dist.local import LocalEngine
 from ds3dist.parallel.layout import ParallelLayout
-from ds3dist.serving.options import ServingOptions
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request, RequestStatus
-from ds3dist.serving.speculative import SpeculativeConfig
+from ds3dist.core.options import ServingOptions
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request, RequestStatus
+from ds3dist.text import make_request
+from ds3dist.core.options import SpeculativeConfig
 from test_serving import VOCAB_IDS, _spec
 
 PAGE = 16
@@ -42,8 +43,8 @@ def model(tiny_fp8_dir):
 
 
 def _request(s: dict, tok) -> Request:
-    return Request(s["id"], list(s["prompt"]), s["params"], s["max_new"],
-                   StopChecker(tok, s["stop"], s["max_new"], tok.eos_token_id))
+    return make_request(tok, s["id"], s["prompt"], s["params"], s["max_new"],
+                        s["stop"])
 
 
 def _engine(model, tok, k: int | None) -> LocalEngine:

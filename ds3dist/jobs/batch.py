@@ -17,7 +17,7 @@ file keeps every run's records (each distinct record once), and a run that fails
 its summary, with the error, before the error goes on.
 
 The engine is a parameter: anything with `stream(requests)` yielding ended
-`ds3dist.serving.request.Request`s, and optionally `stats()` and the `scheduler` of its
+`ds3dist.core.request.Request`s, and optionally `stats()` and the `scheduler` of its
 stream (whose counters feed the progress bar: speculative acceptance and tokens per step).
 """
 
@@ -34,7 +34,6 @@ from tqdm import tqdm
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.output_file import OutputFile
-from ds3dist.generation import GenerationResult, StopChecker, result_of
 from ds3dist.jobs.stop import GracefulStop
 from ds3dist.jobs.records import (
     append_errors,
@@ -53,9 +52,10 @@ from ds3dist.jobs.requests import (
     detect_format,
     parse_input,
 )
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request as EngineRequest
-from ds3dist.serving.request import RequestStatus
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request as EngineRequest
+from ds3dist.core.request import RequestStatus
+from ds3dist.text import GenerationResult, make_request, result_of
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +256,9 @@ def engine_request(req: Request, tokenizer: Any) -> EngineRequest:
     """The engine's request for an input line: its own sampling parameters and stop rule;
     its id is the line's identity, so its seeded draws are the same in every run."""
     s = req.sampling
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return EngineRequest(
-        req.key, list(req.prompt_ids),
-        SamplingParams(s["temperature"], s["top_p"], s["top_k"], s["seed"]),
-        s["max_new_tokens"], StopChecker(tokenizer, s["stop"], s["max_new_tokens"], eos))
+    return make_request(tokenizer, req.key, req.prompt_ids,
+                        SamplingParams(s["temperature"], s["top_p"], s["top_k"], s["seed"]),
+                        s["max_new_tokens"], s["stop"])
 
 
 def _generate(job: _Job, todo: list[Request], progress: bool, tally: _Tally) -> None:
@@ -297,7 +295,7 @@ def _speculative_postfix(engine: Any) -> dict[str, str]:
 
 def _write(job: _Job, req: Request, ended: EngineRequest, tally: _Tally) -> None:
     """The output line (or errors-file entry) of a request that ended."""
-    res = result_of(ended)
+    res = result_of(ended, job.tokenizer)
     if res.finish_reason != "error":
         job.out.append([openai_record(req, res, res.prompt_tokens, job.model_name, job.created)
                         if job.fmt == "openai" else native_record(req, res, res.prompt_tokens)])

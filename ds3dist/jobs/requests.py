@@ -157,7 +157,7 @@ def _messages(v: Any, where: str) -> list[dict[str, str]]:
 class PromptEncoder:
     """Turns a prompt string or chat messages into token ids and checks their length.
 
-    Text is encoded exactly as `ds3dist.generation` encodes a string prompt (BOS prepended
+    Text is encoded exactly as `ds3dist.local` encodes a string prompt (BOS prepended
     unless the text already starts with it); chat messages are first rendered with the
     tokenizer's chat template (which starts with the BOS text, so BOS appears once).
     """
@@ -171,7 +171,7 @@ class PromptEncoder:
         self.bos = getattr(tokenizer, "bos_token_id", None)
 
     def prompt(self, text: str) -> list[int]:
-        from ds3dist.generation import encode_prompt
+        from ds3dist.text import encode_prompt
 
         try:
             return encode_prompt(self.tok, text, self.bos)

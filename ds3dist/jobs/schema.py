@@ -24,8 +24,8 @@ from ds3dist.jobs.memory_plan import Holding
 from ds3dist.model.options import default_dtype
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
 from ds3dist.runtime.offload import OffloadOptions, deepspeed_missing
-from ds3dist.serving.options import CONTROLS, ServingOptions
-from ds3dist.serving.speculative import (DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig,
+from ds3dist.core.options import CONTROLS, ServingOptions
+from ds3dist.core.options import (DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig,
                                          num_drafts)
 
 SCHEMA_NAME = "ds3dist_schema"

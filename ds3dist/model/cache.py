@@ -4,7 +4,7 @@
 A row is one token's normalized latent followed by its rotated rope key (kv_lora_rank +
 qk_rope_head_dim wide, compute dtype). A sequence's page table lists its pages in order:
 position p is row p % page_size of page table[p // page_size]. Only real tokens occupy rows;
-which pages a sequence owns is decided outside the model (ds3dist.serving).
+which pages a sequence owns is decided outside the model (ds3dist.core.scheduler).
 
 `TokenBatch`: one step over T tokens of B sequences, flattened with no padding. Sequence i
 feeds lens[i] new tokens at positions starts[i] .. starts[i] + lens[i] - 1 (contiguous in the

@@ -2,7 +2,7 @@
 
 The engine starts the actors (placement group, process groups, each rank loading its share),
 gives every rank a paged cache (`cache_gb` per rank; the same number of pages on every stage
-of an expert-parallel column), and runs `ds3dist.serving.loop.serve` with a Scheduler over
+of an expert-parallel column), and runs `ds3dist.core.loop.serve` with a Scheduler over
 `columns = ep` and an executor (compiled graph, or classic actor calls): the one loop that one
 process runs too. Requests go in as a stream and come out as they end.
 """
@@ -22,19 +22,19 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ds3dist.config import ModelConfig
-from ds3dist.generation import GenerationResult, generate_with
 from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
-from ds3dist.runtime.executor import ClassicExecutor, CompiledExecutor, cause_text
+from ds3dist.runtime.control import ClassicExecutor, CompiledExecutor, cause_text
 from ds3dist.runtime.offload import OffloadOptions, remove_swap_dirs
 from ds3dist.runtime.worker import StageWorker
-from ds3dist.serving.loop import serve
-from ds3dist.serving.options import DEFAULT_CPU_CACHE_GB, ServingOptions
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.request import Request
-from ds3dist.serving.scheduler import Scheduler, SchedulerConfig
-from ds3dist.serving.speculative import SpeculativeConfig, num_drafts
+from ds3dist.core.loop import serve
+from ds3dist.core.options import DEFAULT_CPU_CACHE_GB, ServingOptions
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.request import Request
+from ds3dist.core.scheduler import Scheduler, SchedulerConfig
+from ds3dist.core.options import SpeculativeConfig, num_drafts
+from ds3dist.text import GenerationResult, generate_with
 from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung

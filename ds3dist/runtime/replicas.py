@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ds3dist.runtime import cluster
 from ds3dist.runtime.engine import EngineError
-from ds3dist.serving.request import Request, RequestStatus
-from ds3dist.serving.scheduler import SchedulerStats
+from ds3dist.core.request import Request, RequestStatus
+from ds3dist.core.scheduler import SchedulerStats
 
 log = logging.getLogger(__name__)
 

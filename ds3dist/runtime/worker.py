@@ -25,10 +25,10 @@ from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import progress, rendezvous
 from ds3dist.runtime.hostmem import release_free_memory, retain_freed_memory
 from ds3dist.runtime.offload import Offloaded, OffloadOptions
-from ds3dist.serving.executor import run_column
-from ds3dist.serving.plan import StepPlan
-from ds3dist.serving.runner import StepRunner
-from ds3dist.serving.speculative import SpeculativeConfig
+from ds3dist.rank.column import run_column
+from ds3dist.core.plan import StepPlan
+from ds3dist.rank.runner import StepRunner
+from ds3dist.core.options import SpeculativeConfig
 
 
 class RankStepError(RuntimeError):
@@ -157,7 +157,7 @@ class StageWorker:
 
     # ---- steps ------------------------------------------------------------------------
     def step(self, plan: StepPlan, payload=None):
-        """This rank's column of one step (see ds3dist.serving.executor.run_column): the next
+        """This rank's column of one step (see ds3dist.rank.column.run_column): the next
         stage's payload, or on the last stage its column's StepResult."""
         t0 = time.perf_counter()
         entered = self.collectives.entered

@@ -6,7 +6,7 @@ then for each SeqStep: a step with `params` (re)introduces the request (start ==
 page table); `new_pages` extend its page table; token_ids[i] is written at position start + i;
 when `sample`, a token is sampled from the last position, its noise keyed by
 (params.seed, request id, output_index). With speculative decoding the last `drafts` token
-ids are drafts to verify (ds3dist.serving.speculative), and a step that does not sample
+ids are drafts to verify (ds3dist.rank.speculative), and a step that does not sample
 carries `next_token`, the token after its last, for the MTP module. A token id FILL stands
 for the token the worker sampled for the request in the step before (overlapped decode: that
 step's result has not reached the scheduler yet).
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ds3dist.serving.params import SamplingParams
+from ds3dist.core.params import SamplingParams
 
 
 FILL = -1

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ds3dist.model.draft_head import DraftHead
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.plan import SeqStep
-from ds3dist.serving.speculative import SpeculativeConfig, draft
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.plan import SeqStep
+from ds3dist.core.options import SpeculativeConfig
+from ds3dist.rank.speculative import draft
 
 
 @dataclass(slots=True)

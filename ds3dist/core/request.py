@@ -15,7 +15,7 @@ from enum import Enum
 from numbers import Integral
 from typing import Protocol, Sequence
 
-from ds3dist.serving.params import SamplingParams
+from ds3dist.core.params import SamplingParams
 
 
 class RequestStatus(str, Enum):
@@ -30,17 +30,18 @@ class RequestStatus(str, Enum):
         return self in (RequestStatus.FINISHED, RequestStatus.REJECTED, RequestStatus.FAILED)
 
 
-class StopRule(Protocol):
-    """Per-request stop rule (ds3dist.generation.StopChecker satisfies it)."""
+class TextStop(Protocol):
+    """A request's stop strings (ds3dist.text.StopStrings), checked by the loop as tokens
+    arrive: the core itself sees token ids only."""
 
-    finish_reason: str | None
+    strings: list[str]
 
-    def update(self, output_ids: Sequence[int], /) -> bool:
-        """Look at the newest output token; True when the request has finished."""
+    def feed(self, new_ids: Sequence[int], /) -> int | None:
+        """How many of new_ids up to the one that completed a stop string; None: no stop."""
         ...
 
-    def fresh(self) -> "StopRule":
-        """The same rule, not yet applied to any token."""
+    def fresh(self) -> "TextStop":
+        """The same strings, no token seen yet."""
         ...
 
 
@@ -50,7 +51,8 @@ class Request:
     prompt_ids: list[int] = field(repr=False)
     params: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 64
-    stop: StopRule | None = field(default=None, repr=False)
+    stop_ids: frozenset[int] = frozenset()  # an output token among them ends it ('stop')
+    stop_text: TextStop | None = field(default=None, repr=False)
     # state, owned by the scheduler
     output_ids: list[int] = field(default_factory=list, repr=False)
     num_computed: int = 0
@@ -74,12 +76,13 @@ class Request:
             raise ValueError(f"request {self.id}: max_new_tokens must be an integer >= 0, "
                              f"got {self.max_new_tokens!r}")
         self.params = SamplingParams.of(self.params)
+        self.stop_ids = frozenset(int(t) for t in self.stop_ids)
 
     def fresh(self) -> "Request":
-        """The request as it was submitted (same id, prompt, parameters and stop rule, a fresh
+        """The request as it was submitted (same id, prompt, parameters and stops, a fresh
         copy of each): to run it again from its prompt after an engine was lost."""
         return Request(self.id, list(self.prompt_ids), self.params, self.max_new_tokens,
-                       None if self.stop is None else self.stop.fresh())
+                       self.stop_ids, None if self.stop_text is None else self.stop_text.fresh())
 
     @property
     def all_ids(self) -> list[int]:

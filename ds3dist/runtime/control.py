@@ -25,7 +25,7 @@ import ray
 from ray.dag import InputNode, MultiOutputNode
 
 from ds3dist.parallel.layout import ParallelLayout
-from ds3dist.serving.plan import StepPlan, StepResult
+from ds3dist.core.plan import StepPlan, StepResult
 
 OnFailure = Callable[..., BaseException]
 

@@ -4,7 +4,9 @@ requests out, as they end.
 Requests are pulled from an iterable as the scheduler has room (a stream: no batch
 boundaries), up to `max_in_flight` plans are kept in the executor (one per pipeline stage),
 and each result is applied to the scheduler, which reports the requests that ended: finished,
-rejected at admission, or failed on their own.
+rejected at admission, or failed on their own. The new tokens of each request then go
+through its stop strings, if it has any (text is checked here, at the edge of the core: the
+scheduler knows token ids only).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator
 
-from ds3dist.serving.executor import Executor
-from ds3dist.serving.plan import StepPlan
-from ds3dist.serving.request import Request
-from ds3dist.serving.scheduler import Scheduler
+from ds3dist.core.executor import Executor
+from ds3dist.core.plan import StepPlan
+from ds3dist.core.request import Request
+from ds3dist.core.scheduler import Scheduler
 
 
 def serve(scheduler: Scheduler, executor: Executor, requests: Iterable[Request],
@@ -48,5 +50,17 @@ def serve(scheduler: Scheduler, executor: Executor, requests: Iterable[Request],
             if scheduler.has_work:
                 raise RuntimeError("the scheduler holds requests but scheduled no step")
             continue
-        result = executor.result(timeout_s)
-        yield from scheduler.update(pending.popleft(), result)
+        ended = scheduler.update(pending.popleft(), executor.result(timeout_s))
+        _check_stop_strings(scheduler)
+        yield from ended + scheduler.pop_ended()
+
+
+def _check_stop_strings(scheduler: Scheduler) -> None:
+    """Each request's new tokens through its stop strings (ds3dist.text.StopStrings: only
+    the new text is searched); one that completed a stop string ends after that token."""
+    for req, n in scheduler.appended:
+        if req.stop_text is not None:
+            first = len(req.output_ids) - n
+            k = req.stop_text.feed(req.output_ids[first:])
+            if k is not None:
+                scheduler.stop_after(req, first + k)

@@ -36,9 +36,9 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
-from ds3dist.serving.pages import PagePool
-from ds3dist.serving.plan import FILL, SeqStep, StepPlan, StepResult
-from ds3dist.serving.request import Request, RequestStatus
+from ds3dist.core.pages import PagePool
+from ds3dist.core.plan import FILL, SeqStep, StepPlan, StepResult
+from ds3dist.core.request import Request, RequestStatus
 
 WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
 
@@ -142,6 +142,7 @@ class Scheduler:
         self._to_free: list[str] = []  # the next plan's `freed`
         self._ending: dict[str, RequestStatus] = {}  # ended while in flight: when it returns
         self._ended: list[Request] = []
+        self.appended: list[tuple[Request, int]] = []  # of the last update: (request, tokens)
 
     @property
     def has_work(self) -> bool:
@@ -347,8 +348,10 @@ class Scheduler:
 
     # ---- applying a returned step -----------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Apply a returned step; the requests that ended since the last call."""
+        """Apply a returned step; the requests that ended since the last call. `appended`
+        then lists (request, tokens appended) of this step."""
         plan = self._check_result(plan, result)
+        self.appended = []
         for s in plan.seqs():
             req = self._live[s.req_id]
             req.in_flight -= 1
@@ -377,8 +380,21 @@ class Scheduler:
                 break
         else:
             req.drafts = list(result.drafts.get(s.req_id, []))[:self.cfg.num_drafts]
+        self.appended.append((req, produced))
         if self.cfg.num_drafts:
             self.stats.count(s.drafts, len(accepted), produced)
+
+    def stop_after(self, req: Request, keep: int) -> None:
+        """A stop string ended `req` with its first `keep` outputs (the loop checks text; see
+        ds3dist.text): the later ones are dropped, finish_reason 'stop'. A request that has
+        ended in the same update (at a later token) is corrected in place."""
+        dropped = len(req.output_ids) - keep
+        del req.output_ids[keep:]
+        req.finish_reason = "stop"
+        if self.cfg.num_drafts:
+            self.stats.output_tokens -= dropped
+        if req.id in self._live and req.id not in self._ending:
+            self._end(req, RequestStatus.FINISHED)
 
     def _check_result(self, plan: StepPlan, result: StepResult) -> StepPlan:
         """The outstanding plan `plan` names, once it is known to match `result`."""
@@ -396,10 +412,11 @@ class Scheduler:
         return mine
 
     def _append(self, req: Request, token: int) -> bool:
-        """Append one output token; whether it ended the request."""
+        """Append one output token; whether it ended the request (a stop token id, or
+        max_new_tokens)."""
         req.output_ids.append(int(token))
-        if req.stop is not None and req.stop.update(req.output_ids):
-            req.finish_reason = req.stop.finish_reason or "stop"
+        if req.output_ids[-1] in req.stop_ids:
+            req.finish_reason = "stop"
         elif len(req.output_ids) >= req.max_new_tokens:
             req.finish_reason = "length"
         else:

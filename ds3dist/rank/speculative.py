@@ -13,51 +13,18 @@ the one the draft d_{i+1} was drawn from, d_{i+1} is accepted when u < p_i(d) / 
 at the first rejection the token is drawn from max(0, p_i - q_i), renormalized; when all
 are accepted, from p_m as without speculation. Each output token is distributed as p.
 
-Noise is keyed like ds3dist.serving.sampling: by (seed, request id, index of the output
+Noise is keyed like ds3dist.rank.sampling: by (seed, request id, index of the output
 token), with a separate stream for drafting, accepting and the residual draw.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.sampling import _draw, _minus_gumbel, cutoff, draw_key
-
-METHODS = ("mtp",)
-MAX_DRAFTS = 3
-DRAFT_HEADS = ("auto", "exact", "int8")  # ds3dist.model.draft_head
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    """sampling.speculative: {method: mtp, num_tokens: k, draft_head}; k drafts per request
-    and step, chaining the one MTP module k times; the drafts' logits from the exact head or
-    an int8 copy (auto: int8 where the CPU kernel runs it)."""
-    method: str = "mtp"
-    num_tokens: int = 1
-    draft_head: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"sampling.speculative.method: must be one of {METHODS}, "
-                             f"got {self.method!r}")
-        k = self.num_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFTS:
-            raise ValueError(f"sampling.speculative.num_tokens: must be an integer in "
-                             f"1..{MAX_DRAFTS}, got {k!r}")
-        if self.draft_head not in DRAFT_HEADS:
-            raise ValueError(f"sampling.speculative.draft_head: must be one of {DRAFT_HEADS}, "
-                             f"got {self.draft_head!r}")
-
-
-def num_drafts(spec: SpeculativeConfig | None) -> int:
-    """Drafts per request and step: 0 when speculation is off."""
-    return spec.num_tokens if spec is not None else 0
-
+from ds3dist.core.params import SamplingParams
+from ds3dist.rank.sampling import cutoff, draw_key, draw_scaled, minus_gumbel
 
 def probs(logits_v: np.ndarray, p: SamplingParams) -> np.ndarray:
     """The distribution sampling with p draws from (float64): softmax(logits / T) over the
@@ -82,7 +49,7 @@ def _uniform(p: SamplingParams, req_id: str, index: int, stream: str) -> float:
 def _draw_probs(probs_v: np.ndarray, key: int) -> int:
     """One draw from probs_v (Gumbel-max with keyed noise)."""
     with np.errstate(divide="ignore"):
-        score = np.log(probs_v) - _minus_gumbel(key, probs_v.shape[-1])
+        score = np.log(probs_v) - minus_gumbel(key, probs_v.shape[-1])
     return int(np.argmax(score))
 
 
@@ -115,4 +82,4 @@ def verify(logits_rv: np.ndarray, drafts: Sequence[int], draft_probs: Sequence[n
     last = logits_rv[len(drafts)]
     if p.greedy:
         return accepted, int(np.argmax(last))
-    return accepted, _draw(last / np.float32(p.temperature), p, (req_id, index + len(drafts)))
+    return accepted, draw_scaled(last / np.float32(p.temperature), p, (req_id, index + len(drafts)))

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 
 from ds3dist.model.cache import TokenBatch
-from ds3dist.serving.drafter import MTPDrafter, Verified
-from ds3dist.serving.params import SamplingParams
-from ds3dist.serving.plan import FILL, SeqStep, StepResult
-from ds3dist.serving.sampling import sample_rows
-from ds3dist.serving.speculative import SpeculativeConfig, verify
+from ds3dist.rank.drafter import MTPDrafter, Verified
+from ds3dist.core.params import SamplingParams
+from ds3dist.core.plan import FILL, SeqStep, StepResult
+from ds3dist.rank.sampling import sample_rows
+from ds3dist.core.options import SpeculativeConfig
+from ds3dist.rank.speculative import verify
 
 
 class StepRunner:

@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ds3dist.serving.params import SamplingParams
+from ds3dist.core.params import SamplingParams
 
 _MASK63 = (1 << 63) - 1
 
@@ -60,7 +60,7 @@ def sample_rows(logits_nv: torch.Tensor, params: Sequence[SamplingParams],
     rows = [i for i, t in enumerate(out) if t is None]
 
     def draw(i: int) -> int:
-        return _draw(logits[i] / np.float32(params[i].temperature), params[i], draws[i])
+        return draw_scaled(logits[i] / np.float32(params[i].temperature), params[i], draws[i])
 
     threads = torch.get_num_threads()
     picked = _pool(threads).map(draw, rows) if len(rows) > 1 and threads > 1 else map(draw, rows)
@@ -74,10 +74,10 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="ds3dist-sample")
 
 
-def _draw(scaled_v: np.ndarray, p: SamplingParams, draw: tuple[str, int]) -> int:
+def draw_scaled(scaled_v: np.ndarray, p: SamplingParams, draw: tuple[str, int]) -> int:
     """Gumbel-max over the kept entries; the noise of entry j is the same whatever is kept.
     The best of all entries is taken when it is kept (most draws), else the best kept one."""
-    g = _minus_gumbel(draw_key(p.seed, *draw), scaled_v.shape[-1])
+    g = minus_gumbel(draw_key(p.seed, *draw), scaled_v.shape[-1])
     score = np.subtract(scaled_v, g, out=g)
     best = int(np.argmax(score))
     if _keeps(scaled_v, p, scaled_v[best]):
@@ -86,7 +86,7 @@ def _draw(scaled_v: np.ndarray, p: SamplingParams, draw: tuple[str, int]) -> int
     return int(np.argmax(score))
 
 
-def _minus_gumbel(key: int, n: int) -> np.ndarray:
+def minus_gumbel(key: int, n: int) -> np.ndarray:
     """log(-log u_j) for j < n, u_j uniform from an SFC64 stream seeded with key (float64)."""
     g = np.random.Generator(np.random.SFC64(key)).random(n)
     with np.errstate(divide="ignore"):  # u = 0 (p = 2^-53): +inf, never chosen
