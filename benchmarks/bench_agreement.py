@@ -22,6 +22,7 @@ import torch
 
 import ds3dist
 from ds3dist.checkpoint.synthesize import synthesize
+from ds3dist.core.options import ServingOptions
 from ds3dist.local import LocalEngine
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.request import Request
@@ -45,9 +46,10 @@ def agreement(model, specs) -> tuple[float, float]:
 
     alone = {}
     for r in reqs():
-        (done,) = LocalEngine(model, cache_pages=200, page_size=16).stream([r])
+        (done,) = LocalEngine(model, None, ServingOptions(page_size=16), cache_pages=200).stream([r])
         alone[done.id] = done.output_ids
-    eng = LocalEngine(model, cache_pages=260, page_size=16, max_tokens_per_step=256, max_seqs=12)
+    eng = LocalEngine(model, None, ServingOptions(page_size=16, max_tokens_per_step=256,
+                                                max_seqs=12), cache_pages=260)
     together = {r.id: r.output_ids for r in eng.stream(reqs())}
     same = sum(together[k] == v for k, v in alone.items())
     prefix = sum(next((j for j, (a, b) in enumerate(zip(v, together[k])) if a != b), len(v))

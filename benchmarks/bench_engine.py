@@ -24,6 +24,7 @@ import torch
 import ds3dist
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.local import LocalEngine
+from ds3dist.runtime.options import RuntimeOptions
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
 from ds3dist.runtime.hostmem import retain_freed_memory
@@ -72,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     retain_freed_memory()  # as the engine's ranks and the one-process launch do
     model = ds3dist.load_model(ckpt, execution=args.execution, mtp=False)
-    local = LocalEngine(model, cache_gb=1.0)
+    local = LocalEngine(model, None, ServingOptions(cache_gb=1.0))
 
     def run_local(name: str) -> None:
         t_pre, t_step, _ = timed(local, prompts, args.new_tokens)
@@ -85,7 +86,8 @@ def main() -> None:
         layout = parse_layout(lay)
         cpus = max(1, (os.cpu_count() or 1) // layout.world_size)
         for control in args.controls.split(","):
-            with Engine(ckpt, layout, execution=args.execution, cpus_per_rank=cpus,
+            with Engine(ckpt, layout, execution=args.execution,
+                        runtime=RuntimeOptions(cpus_per_rank=cpus),
                         serving=ServingOptions(control=control, cache_gb=1.0)) as engine:
                 t_pre, t_step, _ = timed(engine, prompts, args.new_tokens)
             print(f"{lay:8} {control:9} {args.batch * args.prompt_len / t_pre:14.0f} "

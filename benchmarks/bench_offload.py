@@ -26,7 +26,7 @@ from ds3dist import build_ops
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.jobs.schema import cached_checkpoint_dir
 from ds3dist.runtime.engine import Engine
-from ds3dist.runtime.offload import OffloadOptions
+from ds3dist.runtime.options import OffloadOptions, RuntimeOptions
 from ds3dist.core.options import ServingOptions
 
 from bench_engine import parse_layout, timed  # this folder is on sys.path when run as a script
@@ -45,13 +45,14 @@ def variant(spec: str, nvme_path: str) -> OffloadOptions | None:
 
 def run(ckpt: Path, layout, opt: OffloadOptions | None, prompts, new_tokens: int, execution: str):
     cpus = max(1, (os.cpu_count() or 1) // layout.world_size)
-    with Engine(ckpt, layout, execution=execution, cpus_per_rank=cpus, offload=opt,
+    with Engine(ckpt, layout, execution=execution, offload=opt,
+                runtime=RuntimeOptions(cpus_per_rank=cpus),
                 serving=ServingOptions(cache_gb=0.5)) as engine:
         t_prefill, t_step, out = timed(engine, prompts, new_tokens, temperature=0.0)
-        ranks = engine.stats()["ranks"]
+        ranks = engine.stats().ranks
         load = engine.load_info
-    return {"tokens": [o.token_ids for o in out], "rss": [r["rss_bytes"] for r in ranks],
-            "offload": [i["offload"] for i in load],
+    return {"tokens": [o.token_ids for o in out], "rss": [r.rss_bytes for r in ranks],
+            "offload": [i.offload for i in load],
             "prefill": len(prompts) * len(prompts[0]) / t_prefill,
             "decode": len(prompts) / t_step}
 

@@ -29,6 +29,7 @@ import torch
 
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.local import LocalEngine
+from ds3dist.runtime.options import RuntimeOptions
 from ds3dist.model.load import load_model
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
@@ -79,7 +80,7 @@ def measure(engine, ps: list[list[int]], n: int, repeats: int) -> dict:
         t2 = time.perf_counter()
         decode = (t2 - t1) - (t1 - t0)
         best = decode if best is None else min(best, decode)
-    spec = engine.stats().get("speculative") or {}
+    spec = engine.stats().speculative or {}
     return {"decode_tok_s": round(len(ps) * (n - 1) / best, 1), **spec}
 
 
@@ -103,7 +104,8 @@ def pp2(path: Path, batches, ks, n: int, repeats: int) -> list[dict]:
     for k in [0, *ks]:
         spec = SpeculativeConfig(num_tokens=k) if k else None
         with Engine(path, ParallelLayout(pp=2), execution="bf16", speculative=spec,
-                    serving=ServingOptions(cache_gb=0.5), cpus_per_rank=1) as eng:
+                    serving=ServingOptions(cache_gb=0.5),
+                    runtime=RuntimeOptions(cpus_per_rank=1)) as eng:
             for b in batches:
                 rows.append({"engine": "pp2", "batch": b, "k": k,
                              **measure(eng, prompts(b, eng.config.vocab_size), n, repeats)})

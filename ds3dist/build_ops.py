@@ -150,7 +150,7 @@ def for_ranks(device_type: str, offload=None, say: Say = _print) -> list[OpBuild
     cluster's ranks then load them from the cache. A DeepSpeed op that the offload
     (OffloadOptions or None) needs and that cannot be ready raises OffloadError naming the
     setting; without the CPU kernels the same math runs as torch ops."""
-    from ds3dist.runtime.offload import OffloadError
+    from ds3dist.runtime.options import OffloadError
 
     names = ["cpu_kernels"] if device_type == "cpu" else []
     if offload is not None:

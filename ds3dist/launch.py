@@ -39,32 +39,35 @@ from omegaconf import DictConfig, OmegaConf
 from ds3dist import build_ops
 from ds3dist.checkpoint.synthesize import synthesize
 from ds3dist.config import ConfigError
+from ds3dist.core.engine import ServingEngine
+from ds3dist.core.options import num_drafts
 from ds3dist.local import LocalEngine
 from ds3dist.jobs import schema
 from ds3dist.jobs.batch import default_paths, run_batch_job
+from ds3dist.jobs.report import JobSummary
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
-from ds3dist.jobs.memory_plan import describe
+from ds3dist.jobs.memory_plan import Holding, describe
 from ds3dist.jobs.output_file import OutputFile
 from ds3dist.jobs.preflight import check_checkpoint, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
 from ds3dist.jobs.stop import EXIT_INTERRUPTED, GracefulStop, Interrupted
 from ds3dist.model.load import load_model
+from ds3dist.model.options import default_dtype
 from ds3dist.parallel.layout import LayoutError
 from ds3dist.runtime import cluster
 from ds3dist.runtime.cluster import ClusterError, check_address, ray_address
 from ds3dist.runtime.engine import Engine, EngineError
 from ds3dist.runtime.hostmem import retain_freed_memory
-from ds3dist.runtime.offload import OffloadError
+from ds3dist.runtime.options import OffloadError
 from ds3dist.runtime.replicas import ReplicaSet
-from ds3dist.core.options import DEFAULT_CPU_CACHE_GB
 from ds3dist.tokenizer import TokenizerError, load_tokenizer
 
 
 SAMPLE_PROMPTS = "sample_prompts.jsonl"
 REAL_WEIGHTS_COMMAND = ("python -m ds3dist.launch model=deepseek_v3 model.path=/path/to/DeepSeek-V3 "
                         "+parallel=ep8 execution=fp8 job.input=prompts.jsonl")
-EngineFactory = Callable[..., Any]
+EngineFactory = Callable[[Path, schema.Resolved], ServingEngine]
 
 
 def bundled_sample() -> Path:
@@ -79,21 +82,20 @@ def _run_dir() -> Path:
         return Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
+def resolve_checkpoint(source: schema.ModelConf, progress: bool = True) -> Path:
     """`model.path`, or the preset synthesized into the cache dir (made on first use)."""
-    path = cfg.model.path
-    if path is not None:
-        p = Path(str(path)).expanduser()
+    if source.path is not None:
+        p = Path(str(source.path)).expanduser()
         if not (p / "config.json").is_file():
             raise LaunchConfigError(f"model.path: no config.json in {p}")
         return p
-    name = cfg.model.preset
+    name = source.preset
     if name == "deepseek_v3":
         raise LaunchConfigError(
             "model.path: the deepseek_v3 model needs its checkpoint directory "
             "(model.path=/path/to/DeepSeek-V3); only tiny and small are synthesized"
         )
-    seed = int(cfg.model.seed)
+    seed = int(source.seed)
     target = schema.cached_checkpoint_dir(name, seed)
     if (target / "config.json").is_file():
         return target
@@ -112,47 +114,45 @@ def resolve_checkpoint(cfg: Any, progress: bool = True) -> Path:
     return target
 
 
-def make_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any,
-                stop: GracefulStop | None = None) -> Any:
+def compute_dtype(r: schema.Resolved) -> torch.dtype:
+    """execution.dtype, else the device's default (model.options.default_dtype)."""
+    return getattr(torch, r.dtype) if r.dtype else default_dtype(r.layout.device)
+
+
+def make_engine(checkpoint: Path, r: schema.Resolved,
+                stop: GracefulStop | None = None) -> ServingEngine:
     """runtime.replicas Engines (the first starts or joins the Ray cluster), each rebuilt up
     to runtime.max_restarts times when it fails; or with runtime.control=local the whole model
     in this process (no Ray). stop: once requested, a lost replica is not rebuilt."""
-    dtype = None if cfg.execution.dtype is None else getattr(torch, cfg.execution.dtype)
-    replicas, lay = int(cfg.runtime.replicas), resolved.layout
-    opts = schema.runtime_options(cfg, lay.world_size * replicas)
-    build_ops.for_ranks(lay.device, opts["offload"])  # compiled once per machine, here, with progress
-    if opts["serving"].control == "local":
-        return local_engine(checkpoint, resolved, cfg, dtype, opts)
-    opts["num_cpus"] = opts["num_cpus"] or max(8, replicas * lay.world_size * opts["cpus_per_rank"])
-    cluster.connect(opts["ray_address"], opts["num_cpus"], opts["connect_timeout_s"])
+    rt, lay = r.runtime, r.layout
+    ranks = lay.world_size * rt.replicas
+    build_ops.for_ranks(lay.device, r.offload)  # compiled once per machine, here, with progress
+    if r.serving.control == "local":
+        return local_engine(checkpoint, r)
+    cluster.connect(rt.address, rt.cluster_cpus(ranks), rt.connect_timeout_s)
     if stop is not None:
         stop.arm()  # ray.init replaced the SIGTERM handler; loading may take minutes
 
     def build(replica: int, attempt: int) -> Engine:
         # a rebuilt replica waits for replacement resources as long as it may take to start
-        wait = opts["startup_timeout_s"] if attempt else 0.0
-        return Engine(checkpoint, lay, execution=schema.execution_mode(cfg), dtype=dtype,
-                      resource_wait_s=wait, **opts)
+        return Engine(checkpoint, lay, execution=r.execution, dtype=compute_dtype(r),
+                      serving=r.serving, runtime=rt, speculative=r.speculative,
+                      offload=r.offload, ranks_in_cluster=ranks,
+                      resource_wait_s=rt.startup_timeout_s if attempt else 0.0)
 
-    return ReplicaSet(build, replicas, int(cfg.runtime.max_restarts),
+    return ReplicaSet(build, rt.replicas, rt.max_restarts,
                       should_stop=stop if stop is not None else (lambda: False))
 
 
-def local_engine(checkpoint: Path, resolved: schema.Resolved, cfg: Any, dtype,
-                 opts: dict[str, Any]) -> LocalEngine:
+def local_engine(checkpoint: Path, r: schema.Resolved) -> LocalEngine:
     """The serving loop with the whole model in the launch's process (runtime.control=local):
     as many torch threads as runtime.cpus_per_rank (default: every core), freed memory kept
     as a rank keeps it."""
-    torch.set_num_threads(int(opts["cpus_per_rank"]))
+    torch.set_num_threads(r.runtime.rank_cpus(1))
     retain_freed_memory()
-    spec = opts["speculative"]
-    model = load_model(checkpoint, execution=schema.execution_mode(cfg), dtype=dtype,
-                       device=resolved.layout.device, mtp=spec is not None)
-    s = opts["serving"]
-    return LocalEngine(model, load_tokenizer(checkpoint), page_size=s.page_size,
-                       max_tokens_per_step=s.max_tokens_per_step, max_seqs=s.max_seqs,
-                       cache_gb=s.cache_gb or DEFAULT_CPU_CACHE_GB, prefill_chunk=s.prefill_chunk,
-                       speculative=spec)
+    model = load_model(checkpoint, execution=r.execution, dtype=compute_dtype(r),
+                       device=r.layout.device, mtp=r.speculative is not None)
+    return LocalEngine(model, load_tokenizer(checkpoint), r.serving, speculative=r.speculative)
 
 
 @dataclass
@@ -164,96 +164,100 @@ class _Prepared:
     checkpoint: Path
 
 
-def preflight(cfg: Any, progress: bool) -> _Prepared | None:
+def preflight(r: schema.Resolved) -> _Prepared | None:
     """Every check that needs no cluster, cheapest first; None for an empty input."""
-    input_path = Path(cfg.job.input) if cfg.job.input is not None else bundled_sample()
+    job = r.job
+    input_path = Path(job.input) if job.input is not None else bundled_sample()
     inp = read_input(input_path)
     if inp.nonblank == 0:
         print(f"warning: job.input: {input_path} holds no requests; nothing to do",
               file=sys.stderr, flush=True)
         return None
-    output = Path(cfg.job.output) if cfg.job.output is not None else _run_dir() / "results.jsonl"
-    paths = default_paths(output, cfg.job.errors, cfg.job.summary, cfg.job.plot)
+    output = Path(job.output) if job.output is not None else _run_dir() / "results.jsonl"
+    paths = default_paths(output, job.errors, job.summary, job.plot)
     out = OutputFile.open(paths[0])
     try:
         check_side_files({"job.errors": paths[1], "job.summary": paths[2], "job.plot": paths[3]})
-        if cfg.runtime.control != "local":  # local: no Ray cluster
-            address, source = ray_address(cfg.runtime.address)
-            check_address(address, source, float(cfg.runtime.connect_timeout_s))
-        checkpoint = resolve_checkpoint(cfg, progress=progress)
-        check_checkpoint(checkpoint, verify=bool(cfg.model.verify), progress=progress)
+        if r.serving.control != "local":  # local: no Ray cluster
+            address, source = ray_address(r.runtime.address)
+            check_address(address, source, r.runtime.connect_timeout_s)
+        checkpoint = resolve_checkpoint(r.source, progress=job.progress)
+        check_checkpoint(checkpoint, verify=bool(r.source.verify), progress=job.progress)
     except BaseException:
         out.close()
         raise
     return _Prepared(inp, out, paths, checkpoint)
 
 
-def run(cfg: Any, engine_factory: EngineFactory | None = None) -> dict[str, Any] | None:
+def dry_run_plan(r: schema.Resolved) -> str:
+    """The rank plan the dry run prints: weight bytes per rank as the execution holds them."""
+    holding = Holding(execution=r.execution, dtype=compute_dtype(r),
+                      mtp_passes=num_drafts(r.speculative), offload=r.offload,
+                      cache_bytes=None if r.serving.cache_gb is None else r.serving.cache_gb * 1e9)
+    return describe(r.model, r.layout, holding)
+
+
+def run(cfg: Any, engine_factory: EngineFactory | None = None) -> JobSummary | None:
     """Validate, prepare and run the job described by a composed config; return its summary.
 
-    engine_factory(checkpoint, resolved, cfg) builds the engine (default: make_engine).
+    engine_factory(checkpoint, resolved) builds the engine (default: make_engine).
     """
-    resolved = schema.validate(cfg)
-    if cfg.job.dry_run:
-        print(describe(resolved.model, resolved.layout, schema.holding(cfg, resolved.layout)))
+    r = schema.validate(cfg)
+    if r.job.dry_run:
+        print(dry_run_plan(r))
         return None
-    progress = bool(cfg.job.progress)
-    prep = preflight(cfg, progress)
+    prep = preflight(r)
     if prep is None:
         return None
     checkpoint = prep.checkpoint
-    model_name = cfg.model.preset or checkpoint.name
-    replicas = int(cfg.runtime.replicas)
-    with prep.output as out, GracefulStop(float(cfg.runtime.drain_timeout_s)) as stop:
+    model_name = r.source.preset or checkpoint.name
+    replicas = r.runtime.replicas
+    with prep.output as out, GracefulStop(r.runtime.drain_timeout_s) as stop:
         tokenizer = load_tokenizer(checkpoint)
-        print(f"model {model_name} from {checkpoint}; layout pp={resolved.layout.pp} "
-              f"ep={resolved.layout.ep} ({resolved.layout.world_size} ranks, "
-              f"{resolved.layout.device}"
+        print(f"model {model_name} from {checkpoint}; layout pp={r.layout.pp} "
+              f"ep={r.layout.ep} ({r.layout.world_size} ranks, {r.layout.device}"
               + (f", {replicas} replicas" if replicas > 1 else "")
-              + f"); execution {schema.execution_mode(cfg)}", flush=True)
+              + f"); execution {r.execution}", flush=True)
         print(f"input {prep.input.path}", flush=True)
-        engine = (engine_factory(checkpoint, resolved, cfg) if engine_factory is not None
-                  else make_engine(checkpoint, resolved, cfg, stop))
+        engine = (engine_factory(checkpoint, r) if engine_factory is not None
+                  else make_engine(checkpoint, r, stop))
         stop.arm()  # ray.init replaced the SIGTERM handler
         try:
             summary = run_batch_job(
-                engine, tokenizer, prep.input, out,
-                sampling=schema.sampling_defaults(cfg),
+                engine, tokenizer, prep.input, out, sampling=r.sampling,
                 errors_path=prep.paths[1], summary_path=prep.paths[2], plot_path=prep.paths[3],
-                max_prompt_tokens=cfg.job.max_prompt_tokens,
-                max_position_embeddings=resolved.model.max_position_embeddings,
-                fmt=schema.job_format(cfg), model_name=model_name, progress=progress,
-                mtp_layers=resolved.model.mtp_layer_ids, stop=stop,
+                max_prompt_tokens=r.job.max_prompt_tokens,
+                max_position_embeddings=r.model.max_position_embeddings,
+                fmt=r.job.format, model_name=model_name, progress=r.job.progress,
+                mtp_layers=r.model.mtp_layer_ids, stop=stop,
                 meta={"checkpoint": str(checkpoint),
                       "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
                       if isinstance(cfg, DictConfig) else None},
             )
         finally:
-            shutdown = getattr(engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-    _print_closing(summary, prep.paths, synthesized=cfg.model.path is None, model=model_name)
+            engine.shutdown()
+    _print_closing(summary, prep.paths, synthesized=r.source.path is None, model=model_name)
     return summary
 
 
-def _print_closing(summary: dict[str, Any], paths: tuple[Path, ...], synthesized: bool,
+def _print_closing(summary: JobSummary, paths: tuple[Path, ...], synthesized: bool,
                    model: str) -> None:
-    c, t = summary["counts"], summary["throughput"]
-    print(f"outputs: {paths[0].resolve()} ({c['output_records']} records; {c['generated']} "
-          f"generated now, {c['already_done']} already done)")
-    print(f"errors:  {paths[1].resolve()} ({c['errors']} malformed lines, {c['failed']} "
+    c, t = summary.counts, summary.throughput
+    print(f"outputs: {paths[0].resolve()} ({c.output_records} records; {c.generated} "
+          f"generated now, {c.already_done} already done)")
+    print(f"errors:  {paths[1].resolve()} ({c.errors} malformed lines, {c.failed} "
           f"requests failed in the engine)")
     print(f"summary: {paths[2].resolve()}")
-    if summary.get("plot"):
-        print(f"plot:    {Path(summary['plot']).resolve()}")
-    if t["completion_tokens_per_second"] is not None:
-        print(f"throughput: {t['sequences_per_second']:.2f} seq/s, "
-              f"{t['completion_tokens_per_second']:.1f} completion tok/s")
-    if summary.get("recovery") and summary["recovery"]["restarts"]:
-        r = summary["recovery"]
-        print(f"recovery: {r['restarts']} restarts, {r['lost_seconds']:.1f} s lost")
-    if summary.get("stopped") and c["not_run"]:
-        print(f"stopped by {summary['stopped']}: {c['not_run']} requests not run; rerun the "
+    if summary.plot:
+        print(f"plot:    {Path(summary.plot).resolve()}")
+    if t.completion_tokens_per_second is not None:
+        print(f"throughput: {t.sequences_per_second:.2f} seq/s, "
+              f"{t.completion_tokens_per_second:.1f} completion tok/s")
+    recovery = summary.engine.recovery
+    if recovery is not None and recovery.restarts:
+        print(f"recovery: {len(recovery.restarts)} restarts, {recovery.lost_seconds:.1f} s lost")
+    if summary.stopped and c.not_run:
+        print(f"stopped by {summary.stopped}: {c.not_run} requests not run; rerun the "
               f"same command to finish the job")
     if synthesized:
         print(f"note: the {model} model was synthesized with random weights, so its text is "
@@ -297,7 +301,7 @@ def main(cfg: DictConfig) -> None:
         _fail(e, 1)
     except Exception as e:  # a bug: still a short message, the traceback in the log
         _fail(e, 1, prefix=f"unexpected {type(e).__name__}: ")
-    if summary and summary.get("stopped") and summary["counts"]["not_run"]:
+    if summary is not None and summary.stopped and summary.counts.not_run:
         sys.exit(EXIT_INTERRUPTED)
 
 

@@ -6,24 +6,21 @@ and generate(). The Ray engine runs the same loop over its ranks, so the two can
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import asdict
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from ds3dist.core.loop import serve
-from ds3dist.core.options import DEFAULT_CPU_CACHE_GB, SpeculativeConfig, num_drafts
+from ds3dist.core.engine import EngineStats, ExpertLoad
+from ds3dist.core.options import ServingOptions, SpeculativeConfig, num_drafts
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.plan import StepPlan, StepResult
 from ds3dist.core.request import Request
-from ds3dist.core.scheduler import Scheduler, SchedulerConfig
+from ds3dist.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from ds3dist.model.cache import PagedCache
 from ds3dist.rank.column import run_column
 from ds3dist.rank.runner import StepRunner
 from ds3dist.text import GenerationResult, encode_prompts, generate_with, special_ids
-
-PAGE_SIZE = 64
-
 
 class LocalExecutor:
     """The whole model in this process, one column: plans run as they are submitted."""
@@ -45,28 +42,28 @@ class LocalExecutor:
 
 
 class LocalEngine:
-    """The whole model in this process behind the engine interface (`stream`, `generate`):
+    """The whole model in this process behind the engine interface (ds3dist.core.engine):
     the serving loop with a LocalExecutor, as the Ray engine runs it with its ranks.
-    speculative: draft with the MTP layer (the model must hold it: load_model(mtp=True))."""
+    serving: cache size, page size and the scheduler's limits; cache_pages overrides the size
+    in pages. speculative: draft with the MTP layer (the model must hold it:
+    load_model(mtp=True))."""
 
-    def __init__(self, model, tokenizer: Any = None, cache_pages: int | None = None,
-                 page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
-                 max_seqs: int = 64, cache_gb: float = DEFAULT_CPU_CACHE_GB,
-                 prefill_chunk: int | None = None, speculative: SpeculativeConfig | None = None):
+    def __init__(self, model, tokenizer: Any = None, serving: ServingOptions | None = None, *,
+                 cache_pages: int | None = None, speculative: SpeculativeConfig | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.serving = serving = serving or ServingOptions()
         k = num_drafts(speculative)
         if k and model.mtp is None:
             raise ValueError("speculative decoding needs the MTP layer: load the model with "
                              "mtp=True (the checkpoint must have it)")
         width = model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
         pages = cache_pages or PagedCache.pages_for_bytes(
-            cache_gb * 1e9, len(model.layer_ids) + len(model.mtp_layer_ids), page_size, width,
-            model.dtype)
-        self.sched_cfg = SchedulerConfig(
-            pages_per_column=pages, page_size=page_size, max_tokens_per_step=max_tokens_per_step,
-            max_seqs=max_seqs, prefill_chunk=prefill_chunk,
-            max_model_len=model.cfg.max_position_embeddings, num_drafts=k)
-        self.executor = LocalExecutor(model, pages, page_size, speculative)
+            serving.cache_bytes(), len(model.layer_ids) + len(model.mtp_layer_ids),
+            serving.page_size, width, model.dtype)
+        self.sched_cfg = SchedulerConfig.of(serving, columns=1, pages_per_column=pages,
+                                            max_model_len=model.cfg.max_position_embeddings,
+                                            num_drafts=k)
+        self.executor = LocalExecutor(model, pages, serving.page_size, speculative)
         self.scheduler: Scheduler | None = None
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
@@ -81,28 +78,33 @@ class LocalEngine:
         return generate_with(self, self.tokenizer, self.model.cfg, prompts, max_new_tokens,
                              SamplingParams(temperature, top_p, top_k, seed), stop)
 
-    def stats(self) -> dict:
-        load = {i: moe.dispatcher.stats()["received_per_expert"]
-                for i, moe in self.model.moe_layers().items()}
-        stats = self.scheduler.stats if self.scheduler is not None else None
-        return {"expert_load": load, "scheduler": asdict(stats) if stats else {},
-                "speculative": stats.speculative() if stats and self.sched_cfg.num_drafts else None}
+    def stats(self) -> EngineStats:
+        load = ExpertLoad({i: list(moe.dispatcher.stats()["received_per_expert"])
+                           for i, moe in self.model.moe_layers().items()})
+        return EngineStats(expert_load=load, scheduler=self._scheduler_stats(),
+                           speculating=self.sched_cfg.num_drafts > 0)
+
+    def _scheduler_stats(self) -> SchedulerStats:
+        return self.scheduler.stats if self.scheduler is not None else SchedulerStats()
+
+    def shutdown(self) -> None:
+        """Nothing to release: the model lives as long as this process holds it."""
 
 
 def generate(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, stop=None, *, cache_pages: int | None = None,
-             page_size: int = PAGE_SIZE, max_tokens_per_step: int = 2048,
-             max_seqs: int = 64, speculative: SpeculativeConfig | None = None
-             ) -> list[GenerationResult]:
+             serving: ServingOptions | None = None,
+             speculative: SpeculativeConfig | None = None) -> list[GenerationResult]:
     """Generate for prompts with the whole model in this process: continuous batching over a
-    paged cache (cache_pages pages of page_size tokens; default: enough for every prompt at
-    its longest, so nothing is preempted). Request i samples with noise keyed by
+    paged cache (cache_pages pages of serving.page_size tokens; default: enough for every
+    prompt at its longest, so nothing is preempted). Request i samples with noise keyed by
     (seed, str(i), token index). speculative: draft with the MTP layer."""
+    serving = serving or ServingOptions()
     if cache_pages is None:
-        extra = num_drafts(speculative)
+        extra, page = num_drafts(speculative), serving.page_size
         ids = encode_prompts(tokenizer, prompts, special_ids(tokenizer, model.cfg)[0])
-        cache_pages = max(1, sum(-(-(len(p) + max_new_tokens + extra) // page_size) for p in ids))
-    engine = LocalEngine(model, tokenizer, cache_pages, page_size, max_tokens_per_step, max_seqs,
+        cache_pages = max(1, sum(-(-(len(p) + max_new_tokens + extra) // page) for p in ids))
+    engine = LocalEngine(model, tokenizer, serving, cache_pages=cache_pages,
                          speculative=speculative)
     return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop)

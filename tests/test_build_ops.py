@@ -12,7 +12,8 @@ import time
 import pytest
 
 from ds3dist import build_ops
-from ds3dist.runtime.offload import OffloadError, OffloadOptions
+from ds3dist.runtime.options import OffloadError
+from ds3dist.runtime.options import OffloadOptions
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -58,7 +58,7 @@ def test_default_config_is_tiny_single_process():
     assert cfg.model.preset == "tiny" and cfg.model.path is None
     r = schema.validate(cfg)
     assert (r.layout.pp, r.layout.ep, r.layout.device, r.layout.backend) == (1, 1, "cpu", "gloo")
-    assert schema.execution_mode(cfg) == "bf16"
+    assert r.execution == "bf16"
     assert cfg.job.input is None and cfg.job.output is None
     defaults = OmegaConf.load(CONF / "config.yaml").defaults
     assert not any("parallel" in str(d) for d in defaults)  # added with +parallel=<name>
@@ -76,8 +76,7 @@ def test_every_model_file_resolves(name):
 @pytest.mark.parametrize("name", GROUPS["execution"])
 def test_every_execution_file_resolves(name):
     cfg = compose_cfg(f"execution={name}", "execution.dtype=float32")
-    assert schema.execution_mode(cfg) == name
-    schema.validate(cfg)
+    assert schema.validate(cfg).execution == name
 
 
 def _check_plan(r, world, layers_per_stage, experts_per_rank):

@@ -49,11 +49,11 @@ def test_layout_matches_single_process(ray_cluster, tiny_fp8_dir, reference, pp,
             assert g.text == r.text
         assert any(len(set(r.token_ids)) > 3 for r in reference)  # not a constant stream
         stats = engine.stats()
-        assert len(stats["ranks"]) == pp * ep
-        assert stats["scheduler"]["steps"] >= NEW_TOKENS
+        assert len(stats.ranks) == pp * ep
+        assert stats.scheduler.steps >= NEW_TOKENS
         # every routed copy of every MoE layer is counted once, at its owner
         cfg = ModelConfig.from_json(tiny_fp8_dir)
-        main = {i: sum(row) for i, row in stats["expert_load"].items() if i < cfg.num_hidden_layers}
+        main = {i: sum(row) for i, row in stats.expert_load.per_layer.items() if i < cfg.num_hidden_layers}
         assert set(main) == {i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
         # each main MoE layer saw the same tokens, K copies each
         assert len(set(main.values())) == 1
@@ -87,13 +87,13 @@ def test_each_rank_reads_its_share(ray_cluster, tiny_fp8_dir):
     cfg = ModelConfig.from_json(tiny_fp8_dir)
     layout = ParallelLayout(pp=2, ep=2)
     with Engine(tiny_fp8_dir, layout, execution="bf16", dtype=torch.float32) as engine:
-        stats = engine.stats()["ranks"]
+        stats = engine.stats().ranks
     whole = sum(s.nbytes for s in expected_tensors(cfg).values())
     for plan, st in zip(layout.plan(cfg), stats):
         ideal = _ideal_bytes(cfg, plan)
         assert ideal < whole
-        assert abs(st["bytes_read"] - ideal) <= 0.10 * ideal, (plan.rank, st["bytes_read"], ideal)
-        assert st["rss_bytes"] > 0
+        assert abs(st.load.bytes_read - ideal) <= 0.10 * ideal, (plan.rank, st.load.bytes_read, ideal)
+        assert st.rss_bytes > 0
 
 
 def test_killed_actor_raises_named_error(ray_cluster, tiny_fp8_dir):
@@ -183,12 +183,12 @@ def test_napper_sleeps_a_share_of_a_smaller_steps_wait(monkeypatch):
     """The driver's nap before a compiled-graph read: share x the longest recent wait of a step
     with no more tokens, never past the deadline; no such step, no nap; a read that finds its
     result already there halves what is remembered."""
-    from ds3dist.runtime import executor
+    from ds3dist.runtime import control
 
     clock = [100.0]
-    monkeypatch.setattr(executor.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(executor.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
-    nap = executor.Napper(share=0.8)
+    monkeypatch.setattr(control.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(control.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    nap = control.Napper(share=0.8)
     nap.begin = 100.0
     assert nap.nap(8, None) == 100.0  # nothing measured yet: read at once
     clock[0] = 100.05  # the read spun: an 8-token step took 50 ms from the start of the wait

@@ -11,6 +11,7 @@ from ds3dist.core.loop import serve
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.plan import StepResult
 from ds3dist.core.scheduler import Scheduler, SchedulerConfig
+from ds3dist.core.options import ServingOptions
 from ds3dist.local import generate
 from ds3dist.model.load import load_model
 from ds3dist.rank.sampling import _keeps, candidates, draw_seed, sample_rows
@@ -225,13 +226,14 @@ def test_preemption_does_not_change_results(model):
     prompts = [[5, 6, 7] * 6, [100, 200, 300, 400] * 5, [42] * 17, [9, 8] * 9]
     for kw in ({}, {"temperature": 0.9, "top_p": 0.95, "seed": 11}):
         roomy = generate(model, None, prompts, max_new_tokens=24, **kw)
-        tight = generate(model, None, prompts, max_new_tokens=24, cache_pages=12, page_size=4,
-                         max_tokens_per_step=16, **kw)
+        tight = generate(model, None, prompts, max_new_tokens=24, cache_pages=12,
+                         serving=ServingOptions(page_size=4, max_tokens_per_step=16), **kw)
         assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
 
 
 def test_request_too_long_for_the_cache_fails_alone(model):
-    res = generate(model, None, [[5] * 40, [6, 7]], max_new_tokens=4, cache_pages=4, page_size=8)
+    res = generate(model, None, [[5] * 40, [6, 7]], max_new_tokens=4, cache_pages=4,
+                   serving=ServingOptions(page_size=8))
     assert res[0].finish_reason == "error" and "can never fit the cache pool" in res[0].error
     assert res[1].finish_reason == "length" and len(res[1].token_ids) == 4
 

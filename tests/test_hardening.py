@@ -29,15 +29,16 @@ from ds3dist.jobs.batch import run_batch_job
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import read_input
 from ds3dist.jobs.output_file import OutputFile
-from ds3dist.jobs.requests import PromptEncoder, parse_input
+from ds3dist.jobs.requests import DEFAULT_SAMPLING, PromptEncoder, parse_input
 from ds3dist.jobs.schema import LaunchConfigError
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.cluster import ClusterError
+from ds3dist.runtime.options import RuntimeOptions
 from test_jobs import FakeEngine, read_jsonl, write_lines
 
 PKG_ROOT = str(Path(__file__).resolve().parents[1])
-GREEDY = {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
-          "stop": None}
+GREEDY = DEFAULT_SAMPLING.overridden({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0,
+                                      "top_k": 0, "seed": 0, "stop": None})
 
 
 def compose_cfg(*overrides: str):
@@ -123,7 +124,8 @@ def test_rank_load_failure_reaches_the_user_whole(ray_cluster, tmp_path, tiny_fp
     ckpt = linked_copy(tiny_fp8_dir, tmp_path / "ckpt")
     (ckpt / "model-00001-of-00004.safetensors").unlink()
     with pytest.raises(EngineError) as e:
-        Engine(ckpt, ParallelLayout(pp=2, ep=1), dtype=torch.float32, startup_timeout_s=120)
+        Engine(ckpt, ParallelLayout(pp=2, ep=1), dtype=torch.float32,
+               runtime=RuntimeOptions(startup_timeout_s=120))
     msg = str(e.value)
     assert msg.startswith("loading failed")
     assert "rank 0 (stage 0, ep rank 0) on node" in msg
@@ -138,7 +140,7 @@ def test_stopped_rank_is_named_when_a_collective_hangs(ray_cluster, tiny_fp8_dir
     from ds3dist.runtime.engine import Engine, EngineError
 
     engine = Engine(tiny_fp8_dir, ParallelLayout(pp=1, ep=2), dtype=torch.float32,
-                    collective_timeout_s=5)
+                    runtime=RuntimeOptions(collective_timeout_s=5))
     victim = engine.infos[1]
     outcome: dict = {}
 
@@ -227,7 +229,7 @@ def test_jsonl_splits_on_newline_only(tmp_path, tok):
     s = run_batch_job(FakeEngine(tok), tok, inp, out, sampling=GREEDY, progress=False)
     assert sorted(r["id"] for r in read_jsonl(out)) == [1, 2, 3]
     errs = read_jsonl(Path(str(out) + ".errors.jsonl"))
-    assert [e["line"] for e in errs] == [4] and s["counts"]["lines"] == 4
+    assert [e["line"] for e in errs] == [4] and s.counts.lines == 4
     enc = PromptEncoder(tok, 1 << 20, "limit")
     parsed = parse_input(read_input(inp).lines, "native", enc, GREEDY)
     assert [r.prompt_ids for r in parsed.requests] == [enc.prompt(r["prompt"]) for r in rows]
@@ -365,7 +367,7 @@ def test_full_disk_stops_naming_the_output_and_a_rerun_resumes(tmpfs, tmp_path, 
     mnt, remount = tmpfs
     rows = [{"id": i, "prompt": f"request {i} " * (1 + i % 5)} for i in range(120)]
     inp = write_lines(tmp_path / "in.jsonl", rows)
-    sampling = dict(GREEDY, max_new_tokens=48)
+    sampling = GREEDY.overridden({"max_new_tokens": 48})
     ref = tmp_path / "ref.jsonl"
     run_batch_job(FakeEngine(tok), tok, inp, ref, sampling=sampling, progress=False)
 

@@ -16,7 +16,8 @@ import pytest
 
 from ds3dist.jobs.batch import JobError, run_batch_job
 from ds3dist.jobs.records import record_errors
-from ds3dist.jobs.requests import LineError, PromptEncoder, detect_format
+from ds3dist.core.engine import EngineStats, ExpertLoad
+from ds3dist.jobs.requests import DEFAULT_SAMPLING, LineError, PromptEncoder, detect_format
 from ds3dist.core.request import RequestStatus
 
 
@@ -32,6 +33,7 @@ class FakeEngine:
         self.fail_after = fail_after
         self.fail_ids, self.reject_ids = set(fail_ids), set(reject_ids)
         self.shut = False
+        self.scheduler = None
 
     def stream(self, requests):
         for req in requests:
@@ -61,8 +63,8 @@ class FakeEngine:
             yield req
 
     def stats(self):
-        return {"expert_load": {1: [3, 0, 5, 2] * 4, 2: [1, 1, 1, 9] * 4},
-                "stage_seconds": [0.5, 0.25], "ranks": [{"rank": 0}, {"rank": 1}]}
+        return EngineStats(expert_load=ExpertLoad({1: [3, 0, 5, 2] * 4, 2: [1, 1, 1, 9] * 4}),
+                           stage_seconds=[0.5, 0.25])
 
     def shutdown(self):
         self.shut = True
@@ -96,11 +98,13 @@ def native_input(tmp_path: Path) -> Path:
 
 
 def run(engine, tok, inp, out, **kw):
-    kw.setdefault("sampling", {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0,
-                               "top_k": 0, "seed": 0, "stop": None})
+    """run_batch_job; its summary as the summary file's JSON."""
+    kw.setdefault("sampling", DEFAULT_SAMPLING.overridden(
+        {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
+         "stop": None}))
     kw.setdefault("progress", False)
     kw.setdefault("max_position_embeddings", 163840)
-    return run_batch_job(engine, tok, inp, out, **kw)
+    return run_batch_job(engine, tok, inp, out, **kw).as_dict()
 
 
 def test_native_job_outputs_errors_summary_plot(tmp_path, tok):
@@ -387,7 +391,7 @@ def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_di
     monkeypatch.chdir(tmp_path)
     engines = []
 
-    def factory(checkpoint, resolved, cfg):
+    def factory(checkpoint, resolved):
         assert resolved.layout.world_size == 4
         engines.append(FakeEngine(tok))
         return engines[-1]
@@ -396,7 +400,7 @@ def test_launch_run_with_injected_engine(tmp_path, monkeypatch, tok, tiny_fp8_di
         cfg = compose(config_name="config",
                       overrides=["+parallel=pp2ep2", "sampling.max_new_tokens=4",
                                  "job.progress=false"])
-    s = launch.run(cfg, engine_factory=factory)
+    s = launch.run(cfg, engine_factory=factory).as_dict()
     assert (cache / "tiny-seed0" / "config.json").is_file()
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left
     sample = [json.loads(x) for x in launch.bundled_sample().read_text().splitlines() if x]
@@ -427,7 +431,7 @@ def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, to
     ])
     made = []
 
-    def factory(checkpoint, resolved, cfg):
+    def factory(checkpoint, resolved):
         made.append(LocalEngine(ds3dist.load_model(checkpoint, dtype=torch.float32), tok))
         return made[-1]
 
@@ -436,7 +440,7 @@ def test_job_on_the_single_process_model(tmp_path, monkeypatch, tiny_fp8_dir, to
             f"model.path={tiny_fp8_dir}", f"job.input={inp}", "job.output=o/out.jsonl",
             "sampling.temperature=0", "sampling.max_new_tokens=6",
             "job.progress=false"])
-    s = launch.run(cfg, engine_factory=factory)
+    s = launch.run(cfg, engine_factory=factory).as_dict()
     recs = {r["id"]: r for r in read_jsonl(tmp_path / "o" / "out.jsonl")}
     assert set(recs) == {"a", "b", "c"}
     model = made[0].model

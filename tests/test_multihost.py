@@ -103,14 +103,15 @@ while sum(n["Alive"] for n in ray.nodes()) < 2:
         sys.exit("the second Ray node never registered")
     time.sleep(0.5)
 from ds3dist import Engine, ParallelLayout
+from ds3dist.runtime.options import RuntimeOptions
 prompts = json.loads(sys.argv[3])
 with Engine(sys.argv[1], ParallelLayout(pp=1, ep=2), execution="bf16", dtype=torch.float32,
-            collective_timeout_s=60) as engine:
+            runtime=RuntimeOptions(collective_timeout_s=60)) as engine:
     results = engine.generate(prompts, max_new_tokens=8)
     stats = engine.stats()
 print("RESULT " + json.dumps({"tokens": [r.token_ids for r in results],
-                             "ranks": [{"node_ip": s["node_ip"], "net": s["net"]}
-                                       for s in stats["ranks"]]}))
+                             "ranks": [{"node_ip": s.node_ip, "net": s.net}
+                                       for s in stats.ranks]}))
 """
 
 
@@ -194,8 +195,10 @@ def test_job_outlives_the_loss_of_the_worker_host(two_hosts, tiny_fp8_dir, tok, 
     from ds3dist.local import LocalEngine
     from ds3dist.jobs.batch import run_batch_job
 
-    n, greedy = 16, {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                     "seed": 0, "stop": None}
+    from ds3dist.jobs.requests import DEFAULT_SAMPLING
+
+    n, greedy = 16, DEFAULT_SAMPLING.overridden({"max_new_tokens": 16, "temperature": 0.0,
+                                                 "top_p": 1.0, "top_k": 0, "seed": 0})
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"Host note {i}:"}) + "\n"
                            for i in range(n)))

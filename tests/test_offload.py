@@ -20,7 +20,7 @@ from ds3dist.config import preset
 from ds3dist.jobs import schema
 from ds3dist.jobs.memory_plan import Holding, rank_table
 from ds3dist.parallel.layout import ParallelLayout
-from ds3dist.runtime.offload import OffloadOptions
+from ds3dist.runtime.options import OffloadOptions
 
 # deepspeed is imported by the ranks (and the subprocesses below), never by the test process;
 # DeepSpeed's CPU accelerator loads its shm_comm op, built once before the session's tests
@@ -41,7 +41,8 @@ UNIT_CHECK = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
     from ds3dist.model.load import load_model
-    from ds3dist.runtime.offload import Offloaded, OffloadOptions
+    from ds3dist.runtime.offload import Offloaded
+from ds3dist.runtime.options import OffloadOptions
     ckpt, execution, params, device, nvme, port, dtype, compute = sys.argv[1:9]
     dtype = getattr(torch, dtype)
     if compute == "cuda":
@@ -226,8 +227,8 @@ def test_offload_settings_are_checked():
     with pytest.raises(schema.LaunchConfigError, match="runtime.control=local"):
         schema.validate(_cfg("execution.offload.backend=deepspeed", "runtime.control=local"))
     cfg = _cfg("execution.offload.backend=deepspeed", "execution.offload.params=experts")
-    assert schema.offload_options(cfg) == OffloadOptions(params="experts")
-    assert schema.offload_options(_cfg()) is None
+    assert schema.validate(cfg).offload == OffloadOptions(params="experts")
+    assert schema.validate(_cfg()).offload is None
 
 
 def test_missing_deepspeed_fails_at_once_with_the_install_hint(monkeypatch):

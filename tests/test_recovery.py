@@ -20,16 +20,18 @@ import pytest
 import torch
 
 from ds3dist.jobs.batch import run_batch_job
+from ds3dist.jobs.requests import DEFAULT_SAMPLING
 from ds3dist.parallel.layout import ParallelLayout
 from ds3dist.runtime.engine import Engine
+from ds3dist.runtime.options import RuntimeOptions
 from ds3dist.runtime.replicas import ReplicaSet
 from ds3dist.core.options import ServingOptions
 
 pytestmark = pytest.mark.slow
 
 N = 64  # requests: long enough a job for three kills, each 0.3-1.5 s after a rebuild
-GREEDY = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0,
-          "stop": None}
+GREEDY = DEFAULT_SAMPLING.overridden({"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0,
+                                      "top_k": 0, "seed": 0, "stop": None})
 
 
 def write_input(path, n: int):
@@ -58,7 +60,7 @@ def oracle(tiny_fp8_dir, tok, tmp_path_factory):
     d = tmp_path_factory.mktemp("oracle")
     inp = write_input(d / "in.jsonl", N)
     model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
-    run_batch_job(LocalEngine(model, tok, max_seqs=8), tok, inp, d / "out.jsonl",
+    run_batch_job(LocalEngine(model, tok, ServingOptions(max_seqs=8)), tok, inp, d / "out.jsonl",
                   sampling=GREEDY, progress=False)
     want = records(d / "out.jsonl")
     assert len(want) == N
@@ -69,7 +71,8 @@ def builder(ckpt, layout: ParallelLayout, builds: list, collective_timeout_s: fl
     def build(replica: int, attempt: int) -> Engine:
         builds.append((replica, attempt))
         return Engine(ckpt, layout, execution="bf16", dtype=torch.float32,
-                      serving=ServingOptions(max_seqs=8), collective_timeout_s=collective_timeout_s,
+                      serving=ServingOptions(max_seqs=8),
+                      runtime=RuntimeOptions(collective_timeout_s=collective_timeout_s),
                       resource_wait_s=60 if attempt else 0)
     return build
 
@@ -129,7 +132,7 @@ def test_chaos_three_stage_workers_killed_mid_job(ray_cluster, tiny_fp8_dir, tok
     with ReplicaSet(builder(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), builds), 1,
                     max_restarts=3) as rs:
         with Killer(rs, 0, 3, seed).active() as killer:
-            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
+            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False).as_dict()
     print(f"chaos seed {seed}: killed (restart, rank) {killer.killed}; "
           f"recovery {summary['recovery']}")
     assert len(killer.killed) == 3, f"the job ended before 3 kills: {killer.killed}"
@@ -156,7 +159,7 @@ def test_two_replicas_one_loses_an_actor(ray_cluster, tiny_fp8_dir, tok, oracle,
     with ReplicaSet(builder(tiny_fp8_dir, layout, builds), 2, max_restarts=1) as rs:
         steady = rs.engines[1]
         with Killer(rs, 0, 1, seed=1).active() as killer:
-            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
+            summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False).as_dict()
         assert rs.engines[1] is steady, "the other replica was rebuilt"
     assert killer.killed, "the job ended before the kill"
     got = records(out)
@@ -182,7 +185,7 @@ def test_a_hung_rank_is_replaced(ray_cluster, tiny_fp8_dir, tok, oracle, tmp_pat
         killer = Killer(rs, 0, 1, seed=2, sig=signal.SIGSTOP)
         try:
             with killer.active():
-                summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False)
+                summary = run_batch_job(rs, tok, inp, out, sampling=GREEDY, progress=False).as_dict()
         finally:
             for pid in killer.pids:  # killed by the engine already; make sure
                 for sig in (signal.SIGCONT, signal.SIGKILL):

@@ -18,6 +18,7 @@ import pytest
 from ds3dist.jobs.stop import GracefulStop, Interrupted
 from ds3dist.runtime.engine import EngineError
 from ds3dist.runtime.replicas import ReplicaSet
+from ds3dist.core.engine import EngineStats, ExpertLoad, LoadInfo, RankStats
 from ds3dist.core.request import Request, RequestStatus
 from ds3dist.core.scheduler import SchedulerStats
 
@@ -36,19 +37,8 @@ def reference(req: Request) -> list[int]:
     return out
 
 
-class _Stop:
-    """A stop rule that never stops early (requests end by length)."""
-    finish_reason = None
-
-    def update(self, output_ids):
-        return False
-
-    def fresh(self):
-        return _Stop()
-
-
 def requests(n: int, max_new: int = 5) -> list[Request]:
-    return [Request(f"r{i}", [i + 1, 2 * i + 3], max_new_tokens=max_new, stop=_Stop())
+    return [Request(f"r{i}", [i + 1, 2 * i + 3], max_new_tokens=max_new)
             for i in range(n)]
 
 
@@ -84,7 +74,13 @@ class FlakyEngine:
                     yield r
 
     def stats(self):
-        return {"ranks": [{"rank": 0}], "expert_load": {3: [1, 2]}, "stage_seconds": [1.0]}
+        load = LoadInfo(bytes_read=0, load_seconds=0.0, rss_bytes=0, dtype="torch.float32",
+                        cuda_free_bytes=None)
+        rank = RankStats(rank=0, stage=0, ep_rank=0, node_ip="10.0.0.1", hostname="h", pid=1,
+                         load=load, net={}, rss_bytes=0, peak_rss_bytes=0, busy_seconds=1.0,
+                         steps=self.steps, dispatch={})
+        return EngineStats(ranks=[rank], expert_load=ExpertLoad({3: [1, 2]}),
+                           stage_seconds=[1.0])
 
     def shutdown(self):
         self.closed = True
@@ -114,13 +110,13 @@ def test_a_failed_replica_is_rebuilt_and_reruns_what_it_held():
     for r in reqs:
         assert ended[r.id].output_ids == reference(r), r.id
         assert r.output_ids == [], "the submitted request is kept as it was"
-    rec = stats["recovery"]
-    assert rec["restarts"] == 2 and len(rec["events"]) == 2
-    for ev in rec["events"]:
-        assert ev["replica"] == 0 and ev["rerun"] == 3
-        assert "rank 1 (stage 0, ep rank 1) on node 10.0.0.2: died" in ev["cause"]
-    assert stats["replicas"][0]["restarts"] == 2 and stats["replicas"][0]["requests"] == 10
-    assert stats["replicas"][0]["completion_tokens"] == 50
+    rec = stats.recovery
+    assert len(rec.restarts) == 2
+    for ev in rec.restarts:
+        assert ev.replica == 0 and ev.rerun == 3
+        assert "rank 1 (stage 0, ep rank 1) on node 10.0.0.2: died" in ev.cause
+    assert stats.replicas[0].restarts == 2 and stats.replicas[0].requests == 10
+    assert stats.replicas[0].completion_tokens == 50
 
 
 def test_past_max_restarts_the_error_names_what_never_came_back():
@@ -142,10 +138,10 @@ def test_a_restart_that_finds_no_resources_uses_the_budget():
     reqs = requests(4)
     with ReplicaSet(make, 1, max_restarts=2) as rs:
         ended = run(rs, reqs)
-        rec = rs.stats()["recovery"]
+        rec = rs.stats().recovery
     assert all(ended[r.id].output_ids == reference(r) for r in reqs)
-    assert rec["restarts"] == 1 and rs.figures[0].restarts == 2
-    assert "then the restart failed: EngineError: could not place 2 ranks" in rec["events"][0]["cause"]
+    assert len(rec.restarts) == 1 and rs.figures[0].restarts == 2
+    assert "then the restart failed: EngineError: could not place 2 ranks" in rec.restarts[0].cause
 
 
 def test_a_replica_that_gives_up_hands_its_requests_to_the_others():
@@ -159,9 +155,9 @@ def test_a_replica_that_gives_up_hands_its_requests_to_the_others():
         stats = rs.stats()
     assert sorted(ended) == sorted(r.id for r in reqs)
     assert all(ended[r.id].output_ids == reference(r) for r in reqs)
-    figs = stats["replicas"]
-    assert figs[0]["gave_up"] and figs[0]["requests"] == 0
-    assert figs[1]["requests"] == 20 and figs[1]["gave_up"] is None
+    figs = stats.replicas
+    assert figs[0].gave_up and figs[0].requests == 0
+    assert figs[1].requests == 20 and figs[1].gave_up is None
 
 
 def test_replicas_share_the_stream_by_load():
@@ -171,11 +167,11 @@ def test_replicas_share_the_stream_by_load():
         ended = run(rs, reqs)
         stats = rs.stats()
     assert all(ended[r.id].output_ids == reference(r) for r in reqs)
-    figs = stats["replicas"]
-    assert figs[0]["requests"] + figs[1]["requests"] == 40
-    assert figs[1]["requests"] > figs[0]["requests"], figs
-    assert [r["replica"] for r in stats["ranks"]] == [0, 1]
-    assert stats["expert_load"] == {3: [2, 4]}
+    figs = stats.replicas
+    assert figs[0].requests + figs[1].requests == 40
+    assert figs[1].requests > figs[0].requests, figs
+    assert [r.replica for r in stats.ranks] == [0, 1]
+    assert stats.expert_load.per_layer == {3: [2, 4]}
 
 
 def test_once_stopping_nothing_is_admitted_and_a_lost_replica_is_not_rebuilt():

@@ -54,10 +54,10 @@ def workload(model, tok):
     specs = [_spec(i, rng) for i in range(44)]
     alone = {}
     for s in specs:
-        (r,) = LocalEngine(model, tok, cache_pages=200, page_size=PAGE).stream([_request(s, tok)])
+        (r,) = LocalEngine(model, tok, ServingOptions(page_size=PAGE), cache_pages=200).stream([_request(s, tok)])
         if s["kind"] == "stop" and len(r.output_ids) >= 6:  # stop on a piece of its own text
             s["stop"] = [tok.decode(r.output_ids[3:5]) or "x"]
-            (r,) = LocalEngine(model, tok, cache_pages=200, page_size=PAGE).stream(
+            (r,) = LocalEngine(model, tok, ServingOptions(page_size=PAGE), cache_pages=200).stream(
                 [_request(s, tok)])
         alone[s["id"]] = (r.output_ids, r.finish_reason)
     assert sum(a[1] == "stop" for a in alone.values()) >= 3
@@ -74,8 +74,8 @@ def _check(ended: list[Request], specs: list[dict], alone: dict) -> None:
 
 def test_mixed_workload_in_one_process(model, tok, workload):
     specs, alone = workload
-    eng = LocalEngine(model, tok, cache_pages=260, page_size=PAGE, max_tokens_per_step=256,
-                      max_seqs=12)
+    eng = LocalEngine(model, tok, ServingOptions(page_size=PAGE, max_tokens_per_step=256,
+                                                 max_seqs=12), cache_pages=260)
     ended = list(eng.stream(_request(s, tok) for s in specs))
     _check(ended, specs, alone)
     st = eng.scheduler.stats
@@ -100,7 +100,7 @@ def test_mixed_workload_on_ranks(ray_cluster, tiny_fp8_dir, tok, workload, pp, e
         ended = list(engine.stream(_request(s, tok) for s in specs))
         stats = engine.stats()
     _check(ended, specs, alone)
-    print(f"pp{pp}ep{ep}: {stats['scheduler']}")
+    print(f"pp{pp}ep{ep}: {stats.scheduler}")
 
 
 LONG_SCRIPT = r"""
@@ -115,7 +115,8 @@ ids = lambda n: [rng.randrange(10, 100000) for _ in range(n)]
 reqs = [Request("long", ids(40000), SamplingParams(), 4)]
 reqs += [Request(f"short{i}", ids(20 + i), SamplingParams(), 6) for i in range(3)]
 reqs += [Request("huge", ids(60000), SamplingParams(), 4)]
-eng = LocalEngine(model, None, cache_pages=2600, page_size=16)
+from ds3dist.core.options import ServingOptions
+eng = LocalEngine(model, None, ServingOptions(page_size=16), cache_pages=2600)
 order = [(r.id, r.status.value, r.error, r.output_ids) for r in eng.stream(reqs)]
 peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 print(json.dumps({"order": order, "peak": peak}))
@@ -160,7 +161,7 @@ def test_40k_token_prompt_beside_short_requests(tiny_fp8_dir, ray_cluster):
     with Engine(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), dtype=torch.float32,
                 serving=ServingOptions(cache_gb=gb, page_size=16, threads=2)) as engine:
         order = [(r.id, r.status.value, r.error, r.output_ids) for r in engine.stream(reqs)]
-        peak = max(st["peak_rss_bytes"] for st in engine.stats()["ranks"])
+        peak = max(st.peak_rss_bytes for st in engine.stats().ranks)
     got = _check_long(order, peak)
     assert got == want  # the same tokens as one process
     print(f"pp2ep2: peak {peak / 1e9:.2f} GB per rank")

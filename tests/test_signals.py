@@ -91,13 +91,14 @@ def stop(proc: subprocess.Popen, *signals: signal.Signals, gap_s: float = 0.3,
 def oracle(tiny_fp8_dir, tok, tmp_path_factory):
     from ds3dist.local import LocalEngine
     from ds3dist.jobs.batch import run_batch_job
+    from ds3dist.jobs.requests import DEFAULT_SAMPLING
 
     d = tmp_path_factory.mktemp("sig-oracle")
     inp = write_input(d / "in.jsonl")
     model = ds3dist.load_model(tiny_fp8_dir, execution="bf16", dtype=torch.float32)
     run_batch_job(LocalEngine(model, tok), tok, inp, d / "out.jsonl", progress=False,
-                  sampling={"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                            "seed": 0, "stop": None})
+                  sampling=DEFAULT_SAMPLING.overridden({"max_new_tokens": 24, "temperature": 0.0,
+                                                        "top_p": 1.0, "top_k": 0, "seed": 0}))
     return inp, valid_records(d / "out.jsonl")
 
 

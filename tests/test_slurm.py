@@ -30,6 +30,7 @@ import torch
 
 import ds3dist
 from procs import processes_marked
+from ds3dist.jobs.requests import DEFAULT_SAMPLING
 from ds3dist.jobs.stop import EXIT_INTERRUPTED
 
 PKG_ROOT = Path(ds3dist.__file__).resolve().parents[1]
@@ -372,8 +373,8 @@ def test_sbatch_run_sh_on_two_slurm_nodes(tmp_path, cluster, tiny_fp8_dir):
 
 
 STORY_N = 32
-STORY_SAMPLING = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                  "seed": 0, "stop": None}
+STORY_SAMPLING = DEFAULT_SAMPLING.overridden({"max_new_tokens": 24, "temperature": 0.0,
+                                              "top_p": 1.0, "top_k": 0, "seed": 0})
 
 
 @pytest.fixture(scope="module")

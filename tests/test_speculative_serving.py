@@ -48,8 +48,9 @@ def _request(s: dict, tok) -> Request:
 
 
 def _engine(model, tok, k: int | None) -> LocalEngine:
-    return LocalEngine(model, tok, cache_pages=300, page_size=PAGE, max_tokens_per_step=256,
-                       max_seqs=12, speculative=SpeculativeConfig(num_tokens=k) if k else None)
+    return LocalEngine(model, tok, ServingOptions(page_size=PAGE, max_tokens_per_step=256,
+                                                  max_seqs=12), cache_pages=300,
+                       speculative=SpeculativeConfig(num_tokens=k) if k else None)
 
 
 def _run(engine, specs, tok) -> dict:
@@ -90,7 +91,7 @@ def test_greedy_equals_non_speculative_in_one_process(model, tok, greedy_workloa
     eng = _engine(model, tok, k)
     got = _run(eng, specs, tok)
     assert not _diff(got, want), f"requests differ from non-speculative greedy: {_diff(got, want)[:5]}"
-    spec = eng.stats()["speculative"]
+    spec = eng.stats().speculative
     st = eng.scheduler.stats
     assert len(spec["acceptance_per_position"]) == k and st.drafts_proposed[0] > 100
     print(f"k={k} random weights: acceptance {spec['acceptance_per_position']}, "
@@ -107,7 +108,7 @@ def test_greedy_equals_non_speculative_when_drafts_are_accepted(predictable_dir,
     assert not _diff(got, want), f"requests differ from non-speculative greedy: {_diff(got, want)[:5]}"
     st = eng.scheduler.stats
     assert st.drafts_accepted[0] > 0.8 * st.drafts_proposed[0] and st.preemptions > 0
-    print(f"predictable k=3: {eng.stats()['speculative']}, preemptions {st.preemptions}")
+    print(f"predictable k=3: {eng.stats().speculative}, preemptions {st.preemptions}")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,7 @@ def test_greedy_equals_non_speculative_on_ranks(request, ray_cluster, tok, pp, e
         got = _run(engine, specs, tok)
         stats = engine.stats()
     assert not _diff(got, want), f"requests differ from non-speculative greedy: {_diff(got, want)[:5]}"
-    spec = stats["speculative"]
+    spec = stats.speculative
     assert len(spec["acceptance_per_position"]) == k
     if weights == "predictable":
         assert spec["acceptance_per_position"][0] > 0.8
@@ -151,8 +152,8 @@ def _first_two(model, k: int | None, n: int) -> Counter:
     params = [SamplingParams(temperature=1.0, top_k=3, seed=s) for s in range(n)]
     # 3 tokens: the step after the first feeds a draft for the second (none for the last)
     reqs = [Request(f"s{i}", [11, 2000, 345, 67], p, 3) for i, p in enumerate(params)]
-    eng = LocalEngine(model, None, cache_pages=4 * n, page_size=PAGE, max_seqs=256,
-                      speculative=SpeculativeConfig(num_tokens=k) if k else None)
+    eng = LocalEngine(model, None, ServingOptions(page_size=PAGE, max_seqs=256),
+                      cache_pages=4 * n, speculative=SpeculativeConfig(num_tokens=k) if k else None)
     ended = list(eng.stream(reqs))
     if k:  # the second token came through a verified draft
         assert eng.scheduler.stats.drafts_proposed[0] >= n
@@ -188,12 +189,12 @@ def test_predictable_checkpoint_accepts_most_drafts(predictable_dir):
     model = ds3dist.load_model(predictable_dir, dtype=torch.float32, mtp=True)
     rng = random.Random(3)
     prompts = [[rng.randrange(*VOCAB_IDS) for _ in range(rng.randrange(1, 40))] for _ in range(6)]
-    eng = LocalEngine(model, None, cache_pages=64, page_size=PAGE,
+    eng = LocalEngine(model, None, ServingOptions(page_size=PAGE), cache_pages=64,
                       speculative=SpeculativeConfig(num_tokens=2))
     out = eng.generate(prompts, max_new_tokens=24)
     for p, r in zip(prompts, out):  # the model's own rule: next = current + 1
         assert r.token_ids == [(p[-1] + 1 + i) % model.cfg.vocab_size for i in range(24)]
-    spec = eng.stats()["speculative"]
+    spec = eng.stats().speculative
     print(f"predictable: {spec}")
     assert spec["acceptance_per_position"][0] > 0.8
     assert spec["steps_per_token"] < 0.6

@@ -28,6 +28,15 @@ class ServingOptions:
         if self.control not in CONTROLS:
             raise ValueError(f"runtime.control: must be one of {CONTROLS}, got {self.control!r}")
 
+    def cache_bytes(self, free_device_bytes: int | None = None) -> float:
+        """Bytes of paged cache per rank: cache_gb; else 90% of a GPU's free memory (given),
+        else DEFAULT_CPU_CACHE_GB."""
+        if self.cache_gb is not None:
+            return self.cache_gb * 1e9
+        if free_device_bytes is not None:
+            return 0.9 * free_device_bytes
+        return DEFAULT_CPU_CACHE_GB * 1e9
+
 
 METHODS = ("mtp",)
 MAX_DRAFTS = 3

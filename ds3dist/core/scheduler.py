@@ -36,6 +36,7 @@ import bisect
 import itertools
 from dataclasses import dataclass, field
 
+from ds3dist.core.options import ServingOptions
 from ds3dist.core.pages import PagePool
 from ds3dist.core.plan import FILL, SeqStep, StepPlan, StepResult
 from ds3dist.core.request import Request, RequestStatus
@@ -47,9 +48,9 @@ WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
 class SchedulerConfig:
     columns: int = 1
     pages_per_column: int
-    page_size: int = 64
-    max_tokens_per_step: int = 2048  # per column
-    max_seqs: int = 64  # running sequences per column
+    page_size: int = ServingOptions.page_size
+    max_tokens_per_step: int = ServingOptions.max_tokens_per_step  # per column
+    max_seqs: int = ServingOptions.max_seqs  # running sequences per column
     prefill_chunk: int | None = None  # None: max_tokens_per_step // 2 while others wait
     max_model_len: int
     overlap: bool = False  # decode steps ahead of their token (workers fill it in)
@@ -69,6 +70,15 @@ class SchedulerConfig:
         if self.overlap and self.num_drafts:
             raise ValueError("overlap and speculative drafts exclude each other: a step's "
                              "drafts are known only when the step before has returned")
+
+    @classmethod
+    def of(cls, serving: ServingOptions, *, columns: int, pages_per_column: int,
+           max_model_len: int, num_drafts: int = 0) -> SchedulerConfig:
+        """The scheduler of an engine that serves as `serving` says."""
+        return cls(columns=columns, pages_per_column=pages_per_column,
+                   page_size=serving.page_size, max_tokens_per_step=serving.max_tokens_per_step,
+                   max_seqs=serving.max_seqs, prefill_chunk=serving.prefill_chunk,
+                   max_model_len=max_model_len, num_drafts=num_drafts)
 
     @property
     def chain_rows(self) -> int:

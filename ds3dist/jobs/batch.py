@@ -16,9 +16,9 @@ errors file and the job goes on. The output file is locked while a job writes it
 file keeps every run's records (each distinct record once), and a run that fails still writes
 its summary, with the error, before the error goes on.
 
-The engine is a parameter: anything with `stream(requests)` yielding ended
-`ds3dist.core.request.Request`s, and optionally `stats()` and the `scheduler` of its
-stream (whose counters feed the progress bar: speculative acceptance and tokens per step).
+The engine is a parameter, any ds3dist.core.engine.ServingEngine: its `stream` yields ended
+requests, its `scheduler` counters feed the progress bar (speculative acceptance and tokens
+per step), its `stats()` the summary.
 """
 
 from __future__ import annotations
@@ -43,17 +43,19 @@ from ds3dist.jobs.records import (
     output_key,
     record_errors,
 )
-from ds3dist.jobs.report import engine_stats, plot_expert_load, write_summary
+from ds3dist.jobs.report import (Counts, JobSummary, Throughput, engine_stats, plot_expert_load,
+                                 write_summary)
 from ds3dist.jobs.requests import (
     DEFAULT_SAMPLING,
     LineError,
     PromptEncoder,
-    Request,
+    InputLine,
     detect_format,
     parse_input,
 )
-from ds3dist.core.params import SamplingParams
-from ds3dist.core.request import Request as EngineRequest
+from ds3dist.core.engine import ServingEngine
+from ds3dist.core.params import Sampling
+from ds3dist.core.request import Request
 from ds3dist.core.request import RequestStatus
 from ds3dist.text import GenerationResult, make_request, result_of
 
@@ -97,7 +99,7 @@ class _Tally:
 @dataclass
 class _Job:
     """The parts of a job the generation loop writes to."""
-    engine: Any
+    engine: ServingEngine
     tokenizer: Any
     out: OutputFile
     errors: Path
@@ -108,12 +110,12 @@ class _Job:
 
 
 def run_batch_job(
-    engine: Any,
+    engine: ServingEngine,
     tokenizer: Any,
     input_path: str | Path | InputText,
     output_path: str | Path | OutputFile,
     *,
-    sampling: dict[str, Any] | None = None,
+    sampling: Sampling | None = None,
     errors_path: str | Path | None = None,
     summary_path: str | Path | None = None,
     plot_path: str | Path | None = None,
@@ -125,7 +127,7 @@ def run_batch_job(
     meta: dict[str, Any] | None = None,
     mtp_layers: Sequence[int] = (),
     stop: GracefulStop | None = None,
-) -> dict[str, Any]:
+) -> JobSummary:
     """Run (or resume) a batch job; return the summary (also written to the summary path).
 
     input_path: a path, or the already-read `InputText`; output_path: a path, or an
@@ -144,22 +146,26 @@ def run_batch_job(
         if fmt not in ("native", "openai"):
             raise JobError(f"job.format: must be auto, native or openai, got {fmt!r}")
         enc = _encoder(tokenizer, max_prompt_tokens, max_position_embeddings)
-        parsed = parse_input(inp.lines, fmt, enc, {**DEFAULT_SAMPLING, **(sampling or {})},
+        parsed = parse_input(inp.lines, fmt, enc, sampling or DEFAULT_SAMPLING,
                              inp.bad_lines)
         already, todo = _resume(parsed, fmt, out, err_path)
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
         tally = _Tally()
 
-        def summarize(stats_timeout_s: float | None = None) -> dict[str, Any]:
+        def summarize(stats_timeout_s: float | None = None) -> JobSummary:
             if stop is not None and stop.requested:  # its cluster may be going down
                 stats_timeout_s = STOPPED_STATS_S
-            s = _summary(engine, inp, out.path, err_path, png_path, fmt, model_name, mtp_layers,
-                         _counts(parsed, tally, already, out, len(todo)), tally,
-                         time.perf_counter() - t_start, stats_timeout_s)
-            s["stopped"] = stop.signal if stop is not None else None
-            if meta:
-                s["meta"] = meta
-            return s
+            stats = engine_stats(engine, stats_timeout_s)
+            plot = plot_expert_load(stats.expert_load.as_dict(), png_path,
+                                    title=f"expert load: {model_name}", mtp_layers=mtp_layers)
+            return JobSummary(
+                input=str(inp.path), output=str(out.path), errors_file=str(err_path),
+                plot=None if plot is None else str(plot), format=fmt,
+                input_encoding=inp.encoding,
+                counts=_counts(parsed, tally, already, out, len(todo)),
+                prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
+                throughput=_throughput(tally, time.perf_counter() - t_start), engine=stats,
+                stopped=stop.signal if stop is not None else None, meta=meta or None)
 
         try:
             _generate(job, todo, progress, tally)
@@ -173,11 +179,11 @@ def run_batch_job(
         if own:
             out.close()
     write_summary(sum_path, summary)
-    summary["summary"] = str(sum_path)
+    summary.summary = str(sum_path)
     return summary
 
 
-def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, list[Request]]:
+def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, list[InputLine]]:
     """Record the malformed lines; (requests already in the output, requests to run)."""
     record_errors(err_path, parsed.errors)
     for e in parsed.errors:
@@ -190,11 +196,11 @@ def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, lis
             [r for r in parsed.requests if r.key not in done])
 
 
-def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> dict[str, Any]:
-    return {"lines": parsed.lines, "valid": len(parsed.requests), "errors": len(parsed.errors),
-            "failed": tally.failed, "already_done": already, "generated": tally.generated,
-            "not_run": todo - tally.generated - tally.failed,
-            "output_records": out.records, "finish_reason": tally.finish}
+def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> Counts:
+    return Counts(lines=parsed.lines, valid=len(parsed.requests), errors=len(parsed.errors),
+                  failed=tally.failed, already_done=already, generated=tally.generated,
+                  not_run=todo - tally.generated - tally.failed, output_records=out.records,
+                  finish_reason=tally.finish)
 
 
 def _fail_summary(path: Path, error: BaseException, build) -> None:
@@ -202,43 +208,10 @@ def _fail_summary(path: Path, error: BaseException, build) -> None:
     write it is logged; the run's own error is the one raised."""
     try:
         summary = build(STOPPED_STATS_S)
-        summary["error"] = f"{type(error).__name__}: {error}"
+        summary.error = f"{type(error).__name__}: {error}"
         write_summary(path, summary)
     except Exception as e:
         log.warning("could not write the summary of the failed run: %s", e)
-
-
-def _summary(engine: Any, inp: InputText, out_path: Path, err_path: Path, png_path: Path,
-             fmt: str, model_name: str, mtp_layers: Sequence[int], counts: dict,
-             tally: _Tally, wall: float, stats_timeout_s: float | None) -> dict[str, Any]:
-    """The job's summary: counts, tokens, throughput, the engine's figures (asked for within
-    stats_timeout_s, if given); draws the plot."""
-    stats = engine_stats(engine, stats_timeout_s)
-    expert_load = {str(k): list(v) for k, v in (stats.get("expert_load") or {}).items()}
-    plot = plot_expert_load(expert_load, png_path, title=f"expert load: {model_name}",
-                            mtp_layers=mtp_layers)
-    return {
-        "input": str(inp.path),
-        "output": str(out_path),
-        "errors_file": str(err_path),
-        "plot": None if plot is None else str(plot),
-        "format": fmt,
-        "input_encoding": inp.encoding,
-        "counts": counts,
-        "tokens": {
-            "prompt": tally.prompt_tokens,
-            "completion": tally.completion_tokens,
-            "total": tally.prompt_tokens + tally.completion_tokens,
-        },
-        "throughput": _throughput(tally, wall),
-        "scheduler": dict(stats.get("scheduler") or {}),
-        "speculative": stats.get("speculative"),
-        "replicas": stats.get("replicas"),
-        "recovery": stats.get("recovery"),
-        "stage_seconds": list(stats.get("stage_seconds") or []),
-        "expert_load": expert_load,
-        "ranks": list(stats.get("ranks") or []),
-    }
 
 
 def _encoder(tokenizer: Any, max_prompt_tokens: int | None,
@@ -252,16 +225,15 @@ def _encoder(tokenizer: Any, max_prompt_tokens: int | None,
     return PromptEncoder(tokenizer, limit, limit_name, max_position_embeddings)
 
 
-def engine_request(req: Request, tokenizer: Any) -> EngineRequest:
+def _engine_request(line: InputLine, tokenizer: Any) -> Request:
     """The engine's request for an input line: its own sampling parameters and stop rule;
     its id is the line's identity, so its seeded draws are the same in every run."""
-    s = req.sampling
-    return make_request(tokenizer, req.key, req.prompt_ids,
-                        SamplingParams(s["temperature"], s["top_p"], s["top_k"], s["seed"]),
-                        s["max_new_tokens"], s["stop"])
+    s = line.sampling
+    return make_request(tokenizer, line.key, line.prompt_ids, s.params, s.max_new_tokens,
+                        list(s.stop))
 
 
-def _generate(job: _Job, todo: list[Request], progress: bool, tally: _Tally) -> None:
+def _generate(job: _Job, todo: list[InputLine], progress: bool, tally: _Tally) -> None:
     by_key = {r.key: r for r in todo}
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="req", desc="generate", disable=not progress,
@@ -274,17 +246,17 @@ def _generate(job: _Job, todo: list[Request], progress: bool, tally: _Tally) -> 
                             **_speculative_postfix(job.engine), refresh=False)
 
 
-def _admitted(job: _Job, todo: list[Request]) -> Iterator[EngineRequest]:
+def _admitted(job: _Job, todo: list[InputLine]) -> Iterator[Request]:
     """The engine's requests, until a stop is requested."""
     for r in todo:
         if job.stop is not None and job.stop.requested:
             return
-        yield engine_request(r, job.tokenizer)
+        yield _engine_request(r, job.tokenizer)
 
 
-def _speculative_postfix(engine: Any) -> dict[str, str]:
+def _speculative_postfix(engine: ServingEngine) -> dict[str, str]:
     """Acceptance per draft position and tokens per step, while speculating."""
-    sched = getattr(engine, "scheduler", None)
+    sched = engine.scheduler
     if sched is None or not sched.cfg.num_drafts:
         return {}
     spec = sched.stats.speculative()
@@ -293,32 +265,29 @@ def _speculative_postfix(engine: Any) -> dict[str, str]:
     return {"accept": acc or "-", "tok_step": f"{tps:.2f}" if tps else "-"}
 
 
-def _write(job: _Job, req: Request, ended: EngineRequest, tally: _Tally) -> None:
+def _write(job: _Job, line: InputLine, ended: Request, tally: _Tally) -> None:
     """The output line (or errors-file entry) of a request that ended."""
     res = result_of(ended, job.tokenizer)
     if res.finish_reason != "error":
-        job.out.append([openai_record(req, res, res.prompt_tokens, job.model_name, job.created)
-                        if job.fmt == "openai" else native_record(req, res, res.prompt_tokens)])
+        job.out.append([openai_record(line, res, res.prompt_tokens, job.model_name, job.created)
+                        if job.fmt == "openai" else native_record(line, res, res.prompt_tokens)])
         tally.add(res)
         return
     code = "context_length_exceeded" if ended.status is RequestStatus.REJECTED else "engine_error"
-    err = LineError(line=req.line, id=req.id, code=code, message=res.error or code,
-                    key=req.key if job.fmt == "openai" else None)
-    log.warning("input line %d: %s", req.line, err.message)
+    err = LineError(line=line.line, id=line.id, code=code, message=res.error or code,
+                    key=line.key if job.fmt == "openai" else None)
+    log.warning("input line %d: %s", line.line, err.message)
     append_errors(job.errors, [err])
     if job.fmt == "openai":
         job.out.append([openai_error_record(err)])
     tally.failed += 1
 
 
-def _throughput(t: _Tally, wall: float) -> dict[str, float | None]:
+def _throughput(t: _Tally, wall: float) -> Throughput:
     def rate(n: int) -> float | None:
         return round(n / t.seconds, 4) if t.seconds else None
 
-    return {
-        "generate_seconds": round(t.seconds, 4),
-        "wall_seconds": round(wall, 4),
-        "sequences_per_second": rate(t.generated),
-        "completion_tokens_per_second": rate(t.completion_tokens),
-        "total_tokens_per_second": rate(t.prompt_tokens + t.completion_tokens),
-    }
+    return Throughput(generate_seconds=round(t.seconds, 4), wall_seconds=round(wall, 4),
+                      sequences_per_second=rate(t.generated),
+                      completion_tokens_per_second=rate(t.completion_tokens),
+                      total_tokens_per_second=rate(t.prompt_tokens + t.completion_tokens))

@@ -21,7 +21,7 @@ import torch
 from ds3dist.checkpoint.layout import TensorSpec, expected_tensors, expert_of, layer_of
 from ds3dist.config import ModelConfig
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
-from ds3dist.runtime.offload import OffloadOptions
+from ds3dist.runtime.options import OffloadOptions
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.output_file import jsonl
-from ds3dist.jobs.requests import LineError, Request, id_key
+from ds3dist.jobs.requests import LineError, InputLine, id_key
 
 
 def _req_hash(*parts: Any) -> str:
@@ -31,7 +31,7 @@ def _req_hash(*parts: Any) -> str:
 
 
 def output_key(rec: Any, fmt: str) -> str | None:
-    """Identity of an output line (the same as the Request/LineError key), None if unknown."""
+    """Identity of an output line (the same as the InputLine/LineError key), None if unknown."""
     if not isinstance(rec, dict):
         return None
     if fmt == "openai":
@@ -45,7 +45,7 @@ def output_key(rec: Any, fmt: str) -> str | None:
     return id_key(rec["id"]) if "id" in rec else None
 
 
-def native_record(req: Request, res: Any, prompt_tokens: int) -> dict:
+def native_record(req: InputLine, res: Any, prompt_tokens: int) -> dict:
     ids = [int(t) for t in res.token_ids]
     return {
         "id": req.id,
@@ -56,7 +56,7 @@ def native_record(req: Request, res: Any, prompt_tokens: int) -> dict:
     }
 
 
-def openai_record(req: Request, res: Any, prompt_tokens: int, model_name: str,
+def openai_record(req: InputLine, res: Any, prompt_tokens: int, model_name: str,
                   created: int) -> dict:
     h = _req_hash("req", req.id)
     n_out = len(res.token_ids)

@@ -9,7 +9,7 @@ openai  the OpenAI batch-file format, `{"custom_id", "method": "POST", "url":
         "/v1/chat/completions" | "/v1/completions", "body": {"messages" | "prompt",
         "max_tokens", "temperature", "top_p", "seed", "stop", ...}}`.
 
-`parse_input` turns every non-blank line into either a `Request` (prompt token ids, merged
+`parse_input` turns every non-blank line into either a `InputLine` (prompt token ids, merged
 sampling parameters, the identity used for resume and duplicate detection) or a `LineError`
 (an OpenAI-style error code and a message naming the offending field). `PromptEncoder` does
 the tokenizing and the length checks.
@@ -18,13 +18,15 @@ the tokenizing and the length checks.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-DEFAULT_SAMPLING = {"max_new_tokens": 64, "temperature": 0.6, "top_p": 0.95, "top_k": 0,
-                    "seed": 0, "stop": None}
+from ds3dist.core.params import SAMPLING_KEYS, Sampling, SamplingError, SamplingParams
+from ds3dist.text import encode_prompt
+
+# the job's sampling defaults (the launch's sampling.* keys default to these)
+DEFAULT_SAMPLING = Sampling(SamplingParams(temperature=0.6, top_p=0.95, top_k=0, seed=0),
+                            max_new_tokens=64)
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 MAX_RAW = 300  # characters of an offending line kept in the errors file
 
@@ -39,12 +41,12 @@ class _Bad(Exception):
 
 
 @dataclass
-class Request:
+class InputLine:
     line: int  # 1-based line number in the input
     key: str  # identity for resume / duplicates: JSON of the id (native) or custom_id (openai)
     id: Any  # the native id or the OpenAI custom_id, as given
     prompt_ids: list[int]
-    sampling: dict[str, Any]
+    sampling: Sampling
     endpoint: str | None = None  # openai: "chat" | "completions"
     model: str | None = None  # openai: body.model, echoed back
 
@@ -61,7 +63,7 @@ class LineError:
 
 @dataclass
 class ParsedInput:
-    requests: list[Request] = field(default_factory=list)
+    requests: list[InputLine] = field(default_factory=list)
     errors: list[LineError] = field(default_factory=list)
     lines: int = 0  # non-blank lines
 
@@ -74,49 +76,16 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(float(v)))
-
-
-def _check_sampling(over: dict[str, Any], defaults: dict[str, Any], prefix: str = "",
-                    names: dict[str, str] | None = None) -> dict:
-    """Merge per-request overrides into the defaults; raise _Bad naming a bad key as the line
-    spelt it (names: our key -> the line's key, e.g. max_new_tokens -> max_tokens)."""
-    s = dict(defaults)
-    for k, v in over.items():
-        name = prefix + (names or {}).get(k, k)
-        if k == "max_new_tokens":
-            if not is_int(v) or v < 1:
-                raise _Bad("invalid_value", f"{name}: must be an integer >= 1, got {v!r}")
-        elif k == "temperature":
-            if not _is_num(v) or v < 0:
-                raise _Bad("invalid_value", f"{name}: must be a number >= 0, got {v!r}")
-            v = float(v)
-        elif k == "top_p":
-            if not _is_num(v) or not 0 < v <= 1:
-                raise _Bad("invalid_value", f"{name}: must be a number in (0, 1], got {v!r}")
-            v = float(v)
-        elif k == "top_k":
-            if v is None:
-                v = 0
-            if not is_int(v) or v < 0:
-                raise _Bad("invalid_value", f"{name}: must be an integer >= 0, got {v!r}")
-        elif k == "seed":
-            if not is_int(v):
-                raise _Bad("invalid_value", f"{name}: must be an integer, got {v!r}")
-        elif k == "stop":
-            if isinstance(v, str):
-                v = [v]
-            if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x
-                                                                      for x in v)):
-                raise _Bad("invalid_value",
-                           f"{name}: must be a string or a list of non-empty strings, got {v!r}")
-            v = v or None
-        else:  # pragma: no cover - callers pass only SAMPLING_KEYS
-            continue
-        s[k] = v
-    return s
+def _sampling(over: dict[str, Any], defaults: Sampling, prefix: str = "",
+              names: dict[str, str] | None = None) -> Sampling:
+    """The defaults with a line's overrides (checked by Sampling.overridden); _Bad names a
+    bad key as the line spelt it (names: our key -> the line's, e.g. max_new_tokens ->
+    max_tokens)."""
+    try:
+        return defaults.overridden(over)
+    except SamplingError as e:
+        raise _Bad("invalid_value", f"{prefix}{(names or {}).get(e.key, e.key)}: {e.problem}") \
+            from None
 
 
 def _message_text(content: Any, where: str) -> str:
@@ -171,8 +140,6 @@ class PromptEncoder:
         self.bos = getattr(tokenizer, "bos_token_id", None)
 
     def prompt(self, text: str) -> list[int]:
-        from ds3dist.text import encode_prompt
-
         try:
             return encode_prompt(self.tok, text, self.bos)
         except ValueError as e:  # an empty prompt without a BOS token
@@ -211,7 +178,7 @@ def detect_format(lines: Iterable[str]) -> str:
     return "native"
 
 
-def _parse_native(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Request:
+def _parse_native(obj: Any, line: int, enc: PromptEncoder, defaults: Sampling) -> InputLine:
     if not isinstance(obj, dict):
         raise _Bad("invalid_request", f"line must be a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
@@ -227,7 +194,7 @@ def _parse_native(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
     mt_name = "max_new_tokens"
     if "max_tokens" in obj and "max_new_tokens" not in obj:
         over["max_new_tokens"], mt_name = obj["max_tokens"], "max_tokens"
-    sampling = _check_sampling(over, defaults, names={"max_new_tokens": mt_name})
+    sampling = _sampling(over, defaults, names={"max_new_tokens": mt_name})
     if has_p:
         if not isinstance(obj["prompt"], str):
             raise _Bad("invalid_value", f"prompt: must be a string, got "
@@ -235,11 +202,11 @@ def _parse_native(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
         ids = enc.prompt(obj["prompt"])
     else:
         ids = enc.chat(_messages(obj["messages"], "messages"))
-    enc.check(ids, sampling["max_new_tokens"])
-    return Request(line=line, key=id_key(rid), id=rid, prompt_ids=ids, sampling=sampling)
+    enc.check(ids, sampling.max_new_tokens)
+    return InputLine(line=line, key=id_key(rid), id=rid, prompt_ids=ids, sampling=sampling)
 
 
-def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Request:
+def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: Sampling) -> InputLine:
     if not isinstance(obj, dict):
         raise _Bad("invalid_request", f"line must be a JSON object, got {type(obj).__name__}")
     cid = obj.get("custom_id")
@@ -269,8 +236,7 @@ def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
             break
     else:
         mt_name = "max_tokens"
-    sampling = _check_sampling(over, defaults, prefix="body.",
-                               names={"max_new_tokens": mt_name})
+    sampling = _sampling(over, defaults, prefix="body.", names={"max_new_tokens": mt_name})
     if endpoint == "chat":
         if "messages" not in body:
             raise _Bad("missing_required_parameter", "body.messages: required for " + url)
@@ -291,14 +257,14 @@ def _parse_openai(obj: Any, line: int, enc: PromptEncoder, defaults: dict) -> Re
         else:
             raise _Bad("invalid_value", "body.prompt: must be a string (or one string, or a list "
                                         "of token ids)")
-    enc.check(ids, sampling["max_new_tokens"])
+    enc.check(ids, sampling.max_new_tokens)
     model = body.get("model") if isinstance(body.get("model"), str) else None
-    return Request(line=line, key=id_key(cid), id=cid, prompt_ids=ids, sampling=sampling,
+    return InputLine(line=line, key=id_key(cid), id=cid, prompt_ids=ids, sampling=sampling,
                    endpoint=endpoint, model=model)
 
 
 def parse_input(lines: Sequence[str], fmt: str, enc: PromptEncoder,
-                defaults: dict[str, Any], bad_lines: dict[int, str] | None = None) -> ParsedInput:
+                defaults: Sampling, bad_lines: dict[int, str] | None = None) -> ParsedInput:
     """Parse every line: valid requests (first occurrence of an id wins) and per-line errors.
 
     fmt is 'native' or 'openai' (the caller resolves 'auto' with `detect_format`); bad_lines:

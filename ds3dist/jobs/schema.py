@@ -3,30 +3,27 @@
 The dataclasses below are registered with Hydra's ConfigStore as `ds3dist_schema`, the first
 entry of `conf/config.yaml`'s defaults list, so a key that does not exist (`parallel.epp=2`) or
 a value of the wrong type (`parallel.ep=two`) fails while the config is composed, with an error
-naming the key. Values that are well-typed but impossible for the model (`parallel.ep=3` with
-256 experts) are caught by `validate(cfg)`, which plans the layout against the model config
-(the preset, or the `config.json` in `model.path`) and raises `LaunchConfigError` naming the
-field.
+naming the key. Values that are well-typed but impossible (`parallel.ep=3` with 256 experts,
+`sampling.top_p=2`) are caught by `validate(cfg)`, which plans the layout against the model
+config (the preset, or the `config.json` in `model.path`), builds every options object the
+launch hands on, once (`Resolved`), and raises `LaunchConfigError` naming each field at fault.
+Defaults are those of the options classes (ServingOptions, RuntimeOptions, OffloadOptions,
+SpeculativeConfig, the job's DEFAULT_SAMPLING): written there once.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-import torch
-
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
-from ds3dist.jobs.memory_plan import Holding
-from ds3dist.model.options import default_dtype
+from ds3dist.core.options import ServingOptions, SpeculativeConfig
+from ds3dist.core.params import Sampling, SamplingError
+from ds3dist.jobs.requests import DEFAULT_SAMPLING
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
-from ds3dist.runtime.offload import OffloadOptions, deepspeed_missing
-from ds3dist.core.options import CONTROLS, ServingOptions
-from ds3dist.core.options import (DRAFT_HEADS, MAX_DRAFTS, METHODS, SpeculativeConfig,
-                                         num_drafts)
+from ds3dist.runtime.options import OffloadOptions, RuntimeOptions, deepspeed_missing
 
 SCHEMA_NAME = "ds3dist_schema"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -60,14 +57,17 @@ class ExecutionMode(Enum):
     bf16 = "bf16"
 
 
+_OFF, _SPEC, _SAMPLE = OffloadOptions(), SpeculativeConfig(), DEFAULT_SAMPLING
+
+
 @dataclass
 class OffloadConf:
     backend: Optional[str] = None  # deepspeed: ZeRO-Inference weight offload; null: off
-    device: str = "cpu"  # cpu (host memory) | nvme (files under nvme_path)
-    nvme_path: Optional[str] = None
-    params: str = "layers"  # layers (every decoder layer) | experts (routed experts only)
-    prefetch_layers: int = 1  # offloaded units fetched ahead of the one computing
-    pin_memory: bool = True  # page-locked host buffers (GPU only)
+    device: str = _OFF.device  # cpu (host memory) | nvme (files under nvme_path)
+    nvme_path: Optional[str] = _OFF.nvme_path
+    params: str = _OFF.params  # layers (every decoder layer) | experts (routed experts only)
+    prefetch_layers: int = _OFF.prefetch_layers  # units fetched ahead of the one computing
+    pin_memory: bool = _OFF.pin_memory  # page-locked host buffers (GPU only)
 
 
 @dataclass
@@ -80,17 +80,17 @@ class ExecutionConf:
 @dataclass
 class SpeculativeConf:
     method: Optional[str] = None  # mtp: draft with the MTP layer; null: off
-    num_tokens: int = 1  # drafts per request and step (1..3)
-    draft_head: str = "auto"  # the drafts' logits: auto | exact | int8 (an int8 copy of the head)
+    num_tokens: int = _SPEC.num_tokens  # drafts per request and step (1..3)
+    draft_head: str = _SPEC.draft_head  # the drafts' logits: auto | exact | int8 (int8 head copy)
 
 
 @dataclass
 class SamplingConf:
-    max_new_tokens: int = 64
-    temperature: float = 0.6  # 0: greedy
-    top_p: float = 0.95
-    top_k: int = 0  # 0: off
-    seed: int = 0
+    max_new_tokens: int = _SAMPLE.max_new_tokens
+    temperature: float = _SAMPLE.params.temperature  # 0: greedy
+    top_p: float = _SAMPLE.params.top_p
+    top_k: int = _SAMPLE.params.top_k  # 0: off
+    seed: int = _SAMPLE.params.seed
     stop: Optional[List[str]] = None
     speculative: SpeculativeConf = field(default_factory=SpeculativeConf)
 
@@ -114,24 +114,27 @@ class JobConf:
     dry_run: bool = False
 
 
+_RUN, _SERVE = RuntimeOptions(), ServingOptions()
+
+
 @dataclass
 class RuntimeConf:
-    address: Optional[str] = None  # Ray address; null: $RAY_ADDRESS, else a new local cluster
-    num_cpus: Optional[int] = None  # logical CPUs of a new local cluster
-    connect_timeout_s: float = 30.0  # reaching an existing Ray cluster
-    cpus_per_rank: Optional[int] = None  # CPUs (= torch threads) per rank; null: by layout
-    rendezvous_port: Optional[int] = None  # torch.distributed port on rank 0 (null: free)
-    collective_timeout_s: float = 120.0
-    startup_timeout_s: float = 600.0  # placement, process groups and weight loading
-    control: str = "auto"  # auto (compiled on GPU, classic on CPU) | compiled | classic | local
-    cache_gb: Optional[float] = None  # paged cache per rank (null: 4 on CPU, 90% free on GPU)
-    page_size: int = 64  # tokens per cache page
-    max_tokens_per_step: int = 2048  # token budget of one step, per expert-parallel column
-    max_seqs: int = 64  # running requests per expert-parallel column
-    prefill_chunk: Optional[int] = None  # tokens one request may take per step (null: half)
-    replicas: int = 1  # independent engines (pp x ep ranks each) fed from the one input
-    max_restarts: int = 3  # rebuilds of each replica after a lost rank, node or hung step
-    drain_timeout_s: float = 20.0  # after SIGTERM/SIGINT: how long requests in flight may finish
+    address: Optional[str] = _RUN.address  # Ray address; null: $RAY_ADDRESS, else a new cluster
+    num_cpus: Optional[int] = _RUN.num_cpus  # logical CPUs of a new local cluster
+    connect_timeout_s: float = _RUN.connect_timeout_s  # reaching an existing Ray cluster
+    cpus_per_rank: Optional[int] = _RUN.cpus_per_rank  # CPUs (= torch threads); null: by layout
+    rendezvous_port: Optional[int] = _RUN.rendezvous_port  # on rank 0 (null: a free port)
+    collective_timeout_s: float = _RUN.collective_timeout_s
+    startup_timeout_s: float = _RUN.startup_timeout_s  # placement, groups, weight loading
+    control: str = _SERVE.control  # auto (compiled on GPU, classic on CPU) | compiled | classic | local
+    cache_gb: Optional[float] = _SERVE.cache_gb  # cache per rank (null: 4 on CPU, 90% free GPU)
+    page_size: int = _SERVE.page_size  # tokens per cache page
+    max_tokens_per_step: int = _SERVE.max_tokens_per_step  # per expert-parallel column
+    max_seqs: int = _SERVE.max_seqs  # running requests per expert-parallel column
+    prefill_chunk: Optional[int] = _SERVE.prefill_chunk  # tokens a request takes a step (null: half)
+    replicas: int = _RUN.replicas  # independent engines (pp x ep ranks each), one input
+    max_restarts: int = _RUN.max_restarts  # rebuilds of a replica after a lost rank or hung step
+    drain_timeout_s: float = _RUN.drain_timeout_s  # after SIGTERM/SIGINT: requests may finish
 
 
 @dataclass
@@ -226,11 +229,16 @@ def _check_range(problems: list[str], key: str, v: Any, lo: float | None, hi: fl
         problems.append(f"{key}: must be {' and '.join(s for s in (lo_s, hi_s) if s)}, got {v!r}")
 
 
-def _offload_problems(cfg: Any) -> list[str]:
-    opt = offload_options(cfg)
-    if opt is None:
-        return []
-    problems = opt.problems()
+def _offload(cfg: Any, problems: list[str]) -> OffloadOptions | None:
+    """execution.offload as OffloadOptions, or None when off (backend null)."""
+    get = _section(cfg, "execution.offload")
+    if get("backend") is None:
+        return None
+    opt = OffloadOptions(backend=str(get("backend")), device=str(get("device")),
+                         nvme_path=None if get("nvme_path") is None else str(get("nvme_path")),
+                         params=str(get("params")), prefetch_layers=int(get("prefetch_layers")),
+                         pin_memory=bool(get("pin_memory")))
+    problems += opt.problems()
     if _get(cfg, "runtime.control") == "local":
         problems.append("execution.offload: runtime.control=local runs the model without "
                         "process groups; offload needs the Ray engine (control auto, compiled "
@@ -238,45 +246,68 @@ def _offload_problems(cfg: Any) -> list[str]:
     missing = deepspeed_missing() if opt.backend == "deepspeed" else None
     if missing:
         problems.append(f"execution.offload.backend: {missing}")
-    return problems
+    return opt
 
 
-def offload_options(cfg: Any) -> OffloadOptions | None:
-    """execution.offload as OffloadOptions, or None when off (backend null)."""
-    get = _section(cfg, "execution.offload")
-    if get("backend") is None:
+def _sampling(cfg: Any, problems: list[str]) -> Sampling:
+    get = _section(cfg, "sampling")
+    stop = get("stop")
+    values = {k: get(k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}
+    values["stop"] = None if stop is None else [str(x) for x in stop]
+    try:
+        return DEFAULT_SAMPLING.overridden(values)
+    except SamplingError as e:
+        problems.append(f"sampling.{e}")
+        return DEFAULT_SAMPLING
+
+
+def _speculative(cfg: Any, problems: list[str]) -> SpeculativeConfig | None:
+    get = _section(cfg, "sampling.speculative")
+    if get("method") is None:
         return None
-    return OffloadOptions(backend=str(get("backend")), device=str(get("device")),
-                          nvme_path=None if get("nvme_path") is None else str(get("nvme_path")),
-                          params=str(get("params")), prefetch_layers=int(get("prefetch_layers")),
-                          pin_memory=bool(get("pin_memory")))
+    try:
+        return SpeculativeConfig(str(get("method")), get("num_tokens"), str(get("draft_head")))
+    except ValueError as e:  # its message names the key
+        problems.append(str(e))
+        return None
 
 
-@dataclass
+def _serving(cfg: Any, problems: list[str]) -> ServingOptions:
+    get = _section(cfg, "runtime")
+    keys = [f.name for f in fields(ServingOptions) if f.name != "threads"]
+    try:
+        return ServingOptions(**{k: get(k) for k in keys})
+    except ValueError as e:  # its message names the key
+        problems.append(str(e))
+        return ServingOptions()
+
+
+def _runtime(cfg: Any) -> RuntimeOptions:
+    get = _section(cfg, "runtime")
+    return RuntimeOptions(**{f.name: get(f.name) for f in fields(RuntimeOptions)})
+
+
+@dataclass(frozen=True)
 class Resolved:
+    """The launch config, checked and turned once into what the launch hands on."""
     model: ModelConfig
     layout: ParallelLayout
     plans: list[RankPlan]
+    execution: str  # fp8 | bf16
+    dtype: str | None  # float32 | bfloat16 | float16; None: by device (model.options)
+    serving: ServingOptions
+    runtime: RuntimeOptions
+    speculative: SpeculativeConfig | None
+    offload: OffloadOptions | None
+    sampling: Sampling  # the job's defaults; each line may override them
+    job: JobConf
+    source: ModelConf  # where the checkpoint is (or which preset to synthesize)
 
 
 def validate(cfg: Any) -> Resolved:
-    """Check every setting that the schema's types cannot; plan the layout for the model.
-
-    Raises LaunchConfigError whose message names the key(s) at fault.
-    """
+    """Check every setting that the schema's types cannot, plan the layout for the model and
+    build the options. Raises LaunchConfigError naming every key at fault."""
     problems: list[str] = []
-    _check_range(problems, "sampling.max_new_tokens", _get(cfg, "sampling.max_new_tokens"), 1, None)
-    _check_range(problems, "sampling.temperature", _get(cfg, "sampling.temperature"), 0, None)
-    _check_range(problems, "sampling.top_p", _get(cfg, "sampling.top_p"), 0, 1, lo_open=True)
-    _check_range(problems, "sampling.top_k", _get(cfg, "sampling.top_k"), 0, None)
-    if _get(cfg, "sampling.speculative.method") not in (None, *METHODS):
-        problems.append(f"sampling.speculative.method: must be null (off) or one of {METHODS}, "
-                        f"got {_get(cfg, 'sampling.speculative.method')!r}")
-    _check_range(problems, "sampling.speculative.num_tokens",
-                 _get(cfg, "sampling.speculative.num_tokens"), 1, MAX_DRAFTS)
-    if _get(cfg, "sampling.speculative.draft_head") not in DRAFT_HEADS:
-        problems.append(f"sampling.speculative.draft_head: must be one of {DRAFT_HEADS}, "
-                        f"got {_get(cfg, 'sampling.speculative.draft_head')!r}")
     _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
     _check_range(problems, "runtime.collective_timeout_s",
                  _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
@@ -294,10 +325,11 @@ def validate(cfg: Any) -> Resolved:
         _check_range(problems, f"runtime.{key}", _get(cfg, f"runtime.{key}"), 1, None)
     _check_range(problems, "runtime.cache_gb", _get(cfg, "runtime.cache_gb"), 0, None,
                  lo_open=True)
+    sampling = _sampling(cfg, problems)
+    speculative = _speculative(cfg, problems)
+    serving = _serving(cfg, problems)
     control = _get(cfg, "runtime.control")
-    if control not in CONTROLS:
-        problems.append(f"runtime.control: must be one of {list(CONTROLS)}, got {control!r}")
-    elif control == "local" and (_get(cfg, "parallel.pp"), _get(cfg, "parallel.ep")) != (1, 1):
+    if control == "local" and (_get(cfg, "parallel.pp"), _get(cfg, "parallel.ep")) != (1, 1):
         problems.append(f"runtime.control: local runs the whole model in the launch's process; "
                         f"it needs parallel.pp=1 and parallel.ep=1, got pp="
                         f"{_get(cfg, 'parallel.pp')} ep={_get(cfg, 'parallel.ep')}")
@@ -307,7 +339,7 @@ def validate(cfg: Any) -> Resolved:
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
-    problems += _offload_problems(cfg)
+    offload = _offload(cfg, problems)
     if problems:
         raise LaunchConfigError("\n".join(problems))
 
@@ -323,72 +355,13 @@ def validate(cfg: Any) -> Resolved:
             f"job.max_prompt_tokens: {mpt} exceeds the model's max_position_embeddings "
             f"({mcfg.max_position_embeddings})"
         )
-    return Resolved(model=mcfg, layout=layout, plans=plans)
-
-
-def sampling_defaults(cfg: Any) -> dict[str, Any]:
-    get = _section(cfg, "sampling")
-    stop = get("stop")
-    return {
-        "max_new_tokens": int(get("max_new_tokens")),
-        "temperature": float(get("temperature")),
-        "top_p": float(get("top_p")),
-        "top_k": int(get("top_k")),
-        "seed": int(get("seed")),
-        "stop": None if stop is None else [str(x) for x in stop],
-    }
-
-
-def execution_mode(cfg: Any) -> str:
-    return str(_enum_value(_get(cfg, "execution.mode")))
-
-
-def job_format(cfg: Any) -> str:
-    return str(_enum_value(_get(cfg, "job.format")))
-
-
-def runtime_options(cfg: Any, world_size: int) -> dict[str, Any]:
-    """Keyword arguments of the Engine taken from `runtime.*`."""
-    get = _section(cfg, "runtime")
-    return {
-        "ray_address": get("address"),
-        "num_cpus": get("num_cpus"),
-        "connect_timeout_s": float(get("connect_timeout_s")),
-        "cpus_per_rank": get("cpus_per_rank") or default_cpus_per_rank(get("address"), world_size),
-        "rendezvous_port": get("rendezvous_port"),
-        "collective_timeout_s": float(get("collective_timeout_s")),
-        "startup_timeout_s": float(get("startup_timeout_s")),
-        "serving": ServingOptions(
-            cache_gb=get("cache_gb"), page_size=int(get("page_size")),
-            max_tokens_per_step=int(get("max_tokens_per_step")), max_seqs=int(get("max_seqs")),
-            prefill_chunk=get("prefill_chunk"), control=str(get("control"))),
-        "speculative": speculative(cfg),
-        "offload": offload_options(cfg),
-    }
-
-
-def holding(cfg: Any, layout: ParallelLayout) -> Holding:
-    """How the ranks will hold weights (the dry run's memory plan)."""
-    dtype = _get(cfg, "execution.dtype")
-    cache_gb = _get(cfg, "runtime.cache_gb")
-    return Holding(execution=execution_mode(cfg),
-                   dtype=getattr(torch, dtype) if dtype else default_dtype(layout.device),
-                   mtp_passes=num_drafts(speculative(cfg)), offload=offload_options(cfg),
-                   cache_bytes=None if cache_gb is None else float(cache_gb) * 1e9)
-
-
-def speculative(cfg: Any) -> SpeculativeConfig | None:
-    """sampling.speculative as a SpeculativeConfig, or None when off."""
-    method = _get(cfg, "sampling.speculative.method")
-    if method is None:
-        return None
-    return SpeculativeConfig(str(method), int(_get(cfg, "sampling.speculative.num_tokens")),
-                             str(_get(cfg, "sampling.speculative.draft_head")))
-
-
-def default_cpus_per_rank(address: str | None, world_size: int) -> int:
-    """A new local cluster shares this machine's cores between its ranks; on an existing
-    cluster each rank gets one CPU unless runtime.cpus_per_rank says more."""
-    if address or os.environ.get("RAY_ADDRESS"):
-        return 1
-    return max(1, (os.cpu_count() or 1) // world_size)
+    job = _section(cfg, "job")
+    model = _section(cfg, "model")
+    return Resolved(
+        model=mcfg, layout=layout, plans=plans,
+        execution=str(_enum_value(_get(cfg, "execution.mode"))), dtype=dtype,
+        serving=serving, runtime=_runtime(cfg), speculative=speculative, offload=offload,
+        sampling=sampling,
+        job=JobConf(**{f.name: _enum_value(job(f.name)) if f.name != "format"
+                       else str(_enum_value(job(f.name))) for f in fields(JobConf)}),
+        source=ModelConf(**{f.name: model(f.name) for f in fields(ModelConf)}))

@@ -76,8 +76,10 @@ def extensions_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """This source, torch and CPU's build folder (a new one when any of them changes)."""
-    parts = [*(f.read_bytes() for f in sorted(_DIR.iterdir())), torch.__version__.encode(),
+    """This source (and its place), torch and CPU's build folder (a new one when any of them
+    changes)."""
+    parts = [str(_DIR).encode(),  # a checkout of its own: ninja rebuilds for moved sources
+             *(f.read_bytes() for f in sorted(_DIR.iterdir())), torch.__version__.encode(),
              " ".join(_CFLAGS).encode(), " ".join(sorted(cpu_flags())).encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     return extensions_dir() / f"ds3dist_kernels_{key}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,14 +22,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ds3dist.config import ModelConfig
+from ds3dist.core.engine import EngineStats
 from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
 from ds3dist.runtime.control import ClassicExecutor, CompiledExecutor, cause_text
-from ds3dist.runtime.offload import OffloadOptions, remove_swap_dirs
+from ds3dist.runtime.offload import remove_swap_dirs
+from ds3dist.runtime.options import OffloadOptions, RuntimeOptions
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.core.loop import serve
-from ds3dist.core.options import DEFAULT_CPU_CACHE_GB, ServingOptions
+from ds3dist.core.options import ServingOptions
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.request import Request
 from ds3dist.core.scheduler import Scheduler, SchedulerConfig
@@ -38,6 +40,7 @@ from ds3dist.text import GenerationResult, generate_with
 from ds3dist.tokenizer import load_tokenizer
 
 PING_TIMEOUT_S = 5.0  # a rank that cannot answer a ping in this time is stopped or hung
+STEP_SLACK_S = 30.0  # a step may take the collective timeout and this much more
 RESOURCE_POLL_S = 1.0
 SHUTDOWN_CALL_S = 10.0  # each cluster call of a shutdown gives up after this
 
@@ -54,20 +57,17 @@ class Engine:
         execution: str = "bf16",
         dtype=None,
         *,
-        attn_form: str = "absorbed",
         serving: ServingOptions | None = None,
-        rendezvous_port: int | None = None,
-        collective_timeout_s: float = 120.0,
-        startup_timeout_s: float = 600.0,
-        ray_address: str | None = None,
-        num_cpus: int | None = None,
-        connect_timeout_s: float = 30.0,
-        cpus_per_rank: int = 1,
-        fault_ids: tuple[str, ...] = (),
+        runtime: RuntimeOptions | None = None,
         speculative: SpeculativeConfig | None = None,
-        resource_wait_s: float = 0.0,
         offload: OffloadOptions | None = None,
+        attn_form: str = "absorbed",
+        fault_ids: tuple[str, ...] = (),
+        resource_wait_s: float = 0.0,
+        ranks_in_cluster: int | None = None,
     ):
+        """ranks_in_cluster: every rank the cluster will hold (replicas x ranks; default this
+        engine's), which sizes a new local cluster and each rank's share of the cores."""
         self.checkpoint = str(Path(checkpoint).resolve())
         self.layout = layout or ParallelLayout()
         self.config = ModelConfig.from_json(self.checkpoint)
@@ -82,22 +82,22 @@ class Engine:
         if self.serving.control == "local":
             raise EngineError("runtime.control=local runs the model in one process without Ray "
                               "(LocalEngine, which the launch uses for it), not in an Engine")
-        self.collective_timeout_s = collective_timeout_s
-        self.step_timeout_s = collective_timeout_s + 30.0
+        self.runtime = runtime or RuntimeOptions()
+        self.step_timeout_s = self.runtime.collective_timeout_s + STEP_SLACK_S
         self.actors: list = []
         self.infos: list[dict] = []
         self.pg = None
         self.executor = None  # a compiled graph holds the actors while it lives (stats frees it)
         self.scheduler: Scheduler | None = None  # of the last stream
-        self.cpus_per_rank = cpus_per_rank
+        ranks = ranks_in_cluster or self.layout.world_size
+        self.cpus_per_rank = self.runtime.rank_cpus(ranks)
         self.engine_id = uuid.uuid4().hex  # keys the ranks' published progress
-        cluster.connect(ray_address, num_cpus or max(8, self.layout.world_size * cpus_per_rank),
-                        connect_timeout_s)
+        cluster.connect(self.runtime.address, self.runtime.cluster_cpus(ranks),
+                        self.runtime.connect_timeout_s)
         self._await_resources(resource_wait_s)
         try:
-            self._start(attn_form, execution, dtype, rendezvous_port, startup_timeout_s,
-                        fault_ids)
-            self.sched_cfg = self._setup_caches(startup_timeout_s)
+            self._start(attn_form, execution, dtype, fault_ids)
+            self.sched_cfg = self._setup_caches(self.runtime.startup_timeout_s)
             self.executor = self._executor()  # compiled here: not in the first step's time
         except BaseException:
             self.shutdown()
@@ -118,7 +118,8 @@ class Engine:
                     raise
                 time.sleep(RESOURCE_POLL_S)
 
-    def _start(self, attn_form, execution, dtype, port, timeout, fault_ids):
+    def _start(self, attn_form, execution, dtype, fault_ids):
+        timeout = self.runtime.startup_timeout_s
         gpu = self.layout.device == "cuda"
         cpus = self.cpus_per_rank
         bundle = {"GPU": 1, "CPU": cpus} if gpu else {"CPU": cpus}
@@ -144,23 +145,20 @@ class Engine:
                          self.offload)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")
-        addr, port = self._get([self.actors[0].rendezvous_address.remote(port)], timeout,
-                               "rendezvous", ranks=[0])[0]
-        self.rendezvous = (addr, port)
-        self._get([a.init_distributed.remote(addr, port, self.collective_timeout_s)
+        addr, port = self._get([self.actors[0].rendezvous_address.remote(
+            self.runtime.rendezvous_port)], timeout, "rendezvous", ranks=[0])[0]
+        self._get([a.init_distributed.remote(addr, port, self.runtime.collective_timeout_s)
                    for a in self.actors], timeout, "process-group set-up")
         self.load_info = self._get([a.load.remote() for a in self.actors], timeout, "loading")
 
     def _setup_caches(self, timeout: float) -> SchedulerConfig:
-        """Pages per column: what cache_gb holds on the stage with the most layers (every
-        stage of a column uses the same page ids)."""
+        """Pages per column: what the cache bytes hold on the stage with the most layers
+        (every stage of a column uses the same page ids)."""
         opt, cfg = self.serving, self.config
-        dtype = getattr(torch, self.load_info[0]["dtype"].removeprefix("torch."))
-        if opt.cache_gb is None and self.layout.device == "cuda":
-            free = min(i["cuda_free_bytes"] for i in self.load_info)
-            nbytes = 0.9 * free
-        else:
-            nbytes = (opt.cache_gb if opt.cache_gb is not None else DEFAULT_CPU_CACHE_GB) * 1e9
+        dtype = getattr(torch, self.load_info[0].dtype.removeprefix("torch."))
+        free = (min(i.cuda_free_bytes for i in self.load_info)
+                if self.layout.device == "cuda" else None)
+        nbytes = opt.cache_bytes(free)
         layers = max(len(p.layers) + (len(cfg.mtp_layer_ids) if p.head and self.num_drafts else 0)
                      for p in self.plans)
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -170,12 +168,9 @@ class Engine:
                               f"{opt.page_size} tokens x {layers} layers")
         self._get([a.setup_cache.remote(pages, opt.page_size) for a in self.actors], timeout,
                   "cache set-up")
-        return SchedulerConfig(columns=self.layout.ep, pages_per_column=pages,
-                               page_size=opt.page_size,
-                               max_tokens_per_step=opt.max_tokens_per_step,
-                               max_seqs=opt.max_seqs, prefill_chunk=opt.prefill_chunk,
-                               max_model_len=cfg.max_position_embeddings,
-                               num_drafts=self.num_drafts)
+        return SchedulerConfig.of(opt, columns=self.layout.ep, pages_per_column=pages,
+                                  max_model_len=cfg.max_position_embeddings,
+                                  num_drafts=self.num_drafts)
 
     def _executor(self):
         control = self.serving.control
@@ -260,7 +255,7 @@ class Engine:
                 dead.append(pings[ref])
         return dead
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """Per-rank figures, tokens routed per expert, busy seconds per stage, scheduler
         counters. A compiled graph is released first (its actors answer nothing else)."""
         if self.executor is not None:
@@ -268,19 +263,15 @@ class Engine:
             self.executor = None
         ranks = (self._get([a.stats.remote() for a in self.actors], self.step_timeout_s, "stats")
                  if self.actors else [])  # none after a failure: only the scheduler's figures
-        load: dict[int, list[int]] = {}
+        out = EngineStats(ranks=ranks, stage_seconds=[0.0] * self.layout.pp,
+                          speculating=self.num_drafts > 0)
         for st in ranks:
-            for layer_id, d in st.get("dispatch", {}).items():
-                row = load.setdefault(int(layer_id), [0] * self.config.n_routed_experts)
-                for e, c in enumerate(d["received_per_expert"]):
-                    row[e] += c
-        stage_s = [0.0] * self.layout.pp
-        for st in ranks:
-            stage_s[st["stage"]] = max(stage_s[st["stage"]], st["busy_seconds"])
-        st = self.scheduler.stats if self.scheduler is not None else None
-        return {"ranks": ranks, "expert_load": dict(sorted(load.items())),
-                "stage_seconds": stage_s, "scheduler": asdict(st) if st else {},
-                "speculative": st.speculative() if st and self.num_drafts else None}
+            for layer_id, d in st.dispatch.items():
+                out.expert_load.add(layer_id, d["received_per_expert"])
+            out.stage_seconds[st.stage] = max(out.stage_seconds[st.stage], st.busy_seconds)
+        if self.scheduler is not None:
+            out.scheduler = self.scheduler.stats
+        return out
 
     def shutdown(self) -> None:
         """Kill the actors, release the graph and the placement group. Each cluster call is

@@ -18,7 +18,6 @@ are its own, nothing is sharded further.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -30,60 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ds3dist.core.engine import OffloadStats
 from ds3dist.model.load import pack_weights, unpack_weights
 from ds3dist.model.transformer import Transformer
+from ds3dist.runtime.options import INSTALL_HINT, OffloadError, OffloadOptions
 
-BACKENDS = ("deepspeed",)
-DEVICES = ("cpu", "nvme")
-PARAMS = ("layers", "experts")
 WORD = torch.bfloat16  # the flat buffer's dtype (DeepSpeed swaps parameters as 2-byte words)
 ALIGN = 64  # bytes: every tensor's region starts at a multiple (any dtype views it)
-INSTALL_HINT = "pip install 'ds3dist[deepspeed]' (or: pip install deepspeed)"
-
-
-class OffloadError(RuntimeError):
-    """The offload cannot be set up; the message names the execution.offload setting."""
-
-
-@dataclass(frozen=True)
-class OffloadOptions:
-    """execution.offload: where a rank's offloaded weights live and what is offloaded.
-
-    device: cpu (host memory) | nvme (files under nvme_path, read with async I/O)
-    params: layers (every decoder layer the rank holds; embedding, head and MTP layer stay
-            resident) | experts (only the routed experts, most of the bytes)
-    prefetch_layers: units fetched ahead of the one computing
-    pin_memory: page-locked host buffers (GPU only)
-    """
-
-    backend: str = "deepspeed"
-    device: str = "cpu"
-    nvme_path: str | None = None
-    params: str = "layers"
-    prefetch_layers: int = 1
-    pin_memory: bool = True
-
-    def problems(self) -> list[str]:
-        out = []
-        for key, value, allowed in (("backend", self.backend, BACKENDS),
-                                    ("device", self.device, DEVICES),
-                                    ("params", self.params, PARAMS)):
-            if value not in allowed:
-                out.append(f"execution.offload.{key}: must be one of {list(allowed)}, "
-                           f"got {value!r}")
-        if self.device == "nvme" and not self.nvme_path:
-            out.append("execution.offload.nvme_path: needed with device=nvme (a directory on "
-                       "a local NVMe drive, one folder per rank is made in it)")
-        if self.prefetch_layers < 0:
-            out.append(f"execution.offload.prefetch_layers: must be >= 0, got "
-                       f"{self.prefetch_layers}")
-        return out
-
-    def holds(self, module_name: str) -> bool:
-        """Whether the Transformer module `module_name` belongs to an offload unit."""
-        if self.params == "experts":
-            return ".mlp.experts." in module_name
-        return module_name.startswith("layers.")
 
 
 def units(model: Transformer, params: str) -> list[tuple[nn.Module, nn.Module]]:
@@ -94,17 +46,6 @@ def units(model: Transformer, params: str) -> list[tuple[nn.Module, nn.Module]]:
     if params == "experts":
         return [(moe, moe.experts) for moe in model.moe_layers().values()]
     return [(layer, layer) for layer in model.layers.values()]
-
-
-def deepspeed_missing() -> str | None:
-    """Why the deepspeed backend cannot be used here (not installed), or None."""
-    try:
-        found = importlib.util.find_spec("deepspeed") is not None
-    except ValueError:  # deepspeed in sys.modules as None: import blocked
-        found = False
-    if not found:
-        return f"DeepSpeed is not installed: {INSTALL_HINT}"
-    return None
 
 
 # ---- slots: a unit's tensors as views of one flat buffer -----------------------------------
@@ -349,6 +290,5 @@ class Offloaded:
         if self.zero is not None:
             self.zero.get_param_coordinator().reset_step()
 
-    def stats(self) -> dict:
-        return {"offloaded_bytes": self.bytes, "window_bytes": self.window_bytes,
-                "units": len(self.units)}
+    def stats(self) -> OffloadStats:
+        return OffloadStats(self.bytes, self.window_bytes, len(self.units))

@@ -26,9 +26,10 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
+from ds3dist.core.engine import EngineStats, RecoveryStats, ReplicaStats, Restart
 from ds3dist.runtime import cluster
 from ds3dist.runtime.engine import EngineError
 from ds3dist.core.request import Request, RequestStatus
@@ -38,31 +39,6 @@ log = logging.getLogger(__name__)
 
 MakeEngine = Callable[[int, int], Any]  # (replica, attempt: 0 first start) -> Engine
 POLL_S = 0.5  # the caller's thread wakes this often to let signal handlers run
-
-
-@dataclass
-class Restart:
-    replica: int
-    cause: str  # the failure, first line
-    at_s: float  # seconds into the stream
-    lost_s: float  # from the failure to a replacement ready to run
-    rerun: int  # requests run again from their prompts
-
-
-@dataclass
-class ReplicaFigures:
-    replica: int
-    requests: int = 0  # ended here (finished, rejected or failed on their own)
-    completion_tokens: int = 0
-    restarts: int = 0
-    seconds: float = 0.0  # from the stream's start to this replica's end
-    gave_up: str | None = None  # why it was not rebuilt again
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["completion_tokens_per_second"] = (round(self.completion_tokens / self.seconds, 4)
-                                             if self.seconds else None)
-        return d
 
 
 class _GaveUp(Exception):
@@ -138,8 +114,8 @@ class ReplicaSet:
         except BaseException:
             self.shutdown()
             raise
-        self.figures = [ReplicaFigures(i) for i in range(replicas)]
-        self.restarts: list[Restart] = []
+        self.figures = [ReplicaStats(i) for i in range(replicas)]
+        self.recovery = RecoveryStats()
         self._lost_stats = [SchedulerStats() for _ in range(replicas)]  # of replaced engines
         self._held: list[dict[str, Request]] = [{} for _ in range(replicas)]
         self._lock = threading.Lock()
@@ -255,37 +231,28 @@ class ReplicaSet:
             except Exception as e:  # no replacement resources in time, or start-up failed
                 cause = f"{cause}; then the restart failed: {_one_line(e)}"
         with self._lock:
-            self.restarts.append(Restart(i, cause, round(t_fail - self._t0, 3),
-                                         round(time.monotonic() - t_fail, 3), rerun))
+            self.recovery.restarts.append(Restart(i, cause, round(t_fail - self._t0, 3),
+                                                  round(time.monotonic() - t_fail, 3), rerun))
 
     # ---- figures and shutdown -------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """The engines' figures combined (ranks tagged with their replica; routed tokens
         summed; busy seconds per stage, the most of any replica), the replicas' own and the
         restarts. Figures of replaced engines' ranks are gone with them; their scheduler
         counters are kept."""
         per = [_stats_of(e) for e in self.engines] if cluster.alive() else []
-        ranks = [dict(r, replica=i) for i, s in enumerate(per) for r in s.get("ranks") or []]
-        load: dict[int, list[int]] = {}
+        out = EngineStats(ranks=[replace(r, replica=i) for i, s in enumerate(per) for r in s.ranks],
+                          speculating=any(s.speculating for s in per),
+                          replicas=list(self.figures), recovery=self.recovery)
         for s in per:
-            for layer, row in (s.get("expert_load") or {}).items():
-                acc = load.setdefault(layer, [0] * len(row))
-                load[layer] = [a + b for a, b in zip(acc, row)]
-        stages = [s.get("stage_seconds") or [] for s in per]
-        sched = SchedulerStats()
+            out.expert_load.merge(s.expert_load)
+        stages = [s.stage_seconds for s in per]
+        out.stage_seconds = [max(col) for col in zip(*stages)] if stages and all(stages) else []
         for i, e in enumerate(self.engines):
-            sched.add(self._lost_stats[i])
+            out.scheduler.add(self._lost_stats[i])
             if e.scheduler is not None:
-                sched.add(e.scheduler.stats)
-        speculative = any(s.get("speculative") is not None for s in per)
-        return {"ranks": ranks, "expert_load": dict(sorted(load.items())),
-                "stage_seconds": [max(col) for col in zip(*stages)] if all(stages) else [],
-                "scheduler": asdict(sched),
-                "speculative": sched.speculative() if speculative else None,
-                "replicas": [f.as_dict() for f in self.figures],
-                "recovery": {"restarts": len(self.restarts),
-                             "lost_seconds": round(sum(r.lost_s for r in self.restarts), 3),
-                             "events": [asdict(r) for r in self.restarts]}}
+                out.scheduler.add(e.scheduler.stats)
+        return out
 
     def shutdown(self) -> None:
         if not cluster.alive():  # nothing left to release, and no call would be answered
@@ -312,10 +279,10 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _stats_of(engine: Any) -> dict:
-    """engine.stats(), or {} for an engine that can no longer answer (logged)."""
+def _stats_of(engine: Any) -> EngineStats:
+    """engine.stats(), or empty figures for an engine that can no longer answer (logged)."""
     try:
-        return engine.stats() or {}
+        return engine.stats()
     except Exception as e:  # a replica given up on: its ranks are gone
         log.warning("a replica's figures are missing: %s", _one_line(e))
-        return {}
+        return EngineStats()

@@ -19,12 +19,14 @@ import ray
 import torch
 import torch.distributed as dist
 
+from ds3dist.core.engine import LoadInfo, RankStats
 from ds3dist.model.load import load_model
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import progress, rendezvous
 from ds3dist.runtime.hostmem import release_free_memory, retain_freed_memory
-from ds3dist.runtime.offload import Offloaded, OffloadOptions
+from ds3dist.runtime.offload import Offloaded
+from ds3dist.runtime.options import OffloadOptions
 from ds3dist.rank.column import run_column
 from ds3dist.core.plan import StepPlan
 from ds3dist.rank.runner import StepRunner
@@ -64,7 +66,7 @@ class StageWorker:
         self.ep_group = None
         self.busy_s = 0.0
         self.steps = 0
-        self.load_info: dict = {}
+        self.load_info: LoadInfo | None = None
         self.net: dict = {}
         self.collectives = CollectiveLog()
         self.engine_id = engine_id  # the key of this rank's published progress
@@ -116,7 +118,7 @@ class StageWorker:
                 if rank == self.plan.rank:
                     self.own_group = group
 
-    def load(self) -> dict:
+    def load(self) -> LoadInfo:
         t0 = time.perf_counter()
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
@@ -130,19 +132,17 @@ class StageWorker:
                 moe.dispatcher = AllToAllDispatcher(
                     self.ep_group, owner, fp8_payload=(self.execution == "fp8"),
                     layer_id=layer_id, log=self.collectives)
-        offload = {}
+        offload = None
         if self.offload is not None:
             self.offloaded = Offloaded(self.model, self.offload, self.own_group, self.plan.rank,
                                        self.device)
             release_free_memory()  # the loaded copies of what is now offloaded
             offload = self.offloaded.stats()
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        if free is not None:  # the offloaded units fetched at once are not in the cache's room
-            free -= offload.get("window_bytes", 0)
-        self.load_info = {"bytes_read": self.model.load_stats["bytes_read"],
-                          "load_seconds": time.perf_counter() - t0, "rss_bytes": _rss_bytes(),
-                          "dtype": str(self.model.dtype), "cuda_free_bytes": free,
-                          "offload": offload}
+        if free is not None and offload is not None:  # the units fetched at once need room
+            free -= offload.window_bytes
+        self.load_info = LoadInfo(self.model.load_stats["bytes_read"], time.perf_counter() - t0,
+                                  _rss_bytes(), str(self.model.dtype), free, offload)
         return self.load_info
 
     def setup_cache(self, num_pages: int, page_size: int) -> int:
@@ -183,20 +183,13 @@ class StageWorker:
         return out
 
     # ---- introspection --------------------------------------------------------------
-    def stats(self) -> dict:
-        load = {}
-        if self.model is not None:
-            for layer_id, moe in self.model.moe_layers().items():
-                s = getattr(moe.dispatcher, "stats", None)
-                if s is not None:
-                    load[layer_id] = s()
-        return {**self.node_info(), **self.load_info, "net": self.net, "rss_bytes": _rss_bytes(),
-                "peak_rss_bytes": _rss_bytes("VmHWM"), "busy_seconds": self.busy_s,
-                "steps": self.steps, "dispatch": load}
-
-    def shutdown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def stats(self) -> RankStats:
+        layers = self.model.moe_layers() if self.model is not None else {}
+        dispatch = {layer_id: moe.dispatcher.stats() for layer_id, moe in layers.items()}
+        p, info = self.plan, self.node_info()
+        return RankStats(p.rank, p.stage, p.ep_rank, info["node_ip"], info["hostname"],
+                         info["pid"], self.load_info, self.net, _rss_bytes(),
+                         _rss_bytes("VmHWM"), self.busy_s, self.steps, dispatch)
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
