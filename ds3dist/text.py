@@ -34,11 +34,12 @@ class GenerationResult:
 class StopStrings:
     """A request's stop strings, checked as its tokens arrive, in O(new text) per token.
 
-    Decoded text is kept up to the last token after which it ended on a whole character (an
-    anchor); each new token decodes only the tokens since the anchor (a byte-level decoder
+    The output's tokens are anchored after the last one on which its text ended on a whole
+    character; each new token decodes only the tokens since the anchor (a byte-level decoder
     gives the text of a prefix that ends on a character boundary, then that of the rest), and
-    only the new characters, with the longest stop string's length before them, are searched.
-    So the text searched is always exactly tokenizer.decode(outputs so far)."""
+    only that new text is searched, with as many characters of the anchored text before it as
+    a stop string could start back (all that is kept of it). So every match found is one in
+    tokenizer.decode(outputs so far), found at the first token that completes it."""
 
     def __init__(self, tokenizer: Any, strings: Iterable[str]):
         self.tokenizer = tokenizer
@@ -47,8 +48,8 @@ class StopStrings:
             raise ValueError("StopStrings needs at least one non-empty string")
         self._reach = max(map(len, self.strings)) - 1  # characters a match may start before
         self._ids: list[int] = []
-        self._anchor = 0  # self._ids[:anchor] decode to self._text, ending on a character
-        self._text = ""
+        self._anchor = 0  # self._ids[:anchor] decode to text ending on a whole character
+        self._before = ""  # the last _reach characters of that text
 
     def fresh(self) -> StopStrings:
         """The same strings, no token seen yet."""
@@ -60,12 +61,12 @@ class StopStrings:
         for n, token in enumerate(new_ids, 1):
             self._ids.append(int(token))
             tail = self.tokenizer.decode(self._ids[self._anchor:])
-            text = self._text + tail
-            window = text[max(0, len(self._text) - self._reach):]
+            window = self._before + tail
             if any(s in window for s in self.strings):
                 return n
             if not tail.endswith(REPLACEMENT):
-                self._text, self._anchor = text, len(self._ids)
+                self._before = window[max(0, len(window) - self._reach):]
+                self._anchor = len(self._ids)
         return None
 
 

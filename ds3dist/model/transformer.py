@@ -24,7 +24,7 @@ from ds3dist.model.linear import Linear
 from ds3dist.model.moe import MoE
 from ds3dist.model.mtp import MTPLayer
 from ds3dist.model.norm import RMSNorm
-from ds3dist.model.options import ATTN_FORMS, BuildOptions
+from ds3dist.model.options import BuildOptions
 from ds3dist.model.rope import Rope
 
 
@@ -86,14 +86,6 @@ class Transformer(nn.Module):
         """{layer id: MoE module} of every held MoE layer (MTP included); set `.dispatcher`."""
         blocks = list(self.layers.values()) + list(self.mtp.values() if self.mtp is not None else [])
         return {b.layer_id: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
-
-    def set_attn_form(self, form: str) -> None:
-        """'absorbed' (default, latent attention) or 'naive' (per-head keys/values)."""
-        if form not in ATTN_FORMS:
-            raise ValueError(f"attn_form must be one of {ATTN_FORMS}, got {form!r}")
-        for m in self.modules():
-            if hasattr(m, "form") and hasattr(m, "kv_b_proj"):
-                m.form = form
 
     def new_cache(self, num_pages: int, page_size: int) -> PagedCache:
         """A pool of pages for the held layers (and MTP layers), allocated once."""

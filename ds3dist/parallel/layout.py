@@ -8,7 +8,7 @@ is data-parallel inside the stage) and its own slice of each MoE layer's routed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ds3dist.config import ModelConfig
 
@@ -37,7 +37,6 @@ class ParallelLayout:
     expert_map: list[int] | None = None  # expert id -> ep rank; default: contiguous ranges
     device: str = "cpu"  # "cpu" or "cuda"
     backend: str | None = None  # "gloo" or "nccl"; default by device
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("pp", "ep"):

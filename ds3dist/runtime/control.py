@@ -39,10 +39,15 @@ def cause_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".rstrip()
 
 
-def plans_in_flight(layout: ParallelLayout) -> tuple[bool, int]:
+def plans_in_flight(pp: int) -> tuple[bool, int]:
     """(overlap, plans in flight): one plan per stage; with one stage, a second plan that
     decodes ahead of its tokens (the rank that samples them also embeds them)."""
-    return layout.pp == 1, layout.pp + (layout.pp == 1)
+    return pp == 1, pp + (pp == 1)
+
+
+def columns_of(layout: ParallelLayout) -> list[list[int]]:
+    """The ranks of each expert-parallel column, stage by stage: what a plan passes through."""
+    return [[layout.rank_of(s, r) for s in range(layout.pp)] for r in range(layout.ep)]
 
 
 def merge(step_id: int, outs: list[StepResult]) -> StepResult:
@@ -54,18 +59,18 @@ def merge(step_id: int, outs: list[StepResult]) -> StepResult:
 
 
 class ClassicExecutor:
-    def __init__(self, actors: list, layout: ParallelLayout, on_failure: OnFailure):
-        self.actors, self.layout, self.on_failure = actors, layout, on_failure
-        self.overlap, self.max_in_flight = plans_in_flight(layout)
+    """Each plan as actor calls, stage after stage down each column (columns_of)."""
+
+    def __init__(self, actors: list, columns: list[list[int]], on_failure: OnFailure):
+        self.actors, self.columns, self.on_failure = actors, columns, on_failure
+        self.overlap, self.max_in_flight = plans_in_flight(len(columns[0]))
         self._pending: deque[tuple[int, list, dict]] = deque()
 
     def submit(self, plan: StepPlan) -> None:
-        lay = self.layout
         last, calls = [], {}
-        for r in range(lay.ep):
+        for column in self.columns:
             ref = None
-            for s in range(lay.pp):
-                rank = lay.rank_of(s, r)
+            for rank in column:
                 ref = self.actors[rank].step.remote(plan, ref)  # small: inlined in the call
                 calls[ref] = (rank, f"step {plan.step_id}")
             last.append(ref)
@@ -93,9 +98,6 @@ class ClassicExecutor:
         for _, _, calls in self._pending:
             out.update(calls)
         return out
-
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def close(self) -> None:
         self._pending.clear()
@@ -135,17 +137,18 @@ class Napper:
 
 
 class CompiledExecutor:
-    def __init__(self, actors: list, layout: ParallelLayout, on_failure: OnFailure):
-        self.layout, self.on_failure = layout, on_failure
-        self.actors = actors
+    """The columns (columns_of) as one Ray compiled graph, plans in flight through it."""
+
+    def __init__(self, actors: list, columns: list[list[int]], on_failure: OnFailure):
+        self.actors, self.on_failure = actors, on_failure
         self.napper = Napper()
-        self.overlap, self.max_in_flight = plans_in_flight(layout)
+        self.overlap, self.max_in_flight = plans_in_flight(len(columns[0]))
         with InputNode() as plan:
             last = []
-            for r in range(layout.ep):
-                node = actors[layout.rank_of(0, r)].step.bind(plan)
-                for s in range(1, layout.pp):
-                    node = actors[layout.rank_of(s, r)].step.bind(plan, node)
+            for first, *rest in columns:
+                node = actors[first].step.bind(plan)
+                for rank in rest:
+                    node = actors[rank].step.bind(plan, node)
                 last.append(node)
             dag = MultiOutputNode(last)
         self.dag = dag.experimental_compile(_max_inflight_executions=self.max_in_flight)
@@ -194,9 +197,6 @@ class CompiledExecutor:
         dead = getattr(e, "actor_id", None)
         return next((rank for rank, a in enumerate(self.actors)
                      if dead is not None and a._actor_id.hex() == dead), -1)
-
-    def in_flight(self) -> int:
-        return len(self._pending)
 
     def close(self) -> None:
         """Release the graph (after a failure the engine kills the actors first, so a

@@ -26,7 +26,7 @@ from ds3dist.core.engine import EngineStats
 from ds3dist.model.cache import PagedCache
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
-from ds3dist.runtime.control import ClassicExecutor, CompiledExecutor, cause_text
+from ds3dist.runtime.control import ClassicExecutor, CompiledExecutor, cause_text, columns_of
 from ds3dist.runtime.offload import remove_swap_dirs
 from ds3dist.runtime.options import OffloadOptions, RuntimeOptions
 from ds3dist.runtime.worker import StageWorker
@@ -72,6 +72,7 @@ class Engine:
         self.layout = layout or ParallelLayout()
         self.config = ModelConfig.from_json(self.checkpoint)
         self.plans = self.layout.plan(self.config)
+        self.columns = columns_of(self.layout)
         self.serving = serving or ServingOptions()
         self.speculative = speculative
         self.offload = offload
@@ -177,8 +178,8 @@ class Engine:
         if control == "auto":
             control = "compiled" if self.layout.device == "cuda" else "classic"
         if control == "compiled":
-            return CompiledExecutor(self.actors, self.layout, self._failure)
-        return ClassicExecutor(self.actors, self.layout, self._failure)
+            return CompiledExecutor(self.actors, self.columns, self._failure)
+        return ClassicExecutor(self.actors, self.columns, self._failure)
 
     # ---- generation -------------------------------------------------------------------
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
