@@ -38,11 +38,11 @@ NEW_TOKENS = 16
 # model part resident (logits of a whole causal forward, three steps: the first records
 # DeepSpeed's trace, the next ones prefetch from it).
 UNIT_CHECK = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import torch, torch.distributed as dist
     from ds3dist.model.load import load_model
     from ds3dist.runtime.offload import Offloaded
-from ds3dist.runtime.options import OffloadOptions
+    from ds3dist.runtime.options import OffloadOptions
     ckpt, execution, params, device, nvme, port, dtype, compute = sys.argv[1:9]
     dtype = getattr(torch, dtype)
     if compute == "cuda":
@@ -60,7 +60,7 @@ from ds3dist.runtime.options import OffloadOptions
         off.begin_step()
         equal.append(torch.equal(model(tokens), ref))
     held = [n for n, b in model.named_buffers() if b.numel()]
-    print(json.dumps({"equal": equal, "stats": off.stats(), "resident": held}))
+    print(json.dumps({"equal": equal, "stats": dataclasses.asdict(off.stats()), "resident": held}))
 """)
 
 
@@ -138,7 +138,7 @@ def test_engine_with_offload_matches_without(ray_cluster, tiny_fp8_dir, resident
     assert tokens == resident_tokens
     assert any(len(set(t)) > 3 for t in tokens)  # not a constant stream
     # each rank offloaded what the dry run plans (tensors aligned to 64 bytes in the buffer)
-    got = [i["offload"]["offloaded_bytes"] for i in load_info]
+    got = [i.offload.offloaded_bytes for i in load_info]
     for g, planned in zip(got, _planned_offload(tiny_fp8_dir, opt)):
         assert planned <= g <= planned + 64 * 40
 
@@ -149,7 +149,7 @@ def test_engine_with_nvme_expert_offload_matches_without(ray_cluster, tiny_fp8_d
     opt = OffloadOptions(device="nvme", nvme_path=str(tmp_path / "nvme"), params="experts")
     tokens, load_info = _engine_tokens(tiny_fp8_dir, opt)
     assert tokens == resident_tokens
-    got = [i["offload"]["offloaded_bytes"] for i in load_info]
+    got = [i.offload.offloaded_bytes for i in load_info]
     for g, planned in zip(got, _planned_offload(tiny_fp8_dir, opt)):
         assert planned <= g <= planned + 64 * 40
     assert not list((tmp_path / "nvme").iterdir())  # the engine removed its swap folders
@@ -165,7 +165,7 @@ def test_pipeline_speculating_with_expert_offload_matches_without(ray_cluster, t
     want = _engine_tokens(tiny_fp8_dir, None, lay, spec)[0]
     got, load_info = _engine_tokens(tiny_fp8_dir, OffloadOptions(params="experts"), lay, spec)
     assert got == want
-    assert [i["offload"]["units"] for i in load_info] == [0, 3]
+    assert [i.offload.units for i in load_info] == [0, 3]
 
 
 def test_memory_plan_of_expert_offload_on_ep8():

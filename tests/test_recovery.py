@@ -110,7 +110,7 @@ class Killer(threading.Thread):
     def run(self) -> None:
         for k in range(self.times):
             deadline = time.monotonic() + 120
-            while sum(r.replica == self.replica for r in self.rs.restarts) < k:  # rebuilt
+            while sum(r.replica == self.replica for r in self.rs.recovery.restarts) < k:  # rebuilt
                 if self.done.is_set() or time.monotonic() > deadline:
                     return
                 time.sleep(0.05)

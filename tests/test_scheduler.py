@@ -199,7 +199,8 @@ from ds3dist.core.options import ServingOptions, SpeculativeConfig
 from ds3dist.core.plan import StepResult
 from ds3dist.core.request import Request
 from ds3dist.core.scheduler import Scheduler, SchedulerConfig
-import ds3dist.core.executor, ds3dist.core.pages, ds3dist.core.params
+import ds3dist.core.engine, ds3dist.core.executor, ds3dist.core.pages, ds3dist.core.params
+import ds3dist.runtime.options  # the runtime's options are plain data too
 
 class Fake:  # every sampling step returns 7 + the step id
     max_in_flight, overlap = 2, False

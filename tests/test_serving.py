@@ -185,15 +185,15 @@ def test_failing_request_fails_alone_in_a_job(ray_cluster, tiny_fp8_dir, tmp_pat
             "execution.dtype=float32"])
 
     def factory(faults):
-        return lambda ckpt, resolved, cfg: Engine(ckpt, ParallelLayout(pp=1, ep=2),
-                                                  dtype=torch.float32, fault_ids=faults)
+        return lambda ckpt, resolved: Engine(ckpt, ParallelLayout(pp=1, ep=2),
+                                             dtype=torch.float32, fault_ids=faults)
 
-    s = launch.run(cfg, engine_factory=factory(('"q3"',)))
+    s = launch.run(cfg, engine_factory=factory(('"q3"',))).as_dict()
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in recs) == [f"q{i}" for i in range(8) if i != 3]
     (err,) = [json.loads(x) for x in Path(str(out) + ".errors.jsonl").read_text().splitlines()]
     assert (err["id"], err["line"], err["code"]) == ("q3", 4, "engine_error")
     assert "injected fault" in err["reason"] and s["counts"]["failed"] == 1
-    s2 = launch.run(cfg, engine_factory=factory(()))
+    s2 = launch.run(cfg, engine_factory=factory(())).as_dict()
     assert s2["counts"]["generated"] == 1 and s2["counts"]["already_done"] == 7
     assert len(out.read_text().splitlines()) == 8
