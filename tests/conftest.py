@@ -5,7 +5,13 @@ modifying):
   tiny_fp8_dir   the `tiny` preset synthesized with seed 0 in 4 shards (release format, FP8)
   tiny_bf16_dir  the same checkpoint converted to bf16 (scales dropped)
   tok            the release tokenizer that tiny checkpoint carries
-  ray_cluster    one local Ray cluster (num_cpus=8) shared by the session's tests
+  ray_cluster    one local Ray cluster (num_cpus=8) shared by the session's tests (one per
+                 pytest-xdist worker)
+
+The suite runs on two pytest-xdist workers, a module at a time (pyproject's addopts:
+`-n 2 --dist loadfile`): a module's fixtures are made once, on one worker. Modules are handed
+out in the order LONGEST_FIRST gives (then the others as collected), so the two workers end
+together instead of one running the longest module alone at the end. `-n 0` runs serially.
 
 One-time builds (ds3dist.build_ops) run once, before the first test, in a subprocess bounded by
 BUILD_BOUND_S, printing their progress: the CPU decode kernels always, DeepSpeed's ops where a
@@ -28,6 +34,16 @@ import pytest
 from ds3dist.build_ops import OPS
 
 BUILD_BOUND_S = 3600.0
+
+# The modules with the longest run (pytest --durations on the 2-core machine), longest first.
+LONGEST_FIRST = ("test_serving.py", "test_speculative_serving.py", "test_slurm.py",
+                 "test_launch_e2e.py", "test_recovery.py", "test_signals.py", "test_engine.py",
+                 "test_multihost.py", "test_offload.py", "test_hardening.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-module order kept
 
 
 @pytest.fixture(scope="session", autouse=True)
