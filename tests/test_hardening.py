@@ -134,6 +134,7 @@ def test_rank_load_failure_reaches_the_user_whole(ray_cluster, tmp_path, tiny_fp
     assert "ray::" not in msg
 
 
+@pytest.mark.slow  # waits out a collective timeout, a ping and the kill of a stopped process
 def test_stopped_rank_is_named_when_a_collective_hangs(ray_cluster, tiny_fp8_dir):
     """SIGSTOP one expert-parallel rank mid-job: its peer times out in the collective, and
     the error names the stopped rank as the one that is behind."""

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # real Ray nodes in network namespaces: about a minute
+
 H1_IP, H2_IP, PORT = "198.18.0.1", "198.18.0.2", 6391
 PROMPTS = ["The capital of France is", "Hello", "1 2 3 4 5 6", "def f(x):"]
 
