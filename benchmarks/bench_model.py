@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ds3dist.model.options import ATTN_FORMS, DEFAULT_ATTN_FORM
 from ds3dist.runtime.hostmem import retain_freed_memory
 
 
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                     help="compute dtype (default: the execution's)")
-    ap.add_argument("--attn-form", default="absorbed", choices=["absorbed", "naive"])
+    ap.add_argument("--attn-form", default=DEFAULT_ATTN_FORM, choices=ATTN_FORMS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     retain_freed_memory()  # as the engine's ranks and the one-process launch do

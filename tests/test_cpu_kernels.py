@@ -14,7 +14,6 @@ from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.rope import Rope
 from test_model_units import tiny_model
 
-torch.set_num_threads(1)
 needs_kernels = pytest.mark.ops("cpu_kernels")  # skips saying why they are not built here
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 TINY_ROPE = Rope(preset("tiny"))
@@ -82,11 +81,11 @@ def test_mla_decode_matches_per_sequence_attention(monkeypatch, dtype):
     calls = []
     real = cpu_kernel.mla_decode
     monkeypatch.setattr(cpu_kernel, "mla_decode", lambda *a: calls.append(a[1:3]) or real(*a))
-    got = mla._attention(q, None, tb, cache)
+    got = mla.attend_latents(q, None, tb, cache)
     # rows of sequences of up to KERNEL_MAX_LEN tokens in one call, each with its own keys
     assert calls == [([0, 1, 2, 3, 4, 5, 6], [1, 5, 8, 13, 7, 8, 9])]
     monkeypatch.setattr(cpu_kernel, "kernel", lambda: None)  # sequence by sequence
-    want = mla._attention(q, None, tb, cache)
+    want = mla.attend_latents(q, None, tb, cache)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else BF16_TOL
     torch.testing.assert_close(got.float(), want.float(), **tol)
     assert torch.equal(got[7:], want[7:])  # the chunk took the same path both times
@@ -96,10 +95,10 @@ def test_mla_decode_matches_per_sequence_attention(monkeypatch, dtype):
 def test_mla_decode_rows_do_not_depend_on_their_neighbours():
     mla = tiny_model().layers["0"].self_attn
     q, tb, cache = _decode_batch(mla, [3, 17, 6], [1, 1, 1])
-    together = mla._attention(q, None, tb, cache)
+    together = mla.attend_latents(q, None, tb, cache)
     alone = TokenBatch.build([16], [1], TINY_ROPE, page_tables=[tb.pages[1].tolist()],
                              page_size=4)
-    assert torch.equal(together[1:2], mla._attention(q[1:2], None, alone, cache))
+    assert torch.equal(together[1:2], mla.attend_latents(q[1:2], None, alone, cache))
 
 
 @needs_kernels

@@ -18,7 +18,6 @@ from ds3dist.model.norm import RMSNorm
 from ds3dist.model.options import BuildOptions
 from ds3dist.model.rope import Rope, apply_rope, yarn_inv_freq
 
-torch.set_num_threads(1)
 
 
 def random_tensors(cfg: ModelConfig, seed: int = 0, fp8: bool = False) -> dict[str, torch.Tensor]:
@@ -266,14 +265,34 @@ def test_zero_tokens_still_dispatch(lens):
 
 
 def test_causal_mask_from_positions():
-    """A query sees keys at its position and before: hand-made scores show which."""
-    m = tiny_model()
-    attn = m.layers["0"].self_attn
-    s = 4
-    scores = torch.zeros(2, attn.h, s)
-    probs = attn._softmax(scores, torch.tensor([1, 3]), s, torch.float32)
-    assert probs[0, 0].tolist() == [0.5, 0.5, 0.0, 0.0]
-    assert probs[1, 0].tolist() == [0.25] * 4
+    """A query sees keys at its position and before: with equal scores (zero queries) it
+    gets the mean of the rows it sees, hand-computed."""
+    attn = tiny_model().layers["0"].self_attn
+    s, c = 4, attn.r + attn.p
+    kv_sc = torch.arange(s, dtype=torch.float32)[:, None].expand(s, c).contiguous()  # row j = j
+    q_thc = torch.zeros(2, attn.h, c)
+    out = attn._attend(q_thc, kv_sc, torch.tensor([1, 3]), absorbed=True)
+    assert out.shape == (2, attn.h, attn.r)
+    torch.testing.assert_close(out[0], torch.full((attn.h, attn.r), 0.5))  # keys 0, 1
+    torch.testing.assert_close(out[1], torch.full((attn.h, attn.r), 1.5))  # keys 0..3
+
+
+def test_auto_form_takes_the_form_with_fewer_multiplies():
+    """tiny (r 160, n = v = 32): per key absorbed costs n_q * h * 256 more than naive's
+    queries, naive h * 160 * 64 to expand the key -> absorbed up to 40 queries. A step with a
+    60-token and a 7-token sequence takes both forms and equals each form alone."""
+    forms = {f: tiny_model(f) for f in ("auto", "absorbed", "naive")}
+    attn = forms["auto"].layers["0"].self_attn
+    assert [attn.absorbs(k) for k in (1, 4, 40, 41, 2048)] == [True, True, True, False, False]
+    assert forms["naive"].layers["0"].self_attn.absorbs(1) is False
+    assert forms["absorbed"].layers["0"].self_attn.absorbs(2048) is True
+    toks = torch.randint(0, 1000, (2, 60), generator=torch.Generator().manual_seed(3))
+    lens = torch.tensor([60, 7])
+    out = {f: m(toks, lens) for f, m in forms.items()}
+    for f in ("absorbed", "naive"):
+        torch.testing.assert_close(out["auto"][0], out[f][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out["auto"][1, :7], out[f][1, :7], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["auto"][1, :7], out["absorbed"][1, :7])  # 7 queries: absorbed
 
 
 @pytest.mark.parametrize("form", ["absorbed", "naive"])
@@ -284,7 +303,7 @@ def test_attention_in_query_chunks_equals_one_pass(monkeypatch, form):
     toks = torch.randint(0, 1000, (2, 12))
     lens = torch.tensor([12, 7])
     whole = m(toks, lens)
-    monkeypatch.setattr(mla, "SCORE_ELEMS", 2 * m.cfg.num_attention_heads * 12 * 5)  # 5 queries
+    monkeypatch.setattr(mla, "MASK_ELEMS", 12 * 5)  # 5 queries
     chunked = m(toks, lens)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
 

@@ -22,14 +22,14 @@ from ds3dist.model.experts import Experts
 from ds3dist.model.linear import Linear
 from ds3dist.model.mla import MLA
 from ds3dist.model.mlp import MLP
-from ds3dist.model.options import BuildOptions, default_dtype
+from ds3dist.model.options import DEFAULT_ATTN_FORM, BuildOptions, default_dtype
 from ds3dist.model.transformer import Transformer, checkpoint_name
 
 
 def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
                experts: Iterable[int] | None = None, mtp: bool = True, embed: bool | None = None,
-               head: bool | None = None, attn_form: str = "absorbed",
+               head: bool | None = None, attn_form: str = DEFAULT_ATTN_FORM,
                host: Callable[[str], bool] | None = None) -> Transformer:
     """Load (part of) a checkpoint as a Transformer.
 
@@ -39,6 +39,8 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
     layers: layer ids to hold (None = all); experts: routed expert ids held in every MoE
     layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
     loads the MTP layer when the last layer is held and the checkpoint has it.
+    attn_form: 'auto' (per sequence and step, the MLA form with fewer multiplies), 'absorbed'
+    or 'naive' (ds3dist.model.mla).
     `checkpoint_dir` may also be an open CheckpointReader.
     host: module names whose tensors are loaded into host memory whatever `device` is (what
     a rank offloads; see runtime.offload).
@@ -105,7 +107,7 @@ def _prepare(model: Transformer, dtype: torch.dtype, device: torch.device) -> No
     fused MLPs, and on a CPU stacked bf16 experts (the grouped kernel) and oneDNN-packed
     copies."""
     for mod in model.modules():
-        if isinstance(mod, MLA) and mod.form == "absorbed" and mod.kv_b_proj.is_fp8:
+        if isinstance(mod, MLA) and mod.form != "naive" and mod.kv_b_proj.is_fp8:
             mod.wkv_b(dtype)  # dequantize kv_b once for the absorbed form
         if isinstance(mod, MLP):
             mod.fuse()
@@ -123,7 +125,7 @@ def pack_weights(root: nn.Module) -> None:
     MLPs whole, the other Linears (attention, the head) one by one."""
     unpacked: set[int] = set()  # Linears whose forward is never called
     for mod in root.modules():
-        if isinstance(mod, MLA) and mod.form == "absorbed":
+        if isinstance(mod, MLA) and mod.form != "naive":
             unpacked.add(id(mod.kv_b_proj))  # read through wkv_b
     for mod in root.modules():
         if isinstance(mod, MLP) and mod.pack():  # its fused weights: not its Linears

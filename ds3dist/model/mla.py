@@ -8,11 +8,16 @@ naive:    kv_b(latent) -> per head [k_nope n | v]; k = [k_nope | k_rope]; softma
 absorbed: fold kv_b's k_nope part into q (q_lat = q_nope @ W_k, [h, r]) so that
           scores = [q_lat | q_rope] . [latent | k_rope]; attend over latents and apply
           kv_b's v part after attention. Same numbers, no per-head keys.
+auto:     per sequence and step, the form with fewer multiplies (MLA.absorbs): absorbed for
+          decode and verify, naive for long prefill chunks, both from the dense kv_b.
 """
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ds3dist.model import cpu_kernel
@@ -22,7 +27,7 @@ from ds3dist.model.norm import RMSNorm
 from ds3dist.model.options import BuildOptions
 from ds3dist.model.rope import apply_rope
 
-SCORE_ELEMS = 1 << 26  # attention scores held at once (256 MB in float32)
+MASK_ELEMS = 1 << 26  # causal-mask entries held at once (64 MB)
 KERNEL_MAX_LEN = 4  # sequences feeding up to this many tokens (decode, speculative verify)
 
 
@@ -67,80 +72,110 @@ class MLA(nn.Module):
         kv_tc = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_rope, tb.cos_tf, tb.sin_tf)), -1)
         if cache is not None:
             cache.write(self.layer_id, kv_tc, tb)
-        if self.form == "absorbed":  # fold kv_b's key part into the queries once per step
-            w_hnr = self.wkv_b(q_nope.dtype)[:, : self.n]
-            q_lat = torch.bmm(q_nope.transpose(0, 1), w_hnr).transpose(0, 1)  # [t, h, r]
-            q_thc = torch.cat((q_lat, q_rope), -1)
-        else:
-            q_thc = torch.cat((q_nope, q_rope), -1)
-        o_th = self._attention(q_thc, kv_tc, tb, cache)
-        if self.form == "absorbed":  # kv_b's value part, once for every sequence's latents
-            w_hrv = self.wkv_b(o_th.dtype)[:, self.n:].transpose(1, 2)
-            o_th = torch.bmm(o_th.transpose(0, 1), w_hrv).transpose(0, 1)  # [t, h, v]
-        return self.o_proj(o_th.reshape(t, -1))
+        o_thv = q_nope.new_empty(t, self.h, self.v)
+        seqs = [(i, o, n) for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)) if n]
+        absorbed = [s for s in seqs if self.absorbs(s[2])]
+        for i, o, n in (s for s in seqs if not self.absorbs(s[2])):
+            kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
+            q_thc = torch.cat((q_nope[o:o + n], q_rope[o:o + n]), -1)
+            o_thv[o:o + n] = self._attend(q_thc, kv_sc, tb.positions_t[o:o + n], absorbed=False)
+        if len(absorbed) == len(seqs):
+            o_thv = self._absorbed(q_nope, q_rope, kv_tc, tb, cache, seqs)
+        elif absorbed:
+            rows = torch.cat([torch.arange(o, o + n) for _, o, n in absorbed]).to(q_nope.device)
+            o_thv[rows] = self._absorbed(q_nope[rows], q_rope[rows], kv_tc, tb, cache, absorbed)
+        return self.o_proj(o_thv.reshape(t, -1))
 
-    def _attention(self, q_thc: torch.Tensor, kv_tc: torch.Tensor, tb: TokenBatch,
-                   cache: PagedCache | None) -> torch.Tensor:
-        """Every sequence's attention -> [T, h, r] (absorbed) or [T, h, v] (naive). Queries of
-        the absorbed form in sequences of up to KERNEL_MAX_LEN tokens go through the CPU decode
-        kernel in one call where it is built (cpu_kernel), each row with its own causal key
-        count; the others sequence by sequence."""
-        out = q_thc.new_empty(q_thc.shape[0], self.h, self.r if self.form == "absorbed" else self.v)
+    def absorbs(self, n_q: int) -> bool:
+        """Whether a sequence feeding n_q queries this step attends in the absorbed form: as
+        the form says, or ("auto") where that takes fewer multiplies. Per key, absorbed costs
+        n_q * h * (2r + p) (scores and latents over [latent | k_rope]); naive costs
+        n_q * h * (n + p + v) plus h * r * (n + v) to expand the key through kv_b once. So decode
+        and verify steps are absorbed and long prefill chunks naive."""
+        if self.form != "auto":
+            return self.form == "absorbed"
+        return n_q * (2 * self.r - self.n - self.v) <= self.r * (self.n + self.v)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_tc: torch.Tensor,
+                  tb: TokenBatch, cache: PagedCache | None, seqs: list[tuple[int, int, int]]
+                  ) -> torch.Tensor:
+        """The absorbed form for sequences seqs (i, offset in the step, tokens), whose query
+        rows, in order, are q_nope/q_rope -> [rows, h, v]: kv_b's key part folded into the
+        queries and its value part applied to the attended latents, once for all rows."""
+        w_hnr = self.wkv_b(q_nope.dtype)[:, : self.n]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_hnr).transpose(0, 1)  # [rows, h, r]
+        lat_thr = self.attend_latents(torch.cat((q_lat, q_rope), -1), kv_tc, tb, cache, seqs)
+        w_hrv = self.wkv_b(lat_thr.dtype)[:, self.n:].transpose(1, 2)
+        return torch.bmm(lat_thr.transpose(0, 1), w_hrv).transpose(0, 1)  # [rows, h, v]
+
+    def attend_latents(self, q_thc: torch.Tensor, kv_tc: torch.Tensor | None, tb: TokenBatch,
+                       cache: PagedCache | None, seqs: list[tuple[int, int, int]] | None = None
+                       ) -> torch.Tensor:
+        """Absorbed queries [rows, h, r + p] of sequences seqs (default: every sequence of tb
+        with tokens) -> their attended latents [rows, h, r]. Sequences of up to
+        KERNEL_MAX_LEN tokens go through the CPU decode kernel in one call where it is built
+        (cpu_kernel), each row with its own causal key count; the others one by one."""
+        if seqs is None:
+            seqs = [(i, o, n) for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)) if n]
+        out = q_thc.new_empty(q_thc.shape[0], self.h, self.r)
+        local = [0, *accumulate(n for _, _, n in seqs)]  # each sequence's first row in q_thc
         decode = []
-        if (cache is not None and self.form == "absorbed" and q_thc.device.type == "cpu"
+        if (cache is not None and q_thc.device.type == "cpu"
                 and q_thc.dtype in (torch.bfloat16, torch.float32) and cpu_kernel.kernel()):
-            decode = [i for i, n in enumerate(tb.lens) if 0 < n <= KERNEL_MAX_LEN]
-        offsets = tb.offsets
+            decode = [k for k, (_, _, n) in enumerate(seqs) if n <= KERNEL_MAX_LEN]
         if decode:
             page_ids, page_starts = tb.flat_pages()
-            kv_lens, lens = tb.kv_lens, tb.lens
-            rows = [(offsets[i] + j, kv_lens[i] - lens[i] + j + 1, page_starts[i])
-                    for i in decode for j in range(lens[i])]  # (row, its keys, its pages)
+            kv_lens = tb.kv_lens
+            rows = [(local[k] + j, kv_lens[i] - n + j + 1, page_starts[i])
+                    for k in decode for i, _, n in [seqs[k]] for j in range(n)]
             cpu_kernel.mla_decode(q_thc, *map(list, zip(*rows)), page_ids,
                                   cache.pools[self.layer_id], self.r, self.scale, out)
         done = set(decode)
-        for i, (o, n) in enumerate(zip(offsets, tb.lens)):
-            if n == 0 or i in done:
+        for k, (i, o, n) in enumerate(seqs):
+            if k in done:
                 continue
             kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
-            out[o:o + n] = self._attend(q_thc[o:o + n], kv_sc, tb.positions_t[o:o + n])
+            a = local[k]
+            out[a:a + n] = self._attend(q_thc[a:a + n], kv_sc, tb.positions_t[o:o + n],
+                                        absorbed=True)
         return out
 
-    def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor,
+                absorbed: bool) -> torch.Tensor:
         """One sequence: queries at positions pos_t over its keys 0..s-1 -> [t, h, v] (naive)
-        or the attended latents [t, h, r] (absorbed)."""
+        or the attended latents [t, h, r] (absorbed), key j hidden from a query at position
+        q < j. torch's fused attention (flash on CPU and GPU) holds no [t, h, s] scores; it
+        wants one width for keys and values, so the absorbed form attends over the whole row
+        [latent | k_rope] (its rope columns dropped after) and the naive values are padded."""
         t, s = q_thc.shape[0], kv_sc.shape[0]
-        if self.form == "naive":
-            k_hcs, v_hsv = self._naive_kv(kv_sc)
-        step = max(1, SCORE_ELEMS // (self.h * s))  # bound the float32 scores [chunk, h, s]
+        if absorbed:
+            k_1hsc = v_1hsc = kv_sc[None, None].expand(1, self.h, s, kv_sc.shape[1])
+            width = self.r
+        else:
+            k_1hsc, v_1hsc = self._naive_kv(kv_sc)
+            width = self.v
+        step = max(1, MASK_ELEMS // s)  # bound the [chunk, s] causal mask
         out = []
         for i in range(0, t, step):
-            q, pos = q_thc[i:i + step], pos_t[i:i + step]
-            if self.form == "naive":
-                scores_ths = torch.einsum("thc,hcs->ths", q, k_hcs)
-            else:
-                scores_ths = (q.reshape(-1, q.shape[-1]) @ kv_sc.T).view(q.shape[0], self.h, s)
-            probs = self._softmax(scores_ths, pos, s, kv_sc.dtype)
-            if self.form == "naive":
-                out.append(torch.einsum("ths,hsv->thv", probs, v_hsv))
-            else:
-                out.append((probs.view(-1, s) @ kv_sc[:, : self.r]).view(q.shape[0], self.h, self.r))
+            q_1htc, pos = q_thc[i:i + step].transpose(0, 1)[None], pos_t[i:i + step]
+            mask_ts = None
+            if int(pos[0]) < s - 1:  # some query is before the last key
+                mask_ts = torch.arange(s, device=pos.device)[None, :] <= pos[:, None]
+            o_1htc = F.scaled_dot_product_attention(q_1htc, k_1hsc, v_1hsc, attn_mask=mask_ts,
+                                                    scale=self.scale)
+            out.append(o_1htc[0, :, :, :width].transpose(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _softmax(self, scores_ths: torch.Tensor, pos_t: torch.Tensor, s: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-        """Scaled softmax in float32; key j is hidden from a query at position q < j. The
-        scores are overwritten."""
-        x = scores_ths.float().mul_(self.scale)  # in place: the scores are this step's own
-        if int(pos_t[0]) < s - 1:  # some query is before the last key: causal mask
-            future_ts = torch.arange(s, device=x.device)[None, :] > pos_t[:, None]
-            x.masked_fill_(future_ts[:, None, :], float("-inf"))
-        return x.softmax(dim=-1).to(dtype)
-
     def _naive_kv(self, kv_sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head keys [h, n+p, s] and values [h, s, v] from the latent rows."""
-        s = kv_sc.shape[0]
-        kvb_she = self.kv_b_proj(kv_sc[:, : self.r]).view(s, self.h, self.n + self.v)
-        k_nope, v_shv = kvb_she.split([self.n, self.v], dim=-1)
+        """Per-head keys [1, h, s, n + p] and values [1, h, s, n + p] (v, then zeros) from the
+        latent rows."""
+        s, latent = kv_sc.shape[0], kv_sc[:, : self.r]
+        if self.form == "naive":
+            kvb = self.kv_b_proj(latent)
+        else:  # the dense kv_b the absorbed rows read: one set of weights per model
+            kvb = latent @ self.wkv_b(latent.dtype).reshape(-1, self.r).T
+        k_nope, v_shv = kvb.view(s, self.h, self.n + self.v).split([self.n, self.v], dim=-1)
         k_rope = kv_sc[:, self.r:].unsqueeze(1).expand(s, self.h, self.p)
-        return torch.cat((k_nope, k_rope), -1).permute(1, 2, 0), v_shv.transpose(0, 1)
+        k_shc = torch.cat((k_nope, k_rope), -1)
+        v_shc = F.pad(v_shv, (0, k_shc.shape[-1] - self.v))
+        return k_shc.transpose(0, 1)[None], v_shc.transpose(0, 1)[None]

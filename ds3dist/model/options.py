@@ -10,7 +10,8 @@ import torch
 from ds3dist.config import ModelConfig
 
 EXECUTIONS = ("bf16", "fp8")
-ATTN_FORMS = ("absorbed", "naive")
+ATTN_FORMS = ("auto", "absorbed", "naive")  # see ds3dist.model.mla
+DEFAULT_ATTN_FORM = "auto"
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class BuildOptions:
     execution: str = "bf16"
     dtype: torch.dtype = torch.bfloat16
     expert_ids: tuple[int, ...] | None = None  # None: all
-    attn_form: str = "absorbed"
+    attn_form: str = DEFAULT_ATTN_FORM
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTIONS:

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ds3dist.config import ModelConfig
 from ds3dist.core.engine import EngineStats
 from ds3dist.model.cache import PagedCache
+from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
 from ds3dist.runtime import cluster, progress
 from ds3dist.runtime.control import ClassicExecutor, CompiledExecutor, cause_text, columns_of
@@ -61,7 +62,7 @@ class Engine:
         runtime: RuntimeOptions | None = None,
         speculative: SpeculativeConfig | None = None,
         offload: OffloadOptions | None = None,
-        attn_form: str = "absorbed",
+        attn_form: str = DEFAULT_ATTN_FORM,
         fault_ids: tuple[str, ...] = (),
         resource_wait_s: float = 0.0,
         ranks_in_cluster: int | None = None,

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ds3dist.core.engine import LoadInfo, RankStats
 from ds3dist.model.load import load_model
+from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
 from ds3dist.runtime import progress, rendezvous
@@ -47,7 +48,7 @@ class RankStepError(RuntimeError):
 
 class StageWorker:
     def __init__(self, plan: RankPlan, layout: ParallelLayout, checkpoint: str,
-                 execution: str, dtype: str | None, attn_form: str = "absorbed",
+                 execution: str, dtype: str | None, attn_form: str = DEFAULT_ATTN_FORM,
                  threads: int = 1, fault_ids: tuple[str, ...] = (), engine_id: str = "",
                  speculative: SpeculativeConfig | None = None,
                  offload: OffloadOptions | None = None):
