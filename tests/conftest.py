@@ -12,6 +12,8 @@ The suite runs on two pytest-xdist workers, a module at a time (pyproject's addo
 `-n 2 --dist loadfile`): a module's fixtures are made once, on one worker. Modules are handed
 out in the order LONGEST_FIRST gives (then the others as collected), so the two workers end
 together instead of one running the longest module alone at the end. `-n 0` runs serially.
+Each worker computes with its share of the cores (torch_threads): two workers on two cores
+take one torch thread each, since oversubscribed threads wait on each other.
 
 One-time builds (ds3dist.build_ops) run once, before the first test, in a subprocess bounded by
 BUILD_BOUND_S, printing their progress: the CPU decode kernels always, DeepSpeed's ops where a
@@ -44,6 +46,18 @@ LONGEST_FIRST = ("test_serving.py", "test_speculative_serving.py", "test_slurm.p
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-module order kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> int:
+    """Torch threads of this test process: its worker's share of the cores (all of them when
+    run serially)."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    torch.set_num_threads(threads)
+    return threads
 
 
 @pytest.fixture(scope="session", autouse=True)

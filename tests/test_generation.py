@@ -18,7 +18,6 @@ from ds3dist.rank.sampling import _keeps, candidates, draw_seed, sample_rows
 from ds3dist.text import GenerationResult, StopStrings, encode_prompts, make_request, result_of
 from padding import right_pad
 
-torch.set_num_threads(2)
 
 
 # ---- sampling --------------------------------------------------------------------------------

@@ -63,7 +63,6 @@ def _cached_greedy(model, prompts, steps):
 
 @pytest.mark.parametrize("form", ["absorbed", "naive"])
 def test_cached_decode_equals_recompute(tiny_bf16_dir, prompts, form):
-    torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32, attn_form=form)
     want_tok, want_logits = _recompute_greedy(model, prompts, STEPS)
     got_tok, got_logits = _cached_greedy(model, prompts, STEPS)
@@ -74,7 +73,6 @@ def test_cached_decode_equals_recompute(tiny_bf16_dir, prompts, form):
 
 
 def test_chunked_prefill_equals_one_prefill(tiny_bf16_dir, prompts):
-    torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32)
     tables = scattered_tables(len(prompts), 4, seed=1)
     lens = [len(p) for p in prompts]
@@ -100,7 +98,6 @@ def test_chunked_prefill_equals_one_prefill(tiny_bf16_dir, prompts):
 def test_mixed_step_equals_each_sequence_alone(tiny_bf16_dir, prompts):
     """One step holding a decode, a prefill chunk and a whole prompt gives each sequence what
     it gets in a step of its own."""
-    torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32)
     tables = scattered_tables(3, 4, seed=2)
     cache = model.new_cache(12, PAGE)

@@ -9,7 +9,6 @@ from ds3dist.model.load import load_model
 
 
 def test_fp8_logits_close_to_bf16(tiny_fp8_dir):
-    torch.set_num_threads(2)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 129280, (n,), generator=g).tolist() for n in (6, 12, 9)]
     toks, lens = right_pad(prompts)

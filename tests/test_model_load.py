@@ -11,7 +11,6 @@ from ds3dist.config import ModelConfig
 from ds3dist.model.load import load_model
 from ds3dist.model.options import default_dtype
 
-torch.set_num_threads(2)
 
 
 def _expected_bytes(cfg: ModelConfig, layers: set[int], experts: set[int], embed: bool, head: bool) -> int:

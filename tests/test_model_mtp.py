@@ -44,7 +44,6 @@ def _hf_block(ckpt, layer_id):
 
 
 def test_mtp_logits_equal_spec_composition(tiny_bf16_dir):
-    torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32)
     lid = model.mtp_layer_ids[0]
     assert lid == model.cfg.num_hidden_layers
@@ -76,7 +75,6 @@ def test_mtp_logits_equal_spec_composition(tiny_bf16_dir):
 
 def test_mtp_with_cache_equals_without(tiny_bf16_dir):
     """Incremental MTP (the speculative-decoding use) matches the full causal MTP pass."""
-    torch.set_num_threads(2)
     model = load_model(tiny_bf16_dir, dtype=torch.float32)
     toks = torch.randint(0, 129280, (9,))
     tb = model.token_batch([0], [8])

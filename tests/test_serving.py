@@ -108,7 +108,7 @@ import json, random, sys, torch, ds3dist
 from ds3dist.local import LocalEngine
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.request import Request
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[2]))
 model = ds3dist.load_model(sys.argv[1], dtype=torch.float32, mtp=False)
 rng = random.Random(1)
 ids = lambda n: [rng.randrange(10, 100000) for _ in range(n)]
@@ -139,7 +139,8 @@ def test_40k_token_prompt_beside_short_requests(tiny_fp8_dir, ray_cluster):
     """One process (a subprocess, so its peak memory is its own), then pp2ep2: the long
     prompt completes, the short requests finish before it, a prompt bigger than the cache
     pool is rejected with its reason, and every process stays under 3 GB."""
-    p = subprocess.run([sys.executable, "-c", LONG_SCRIPT, str(tiny_fp8_dir)],
+    threads = torch.get_num_threads()  # the test process's share of the cores
+    p = subprocess.run([sys.executable, "-c", LONG_SCRIPT, str(tiny_fp8_dir), str(threads)],
                        capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     one = json.loads(p.stdout.strip().splitlines()[-1])
@@ -156,10 +157,10 @@ def test_40k_token_prompt_beside_short_requests(tiny_fp8_dir, ray_cluster):
     reqs = [Request("long", ids(40000), SamplingParams(), 4)]
     reqs += [Request(f"short{i}", ids(20 + i), SamplingParams(), 6) for i in range(3)]
     reqs += [Request("huge", ids(60000), SamplingParams(), 4)]
-    # two threads per rank (the session's default is one): the long prompt's column works
-    # alone, and its attention is most of the test's time
+    # the test process's threads per rank (the session's default is one): the long prompt's
+    # column works alone, and its attention is most of the test's time
     with Engine(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), dtype=torch.float32,
-                serving=ServingOptions(cache_gb=gb, page_size=16, threads=2)) as engine:
+                serving=ServingOptions(cache_gb=gb, page_size=16, threads=threads)) as engine:
         order = [(r.id, r.status.value, r.error, r.output_ids) for r in engine.stream(reqs)]
         peak = max(st.peak_rss_bytes for st in engine.stats().ranks)
     got = _check_long(order, peak)
