@@ -98,12 +98,12 @@ def test_greedy_equals_non_speculative_in_one_process(model, tok, greedy_workloa
           f"tokens/step {spec['tokens_per_step']}, preemptions {st.preemptions}")
 
 
-def test_greedy_equals_non_speculative_when_drafts_are_accepted(predictable_dir, tok):
+def test_greedy_equals_non_speculative_when_drafts_are_accepted(predictable_model, tok,
+                                                               predictable_workload):
     """The same on the predictable checkpoint, where almost every draft is accepted: stops
     inside accepted drafts, max_new_tokens cutting drafts, preemption with drafts pending."""
-    model = ds3dist.load_model(predictable_dir, dtype=torch.float32, mtp=True)
-    specs, want = _greedy_workload(model, tok)
-    eng = _engine(model, tok, 3)
+    specs, want = predictable_workload
+    eng = _engine(predictable_model, tok, 3)
     got = _run(eng, specs, tok)
     assert not _diff(got, want), f"requests differ from non-speculative greedy: {_diff(got, want)[:5]}"
     st = eng.scheduler.stats
@@ -112,9 +112,13 @@ def test_greedy_equals_non_speculative_when_drafts_are_accepted(predictable_dir,
 
 
 @pytest.fixture(scope="module")
-def predictable_workload(predictable_dir, tok):
-    model = ds3dist.load_model(predictable_dir, dtype=torch.float32, mtp=True)
-    return _greedy_workload(model, tok)
+def predictable_model(predictable_dir):
+    return ds3dist.load_model(predictable_dir, dtype=torch.float32, mtp=True)
+
+
+@pytest.fixture(scope="module")
+def predictable_workload(predictable_model, tok):
+    return _greedy_workload(predictable_model, tok)
 
 
 @pytest.mark.slow
@@ -185,8 +189,8 @@ def predictable_dir(tmp_path_factory):
     return synthesize(out, preset="tiny", seed=0, progress=False, predictable=True)
 
 
-def test_predictable_checkpoint_accepts_most_drafts(predictable_dir):
-    model = ds3dist.load_model(predictable_dir, dtype=torch.float32, mtp=True)
+def test_predictable_checkpoint_accepts_most_drafts(predictable_model):
+    model = predictable_model
     rng = random.Random(3)
     prompts = [[rng.randrange(*VOCAB_IDS) for _ in range(rng.randrange(1, 40))] for _ in range(6)]
     eng = LocalEngine(model, None, ServingOptions(page_size=PAGE), cache_pages=64,
