@@ -72,16 +72,17 @@ class MLA(nn.Module):
         kv_tc = torch.cat((self.kv_a_layernorm(latent), apply_rope(k_rope, tb.cos_tf, tb.sin_tf)), -1)
         if cache is not None:
             cache.write(self.layer_id, kv_tc, tb)
-        o_thv = q_nope.new_empty(t, self.h, self.v)
         seqs = [(i, o, n) for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)) if n]
-        absorbed = [s for s in seqs if self.absorbs(s[2])]
-        for i, o, n in (s for s in seqs if not self.absorbs(s[2])):
+        naive = [s for s in seqs if not self.absorbs(s[2])]
+        if not naive:  # decode steps: every row at once
+            return self.o_proj(self._absorbed(q_nope, q_rope, kv_tc, tb, cache, seqs).reshape(t, -1))
+        o_thv = q_nope.new_empty(t, self.h, self.v)
+        for i, o, n in naive:
             kv_sc = cache.keys(self.layer_id, tb, i) if cache is not None else kv_tc[o:o + n]
             q_thc = torch.cat((q_nope[o:o + n], q_rope[o:o + n]), -1)
             o_thv[o:o + n] = self._attend(q_thc, kv_sc, tb.positions_t[o:o + n], absorbed=False)
-        if len(absorbed) == len(seqs):
-            o_thv = self._absorbed(q_nope, q_rope, kv_tc, tb, cache, seqs)
-        elif absorbed:
+        absorbed = [s for s in seqs if s not in naive]
+        if absorbed:
             rows = torch.cat([torch.arange(o, o + n) for _, o, n in absorbed]).to(q_nope.device)
             o_thv[rows] = self._absorbed(q_nope[rows], q_rope[rows], kv_tc, tb, cache, absorbed)
         return self.o_proj(o_thv.reshape(t, -1))
