@@ -28,8 +28,8 @@ class LocalExecutor:
     max_in_flight, overlap = 1, False
 
     def __init__(self, model, num_pages: int, page_size: int,
-                 speculative: SpeculativeConfig | None = None):
-        self.runner = StepRunner(model, num_pages, page_size, speculative)
+                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False):
+        self.runner = StepRunner(model, num_pages, page_size, speculative, cuda_graphs)
         self._done: deque[StepResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:
@@ -63,7 +63,8 @@ class LocalEngine:
         self.sched_cfg = SchedulerConfig.of(serving, columns=1, pages_per_column=pages,
                                             max_model_len=model.cfg.max_position_embeddings,
                                             num_drafts=k)
-        self.executor = LocalExecutor(model, pages, serving.page_size, speculative)
+        self.executor = LocalExecutor(model, pages, serving.page_size, speculative,
+                                      serving.cuda_graphs)
         self.scheduler: Scheduler | None = None
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:

@@ -23,6 +23,8 @@ class ServingOptions:
     control: str = "auto"
     # torch threads per rank; None: $DS3DIST_TORCH_THREADS, else the CPUs a rank was given
     threads: int | None = None
+    # execution.cuda_graphs: decode steps as CUDA graphs where a rank can (ds3dist.rank.graphs)
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:

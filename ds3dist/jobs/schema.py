@@ -58,6 +58,7 @@ class ExecutionMode(Enum):
 
 
 _OFF, _SPEC, _SAMPLE = OffloadOptions(), SpeculativeConfig(), DEFAULT_SAMPLING
+_RUN, _SERVE = RuntimeOptions(), ServingOptions()
 
 
 @dataclass
@@ -75,6 +76,7 @@ class ExecutionConf:
     mode: ExecutionMode = ExecutionMode.bf16
     dtype: Optional[str] = None  # float32 | bfloat16 | float16 (null: model.options.default_dtype)
     offload: OffloadConf = field(default_factory=OffloadConf)
+    cuda_graphs: bool = _SERVE.cuda_graphs  # decode steps as CUDA graphs on GPU (false: eager)
 
 
 @dataclass
@@ -114,7 +116,6 @@ class JobConf:
     dry_run: bool = False
 
 
-_RUN, _SERVE = RuntimeOptions(), ServingOptions()
 
 
 @dataclass
@@ -274,9 +275,10 @@ def _speculative(cfg: Any, problems: list[str]) -> SpeculativeConfig | None:
 
 def _serving(cfg: Any, problems: list[str]) -> ServingOptions:
     get = _section(cfg, "runtime")
-    keys = [f.name for f in fields(ServingOptions) if f.name != "threads"]
+    keys = [f.name for f in fields(ServingOptions) if f.name not in ("threads", "cuda_graphs")]
     try:
-        return ServingOptions(**{k: get(k) for k in keys})
+        return ServingOptions(**{k: get(k) for k in keys},
+                              cuda_graphs=bool(_get(cfg, "execution.cuda_graphs")))
     except ValueError as e:  # its message names the key
         problems.append(str(e))
         return ServingOptions()

@@ -24,16 +24,20 @@ import torch
 
 class PagedCache:
     def __init__(self, layer_ids: Iterable[int], num_pages: int, page_size: int, width: int,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 scratch: bool = False):
+        """scratch: one more page, `scratch_page`, which no sequence owns: the padding rows of
+        a CUDA-graph step write and read there."""
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, "
                              f"{page_size}")
         self.layer_ids = list(layer_ids)
         self.num_pages, self.page_size, self.width = num_pages, page_size, width
+        self.scratch_page = num_pages if scratch else None
         # empty, not zeros: a row is always written before it is read, and untouched pages
         # cost no resident memory on CPU
-        self.pools = {i: torch.empty(num_pages, page_size, width, dtype=dtype, device=device)
-                      for i in self.layer_ids}
+        self.pools = {i: torch.empty(num_pages + scratch, page_size, width, dtype=dtype,
+                                     device=device) for i in self.layer_ids}
 
     @staticmethod
     def pages_for_bytes(nbytes: float, num_layers: int, page_size: int, width: int,
@@ -65,6 +69,9 @@ class TokenBatch:
     sin_tf: torch.Tensor
     slots_t: torch.Tensor | None = None  # [T] cache row of each new token (with a cache)
     pages: list[torch.Tensor] | None = None  # per sequence: page ids holding keys 0..kv_len-1
+    # every row's (key count, first page in page_ids, page_ids) for the Triton decode kernel,
+    # set by the CUDA-graph runner (its static buffers); None: made from the lists
+    kernel_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _flat_pages: tuple[torch.Tensor, list[int]] | None = field(default=None, repr=False)
 
     @property

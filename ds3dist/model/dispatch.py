@@ -55,11 +55,22 @@ class LocalDispatcher:
         self.local_of_e = lut  # global id -> local index, -1 when not held
         self._lut_on: dict[torch.device, torch.Tensor] = {cpu: lut}
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64, device=cpu)
+        self._count_on: dict[torch.device, torch.Tensor] = {}  # local_ids' counts, per device
 
     def _lut(self, device: torch.device) -> torch.Tensor:
         if device not in self._lut_on:
             self._lut_on[device] = self.local_of_e.to(device)
         return self._lut_on[device]
+
+    def local_ids(self, idx_tk: torch.Tensor) -> torch.Tensor:
+        """Global expert ids -> local indices (-1: not held), counted on the ids' device with
+        no host read (the grouped Triton kernel's input; a CUDA graph may replay this)."""
+        dev = idx_tk.device
+        if dev not in self._count_on:
+            self._count_on[dev] = torch.zeros(self.n_experts, dtype=torch.int64, device=dev)
+        flat = idx_tk.reshape(-1)
+        self._count_on[dev].index_add_(0, flat, torch.ones_like(flat))
+        return self._lut(dev)[idx_tk]
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         t, k = idx_tk.shape
@@ -89,4 +100,7 @@ class LocalDispatcher:
 
     def stats(self) -> dict:
         """Token copies received per (global) expert so far; same keys as AllToAllDispatcher."""
-        return {"received_per_expert": self.received_e.tolist()}
+        got = self.received_e.clone()
+        for counts in self._count_on.values():  # held experts only, as dispatch counts
+            got[self.local_experts] += counts.cpu()[self.local_experts]
+        return {"received_per_expert": got.tolist()}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds3dist import kernels
+from ds3dist.kernels.mla_decode import mla_decode
 from ds3dist.model import cpu_kernel
 from ds3dist.model.cache import PagedCache, TokenBatch
 from ds3dist.model.linear import Linear
@@ -29,6 +31,12 @@ from ds3dist.model.rope import apply_rope
 
 MASK_ELEMS = 1 << 26  # causal-mask entries held at once (64 MB)
 KERNEL_MAX_LEN = 4  # sequences feeding up to this many tokens (decode, speculative verify)
+
+
+def _decode_tiling() -> dict:
+    """The Triton decode kernel's key splits and tile: under the interpreter (numpy per
+    program, tests on a CPU) fewer, wider programs run much faster."""
+    return {"num_splits": 2, "block_n": 128} if kernels.interpreting() else {}
 
 
 class MLA(nn.Module):
@@ -115,22 +123,31 @@ class MLA(nn.Module):
         """Absorbed queries [rows, h, r + p] of sequences seqs (default: every sequence of tb
         with tokens) -> their attended latents [rows, h, r]. Sequences of up to
         KERNEL_MAX_LEN tokens go through the CPU decode kernel in one call where it is built
-        (cpu_kernel), each row with its own causal key count; the others one by one."""
+        (cpu_kernel), or on CUDA the Triton kernel (kernels.mla_decode), each row with its own
+        causal key count; the others one by one."""
         if seqs is None:
             seqs = [(i, o, n) for i, (o, n) in enumerate(zip(tb.offsets, tb.lens)) if n]
         out = q_thc.new_empty(q_thc.shape[0], self.h, self.r)
         local = [0, *accumulate(n for _, _, n in seqs)]  # each sequence's first row in q_thc
+        triton = cache is not None and kernels.use_triton(q_thc)
         decode = []
-        if (cache is not None and q_thc.device.type == "cpu"
-                and q_thc.dtype in (torch.bfloat16, torch.float32) and cpu_kernel.kernel()):
+        if triton or (cache is not None and q_thc.device.type == "cpu"
+                      and q_thc.dtype in (torch.bfloat16, torch.float32) and cpu_kernel.kernel()):
             decode = [k for k, (_, _, n) in enumerate(seqs) if n <= KERNEL_MAX_LEN]
+        if triton and tb.kernel_rows is not None:  # a CUDA-graph step: every row, in order
+            mla_decode(q_thc, *tb.kernel_rows, cache.pools[self.layer_id], self.r, self.scale,
+                       out_rhr=out, **_decode_tiling())
+            return out
         if decode:
             page_ids, page_starts = tb.flat_pages()
             kv_lens = tb.kv_lens
             rows = [(local[k] + j, kv_lens[i] - n + j + 1, page_starts[i])
                     for k in decode for i, _, n in [seqs[k]] for j in range(n)]
-            cpu_kernel.mla_decode(q_thc, *map(list, zip(*rows)), page_ids,
-                                  cache.pools[self.layer_id], self.r, self.scale, out)
+            if triton:
+                self._triton_rows(q_thc, rows, page_ids, cache, out)
+            else:
+                cpu_kernel.mla_decode(q_thc, *map(list, zip(*rows)), page_ids,
+                                      cache.pools[self.layer_id], self.r, self.scale, out)
         done = set(decode)
         for k, (i, o, n) in enumerate(seqs):
             if k in done:
@@ -140,6 +157,19 @@ class MLA(nn.Module):
             out[a:a + n] = self._attend(q_thc[a:a + n], kv_sc, tb.positions_t[o:o + n],
                                         absorbed=True)
         return out
+
+    def _triton_rows(self, q_thc: torch.Tensor, rows: list[tuple[int, int, int]],
+                     page_ids: torch.Tensor, cache: PagedCache, out: torch.Tensor) -> None:
+        """The Triton decode kernel over rows (row in q_thc, key count, first page)."""
+        idx, kv_len, start = (torch.tensor(v, dtype=torch.int32, device=q_thc.device)
+                              for v in zip(*rows))
+        pool = cache.pools[self.layer_id]
+        if len(rows) == q_thc.shape[0]:  # every row, in order
+            mla_decode(q_thc, kv_len, start, page_ids, pool, self.r, self.scale, out_rhr=out,
+                       **_decode_tiling())
+        else:
+            out[idx] = mla_decode(q_thc[idx], kv_len, start, page_ids, pool, self.r, self.scale,
+                                  **_decode_tiling())
 
     def _attend(self, q_thc: torch.Tensor, kv_sc: torch.Tensor, pos_t: torch.Tensor,
                 absorbed: bool) -> torch.Tensor:

@@ -4,6 +4,8 @@
 It is called even for zero tokens, so collective dispatchers stay in step across ranks.
 With every routed expert local (LocalDispatcher) and stacked bf16 CPU experts, a few tokens
 take cpu_kernel.moe_decode instead: the same gate, dispatch, experts and combine in one call.
+Where the Triton kernels run (CUDA) and the dispatcher is local, the held experts run in one
+grouped launch (kernels.moe.fused_experts), with no host read: a decode step can be a CUDA graph.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ds3dist import kernels
+from ds3dist.kernels.moe import fused_experts
 from ds3dist.model import cpu_kernel
 from ds3dist.model.dispatch import LocalDispatcher
 from ds3dist.model.experts import Experts
@@ -31,7 +35,11 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher(self.experts.expert_ids, c.n_routed_experts)
 
     def forward(self, x_td: torch.Tensor) -> torch.Tensor:
-        if self._fused(x_td):
+        if kernels.use_triton(x_td) and isinstance(self.dispatcher, LocalDispatcher):
+            idx_tk, w_tk = self.gate(x_td)  # every held expert in one launch, no host read
+            out_td = fused_experts(x_td, self.dispatcher.local_ids(idx_tk), w_tk,
+                                   *self.experts.grouped())
+        elif self._fused(x_td):
             g = self.gate
             out_td = cpu_kernel.moe_decode(x_td, g.weight, g.e_score_correction_bias, g.n_group,
                                            g.topk_group, g.top_k, g.scaling, *self.experts.stacked,

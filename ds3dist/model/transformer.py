@@ -87,10 +87,11 @@ class Transformer(nn.Module):
         blocks = list(self.layers.values()) + list(self.mtp.values() if self.mtp is not None else [])
         return {b.layer_id: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
 
-    def new_cache(self, num_pages: int, page_size: int) -> PagedCache:
-        """A pool of pages for the held layers (and MTP layers), allocated once."""
+    def new_cache(self, num_pages: int, page_size: int, scratch: bool = False) -> PagedCache:
+        """A pool of pages for the held layers (and MTP layers), allocated once (scratch: see
+        PagedCache)."""
         return PagedCache(self.layer_ids + self.mtp_layer_ids, num_pages, page_size,
-                          self.cache_width, self.dtype, self.device)
+                          self.cache_width, self.dtype, self.device, scratch)
 
     @property
     def cache_width(self) -> int:

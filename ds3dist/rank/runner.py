@@ -8,28 +8,37 @@ ids). `begin` applies a plan's diffs and builds the step's TokenBatch;
 `layers` runs embed (first stage) and the held layers; `sample` (last stage) samples a token
 for each sequence whose step reaches its target. With speculative decoding (a
 SpeculativeConfig, last stage) `sample` also verifies the drafts a step carries and runs the
-MTPDrafter for the next step's drafts.
+MTPDrafter for the next step's drafts. Where the Triton kernels run (CUDA), non-speculative
+rows are sampled on the device (kernels.sampling) and decode steps may be CUDA graphs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ds3dist import kernels
+from ds3dist.kernels.sampling import sample_device
 from ds3dist.model.cache import TokenBatch
+from ds3dist.rank.graphs import DecodeGraphs, graphable
 from ds3dist.rank.drafter import MTPDrafter, Verified
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.plan import FILL, SeqStep, StepResult
-from ds3dist.rank.sampling import sample_rows
+from ds3dist.rank.sampling import draw_key, sample_rows
 from ds3dist.core.options import SpeculativeConfig
 from ds3dist.rank.speculative import verify
 
 
 class StepRunner:
     def __init__(self, model, num_pages: int, page_size: int,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False):
+        """cuda_graphs: decode steps as CUDA graphs (rank.graphs) where the model part allows
+        it; on a CPU with the Triton kernels forced (tests), the same padded buffers eagerly."""
         self.model = model
         self.page_size = page_size
-        self.cache = model.new_cache(num_pages, page_size)
+        graphs = cuda_graphs and graphable(model) is None
+        self.cache = model.new_cache(num_pages, page_size, scratch=graphs)
+        self.graphs = DecodeGraphs(model, self.cache, capture=model.device.type == "cuda") \
+            if graphs else None
         self.drafter = MTPDrafter(model, self.cache, page_size, speculative) \
             if speculative is not None else None
         self.tables: dict[str, list[int]] = {}
@@ -70,7 +79,10 @@ class StepRunner:
         if h_td is None:
             ids = [self.last[s.req_id] if t == FILL else t for s in seqs for t in s.token_ids]
             h_td = self.model.embed(torch.tensor(ids, dtype=torch.int64))
-        return self.model.forward_layers(h_td.to(self.model.device), tb, self.cache)
+        h_td = h_td.to(self.model.device)
+        if self.graphs is not None and self.graphs.fits(tb):
+            return self.graphs.run(h_td, tb)
+        return self.model.forward_layers(h_td, tb, self.cache)
 
     @torch.inference_mode()
     def sample(self, step_id: int, seqs: list[SeqStep], tb: TokenBatch, h_td: torch.Tensor
@@ -81,8 +93,13 @@ class StepRunner:
                   if s.sample]  # each with the row of its newest token, then its drafts' rows
         if picked and self.drafter is None:
             logits_nv = self.model.logits(h_td[[row for _, row in picked]])
-            tokens = sample_rows(logits_nv, [self.params[s.req_id] for s, _ in picked],
-                                 [(s.req_id, s.output_index) for s, _ in picked])
+            params = [self.params[s.req_id] for s, _ in picked]
+            draws = [(s.req_id, s.output_index) for s, _ in picked]
+            if kernels.use_triton(logits_nv):  # on the device; one read of the ids
+                keys = [draw_key(p.seed, *d) for p, d in zip(params, draws)]
+                tokens = sample_device(logits_nv, params, keys)
+            else:
+                tokens = sample_rows(logits_nv, params, draws)
             res.sampled = {s.req_id: t for (s, _), t in zip(picked, tokens)}
         elif picked:
             self._verify(picked, h_td, res)

@@ -33,6 +33,7 @@ from ds3dist.runtime.options import OffloadOptions, RuntimeOptions
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.core.loop import serve
 from ds3dist.core.options import ServingOptions
+from ds3dist.runtime.handoff import P2P_ENV
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.request import Request
 from ds3dist.core.scheduler import Scheduler, SchedulerConfig
@@ -141,7 +142,9 @@ class Engine:
                     num_cpus=cpus, num_gpus=1 if gpu else 0, max_concurrency=1,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         self.pg, placement_group_bundle_index=plan.rank),
-                    runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}},
+                    runtime_env={"env_vars": {
+                        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                        P2P_ENV: os.environ.get(P2P_ENV, "")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
                          threads, tuple(fault_ids), self.engine_id, self.speculative,
                          self.offload)
@@ -168,8 +171,8 @@ class Engine:
         if pages < 1:
             raise EngineError(f"runtime.cache_gb: {nbytes / 1e9:.3g} GB holds no page of "
                               f"{opt.page_size} tokens x {layers} layers")
-        self._get([a.setup_cache.remote(pages, opt.page_size) for a in self.actors], timeout,
-                  "cache set-up")
+        self._get([a.setup_cache.remote(pages, opt.page_size, opt.cuda_graphs)
+                   for a in self.actors], timeout, "cache set-up")
         return SchedulerConfig.of(opt, columns=self.layout.ep, pages_per_column=pages,
                                   max_model_len=cfg.max_position_embeddings,
                                   num_drafts=self.num_drafts)
