@@ -204,3 +204,25 @@ def test_napper_sleeps_a_share_of_a_smaller_steps_wait(monkeypatch):
     assert [w for _, w in nap.waits] == [pytest.approx(0.025), pytest.approx(0.5)]
     now = nap.begin = clock[0]
     assert nap.nap(4096, deadline=now + 0.001) == pytest.approx(now + 0.001)  # the deadline
+
+
+def test_stage_handoff_over_the_process_group(ray_cluster, tiny_fp8_dir, reference, monkeypatch):
+    """The GPU path's stage hand-off (hidden states sent rank to rank over the process group,
+    only a HiddenRef through the driver), forced on CPU over gloo: the same tokens as one
+    process, and every step's states went through it."""
+    import ray
+
+    from ds3dist import Engine
+    from ds3dist.runtime.handoff import P2P_ENV
+
+    monkeypatch.setenv(P2P_ENV, "1")
+    with Engine(tiny_fp8_dir, ParallelLayout(pp=2, ep=2), dtype=torch.float32) as engine:
+        got = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0.0)
+        assert [g.token_ids for g in got] == [r.token_ids for r in reference]
+        counts = ray.get([a.__ray_call__.remote(
+            lambda w: (w.plan.stage, w.plan.ep_rank, w.handoff.sent, w.handoff.received))
+            for a in engine.actors], timeout=60)
+    by = {(stage, r): (sent, received) for stage, r, sent, received in counts}
+    for r in range(2):  # each column's steps with tokens: sent by stage 0, received by stage 1
+        sent, received = by[(0, r)][0], by[(1, r)][1]
+        assert sent == received >= NEW_TOKENS and by[(0, r)][1] == by[(1, r)][0] == 0, counts

@@ -24,7 +24,8 @@ from ds3dist.model.load import load_model
 from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
-from ds3dist.runtime import progress, rendezvous
+from ds3dist.runtime import handoff, progress, rendezvous
+from ds3dist.runtime.handoff import HiddenRef, StageHandoff
 from ds3dist.runtime.hostmem import release_free_memory, retain_freed_memory
 from ds3dist.runtime.offload import Offloaded
 from ds3dist.runtime.options import OffloadOptions
@@ -75,6 +76,7 @@ class StageWorker:
         self.offload = offload
         self.own_group = None  # a group of this rank alone (what the offload partitions over)
         self.offloaded: Offloaded | None = None
+        self.handoff: StageHandoff | None = None  # hidden states to/from the next/previous stage
 
     # ---- set-up ---------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -113,6 +115,12 @@ class StageWorker:
             group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
             if stage == self.plan.stage:
                 self.ep_group = group
+        if self.layout.pp > 1 and handoff.wanted(self.device):
+            p, lay = self.plan, self.layout
+            self.handoff = StageHandoff(
+                lay.rank_of(p.stage - 1, p.ep_rank) if p.stage > 0 else None,
+                lay.rank_of(p.stage + 1, p.ep_rank) if p.stage < lay.pp - 1 else None,
+                self.device)
         if self.offload is not None:  # the same for one-rank groups
             for rank in range(self.layout.world_size):
                 group = dist.new_group([rank], timeout=timedelta(seconds=timeout_s))
@@ -146,9 +154,11 @@ class StageWorker:
                                   _rss_bytes(), str(self.model.dtype), free, offload)
         return self.load_info
 
-    def setup_cache(self, num_pages: int, page_size: int) -> int:
-        """Allocate this rank's page pool (the same page ids on every stage of its column)."""
-        self.runner = StepRunner(self.model, num_pages, page_size, self.speculative)
+    def setup_cache(self, num_pages: int, page_size: int, cuda_graphs: bool = False) -> int:
+        """Allocate this rank's page pool (the same page ids on every stage of its column).
+        cuda_graphs: decode steps as CUDA graphs where this rank can (not with offload)."""
+        self.runner = StepRunner(self.model, num_pages, page_size, self.speculative,
+                                 cuda_graphs and self.offloaded is None)
         self.runner.fail_ids = set(self.fault_ids)
         return self.runner.cache.nbytes()
 
@@ -165,8 +175,12 @@ class StageWorker:
         try:
             if self.offloaded is not None:
                 self.offloaded.begin_step()
+            if payload is not None and isinstance(payload[1], HiddenRef):
+                payload = (payload[0], self.handoff.recv(payload[1]))
             out = run_column(self.runner, plan, plan.columns[self.plan.ep_rank],
                              self.plan.embed, self.plan.head, payload)
+            if self.handoff is not None and not self.plan.head:
+                out = (out[0], self.handoff.send(out[1]))
         except Exception as e:
             log = self.collectives
             where = (f", in collective #{log.entered} ({log.last})" if log.entered > entered
@@ -177,8 +191,6 @@ class StageWorker:
             progress.publish(self.engine_id, p.rank,
                              {**self._progress(), "error": f"RankStepError: {err}"})
             raise err from e
-        if not self.plan.head and self.device.type == "cuda":
-            out = (out[0], out[1].cpu())
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         return out
