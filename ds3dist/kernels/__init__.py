@@ -59,6 +59,11 @@ def forced(on: bool = True) -> Iterator[None]:
         _forced = before
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def dot_upcast() -> bool:
     """Kernels take this as a constexpr: cast tiles to float32 before tl.dot. Under the
     interpreter tl.dot on bfloat16 tiles is wrong (Triton 3.9); on a GPU bf16 tiles feed the
@@ -68,14 +73,18 @@ def dot_upcast() -> bool:
 
 def jit(fn):
     """triton.jit, made on first use (so TRITON_INTERPRET is read when a kernel is first
-    launched, not at import) and cached per interpreter setting."""
+    launched, not at import, and importing a kernel module does not import Triton) and cached
+    per interpreter setting. The kernel's module names triton.language `tl`."""
     made: dict[bool, object] = {}
 
     def kernel():
         key = interpreting()
         if key not in made:
             import triton
+            import triton.language
 
+            if fn.__globals__.get("tl") is None:  # modules hold `tl = None` until first use
+                fn.__globals__["tl"] = triton.language
             made[key] = triton.jit(fn)
         return made[key]
 

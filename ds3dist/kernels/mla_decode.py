@@ -17,8 +17,6 @@ Split-KV, two launches, no host reads (so the call can be captured in a CUDA gra
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ds3dist import kernels
@@ -27,102 +25,97 @@ BLOCK_H = 16  # heads per program: tl.dot wants every tile dimension >= 16 (mask
 BLOCK_N = 32  # keys per tile
 MIN_DOT = 16
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+tl = None  # triton.language, set by kernels.jit when a kernel is first built
 
 
-@functools.cache
-def _kernels():
-    """(stage 1, stage 2), built lazily so that importing this module needs no Triton."""
-    import triton.language as tl
-
-    def stage1(q_ptr, pool_ptr, page_ids_ptr, page_start_ptr, kv_len_ptr, o_ptr, lse_ptr,
+def _stage1_fn(q_ptr, pool_ptr, page_ids_ptr, page_start_ptr, kv_len_ptr, o_ptr, lse_ptr,
                sq_r, sq_h, sq_c, sp_p, sp_s, sp_c, H, R_LAT, P_ROPE, scale,
                PAGE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # offsets into [R, H, splits, r] may pass 2**31
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        split = tl.program_id(2)
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_p = tl.arange(0, BLOCK_P)
-        h_ok, r_ok, p_ok = offs_h < H, offs_r < R_LAT, offs_p < P_ROPE
+    row = tl.program_id(0).to(tl.int64)  # offsets into [R, H, splits, r] may pass 2**31
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_p = tl.arange(0, BLOCK_P)
+    h_ok, r_ok, p_ok = offs_h < H, offs_r < R_LAT, offs_p < P_ROPE
 
-        q_base = q_ptr + row * sq_r + offs_h[:, None] * sq_h
-        q_lat = tl.load(q_base + offs_r[None, :] * sq_c, mask=h_ok[:, None] & r_ok[None, :],
-                        other=0.0)  # [BLOCK_H, BLOCK_R]
-        q_rope = tl.load(q_base + (R_LAT + offs_p[None, :]) * sq_c,
-                         mask=h_ok[:, None] & p_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_P]
+    q_base = q_ptr + row * sq_r + offs_h[:, None] * sq_h
+    q_lat = tl.load(q_base + offs_r[None, :] * sq_c, mask=h_ok[:, None] & r_ok[None, :],
+                    other=0.0)  # [BLOCK_H, BLOCK_R]
+    q_rope = tl.load(q_base + (R_LAT + offs_p[None, :]) * sq_c,
+                     mask=h_ok[:, None] & p_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_P]
+    if UPCAST:
+        q_lat, q_rope = q_lat.to(tl.float32), q_rope.to(tl.float32)
+
+    kv_len = tl.load(kv_len_ptr + row).to(tl.int32)
+    page_start = tl.load(page_start_ptr + row).to(tl.int64)
+    split_len = tl.cdiv(kv_len, SPLITS)
+    start = split * split_len
+    end = tl.minimum(start + split_len, kv_len)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        page = tl.load(page_ids_ptr + page_start + offs_n // PAGE, mask=n_ok, other=0)
+        key = pool_ptr + page.to(tl.int64) * sp_p + (offs_n % PAGE) * sp_s  # [BLOCK_N]
+        k_lat = tl.load(key[None, :] + offs_r[:, None] * sp_c,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        k_rope = tl.load(key[None, :] + (R_LAT + offs_p[:, None]) * sp_c,
+                         mask=p_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
         if UPCAST:
-            q_lat, q_rope = q_lat.to(tl.float32), q_rope.to(tl.float32)
+            k_lat, k_rope = k_lat.to(tl.float32), k_rope.to(tl.float32)
+        s = tl.dot(q_lat, k_lat, input_precision=PREC)
+        s += tl.dot(q_rope, k_rope, input_precision=PREC)
+        s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), tl.trans(k_lat),
+                                            input_precision=PREC)
+        m = m_new
 
-        kv_len = tl.load(kv_len_ptr + row).to(tl.int32)
-        page_start = tl.load(page_start_ptr + row).to(tl.int64)
-        split_len = tl.cdiv(kv_len, SPLITS)
-        start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
+    l_safe = tl.where(l_sum > 0, l_sum, 1.0)  # an empty split: acc 0, lse -inf
+    o_base = (row * H + offs_h) * SPLITS + split  # [BLOCK_H]
+    tl.store(o_ptr + o_base[:, None] * R_LAT + offs_r[None, :], acc / l_safe[:, None],
+             mask=h_ok[:, None] & r_ok[None, :])
+    tl.store(lse_ptr + o_base, m + tl.log(l_safe), mask=h_ok)
 
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_sum = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < end
-            page = tl.load(page_ids_ptr + page_start + offs_n // PAGE, mask=n_ok, other=0)
-            key = pool_ptr + page.to(tl.int64) * sp_p + (offs_n % PAGE) * sp_s  # [BLOCK_N]
-            k_lat = tl.load(key[None, :] + offs_r[:, None] * sp_c,
-                            mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-            k_rope = tl.load(key[None, :] + (R_LAT + offs_p[:, None]) * sp_c,
-                             mask=p_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_P, BLOCK_N]
-            if UPCAST:
-                k_lat, k_rope = k_lat.to(tl.float32), k_rope.to(tl.float32)
-            s = tl.dot(q_lat, k_lat, input_precision=PREC)
-            s += tl.dot(q_rope, k_rope, input_precision=PREC)
-            s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), tl.trans(k_lat),
-                                                input_precision=PREC)
-            m = m_new
-
-        l_safe = tl.where(l_sum > 0, l_sum, 1.0)  # an empty split: acc 0, lse -inf
-        o_base = (row * H + offs_h) * SPLITS + split  # [BLOCK_H]
-        tl.store(o_ptr + o_base[:, None] * R_LAT + offs_r[None, :], acc / l_safe[:, None],
-                 mask=h_ok[:, None] & r_ok[None, :])
-        tl.store(lse_ptr + o_base, m + tl.log(l_safe), mask=h_ok)
-
-    def stage2(o_ptr, lse_ptr, out_ptr, so_r, so_h, so_c, H, R_LAT,
+def _stage2_fn(o_ptr, lse_ptr, out_ptr, so_r, so_h, so_c, H, R_LAT,
                SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        offs_r = tl.arange(0, BLOCK_R)
-        h_ok, r_ok = offs_h < H, offs_r < R_LAT
-        hr_ok = h_ok[:, None] & r_ok[None, :]
-        base = (row * H + offs_h) * SPLITS  # [BLOCK_H]
+    row = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_r = tl.arange(0, BLOCK_R)
+    h_ok, r_ok = offs_h < H, offs_r < R_LAT
+    hr_ok = h_ok[:, None] & r_ok[None, :]
+    base = (row * H + offs_h) * SPLITS  # [BLOCK_H]
 
-        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        w_sum = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
-        for split in tl.static_range(SPLITS):
-            lse = tl.load(lse_ptr + base + split, mask=h_ok, other=float("-inf"))
-            o = tl.load(o_ptr + (base + split)[:, None] * R_LAT + offs_r[None, :], mask=hr_ok,
-                        other=0.0)
-            m_new = tl.maximum(m, lse)
-            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf
-            alpha = tl.exp(m - m_ref)
-            w = tl.exp(lse - m_ref)
-            w_sum = w_sum * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * o
-            m = m_new
-        w_safe = tl.where(w_sum > 0, w_sum, 1.0)
-        out = acc / w_safe[:, None]
-        tl.store(out_ptr + row * so_r + offs_h[:, None] * so_h + offs_r[None, :] * so_c,
-                 out.to(out_ptr.dtype.element_ty), mask=hr_ok)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+    for split in tl.static_range(SPLITS):
+        lse = tl.load(lse_ptr + base + split, mask=h_ok, other=float("-inf"))
+        o = tl.load(o_ptr + (base + split)[:, None] * R_LAT + offs_r[None, :], mask=hr_ok,
+                    other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no -inf - -inf
+        alpha = tl.exp(m - m_ref)
+        w = tl.exp(lse - m_ref)
+        w_sum = w_sum * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m = m_new
+    w_safe = tl.where(w_sum > 0, w_sum, 1.0)
+    out = acc / w_safe[:, None]
+    tl.store(out_ptr + row * so_r + offs_h[:, None] * so_h + offs_r[None, :] * so_c,
+             out.to(out_ptr.dtype.element_ty), mask=hr_ok)
 
-    return kernels.jit(stage1), kernels.jit(stage2)
+
+_stage1 = kernels.jit(_stage1_fn)
+_stage2 = kernels.jit(_stage2_fn)
 
 
 def _check(q_rhc, kv_len_r, page_start_r, page_ids_n, pool_psc, r, out_rhr) -> None:
@@ -167,19 +160,19 @@ def mla_decode(q_rhc: torch.Tensor, kv_len_r: torch.Tensor, page_start_r: torch.
     out = out_rhr if out_rhr is not None else q_rhc.new_empty(rows, h, r)
     if rows == 0 or h == 0:
         return out
-    stage1, stage2 = _kernels()
-    block_r, block_p = max(MIN_DOT, _pow2(r)), max(MIN_DOT, _pow2(c - r))
+    block_r = max(MIN_DOT, kernels.next_pow2(r))
+    block_p = max(MIN_DOT, kernels.next_pow2(c - r))
     heads = -(-h // BLOCK_H)
     o_rhsr = torch.empty(rows, h, num_splits, r, dtype=torch.float32, device=q_rhc.device)
     lse_rhs = torch.empty(rows, h, num_splits, dtype=torch.float32, device=q_rhc.device)
     prec = "ieee" if q_rhc.dtype == torch.float32 else "tf32"
-    stage1()[(rows, heads, num_splits)](
+    _stage1()[(rows, heads, num_splits)](
         q_rhc, pool_psc, page_ids_n, page_start_r, kv_len_r, o_rhsr, lse_rhs,
         *q_rhc.stride(), *pool_psc.stride(), h, r, c - r, scale,
         PAGE=pool_psc.shape[1], SPLITS=num_splits, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
         BLOCK_R=block_r, BLOCK_P=block_p, PREC=prec, UPCAST=kernels.dot_upcast(),
         num_warps=4, num_stages=2)
-    stage2()[(rows, heads)](
+    _stage2()[(rows, heads)](
         o_rhsr, lse_rhs, out, *out.stride(), h, r,
         SPLITS=num_splits, BLOCK_H=BLOCK_H, BLOCK_R=block_r)
     return out

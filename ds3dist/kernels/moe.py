@@ -24,10 +24,7 @@ import torch
 from ds3dist import kernels
 from ds3dist.checkpoint.fp8 import BLOCK, FP8_DTYPE, act_quant, fp8_linear_emulated
 
-try:
-    import triton.language as tl
-except ImportError:  # the kernels are built on first launch, only where Triton is installed
-    tl = None
+tl = None  # triton.language, set by kernels.jit when a kernel is first built
 
 BLOCK_N = 64  # output columns per program
 BLOCK_K = 64  # reduction step of the plain GEMMs (FP8: one scale block, BLOCK)
@@ -136,10 +133,6 @@ _gate_up = kernels.jit(_gate_up_fn)
 _down = kernels.jit(_down_fn)
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def default_block_m(num_copies: int, num_experts: int) -> int:
     """Rows per block: 16 while experts get few copies each (decode), else 64 (prefill)."""
     return 16 if num_copies < 32 * num_experts else 64
@@ -230,8 +223,8 @@ def fused_experts(x_td, idx_tk, w_tk, w1_eid, w3_eid, w2_edi, s1=None, s3=None, 
     p = sorted_ids.numel()
     block_n, block_k = BLOCK_N, BLOCK if fp8 else BLOCK_K
     if kernels.interpreting():  # numpy per program: fewer, wider programs run much faster
-        block_n = min(512, triton_next_pow2(max(i, d)))
-        block_k = BLOCK if fp8 else min(256, triton_next_pow2(d))
+        block_n = min(512, kernels.next_pow2(max(i, d)))
+        block_k = BLOCK if fp8 else min(256, kernels.next_pow2(d))
     upcast = kernels.dot_upcast()
     x_td = x_td.contiguous()
     # the interpreter's float32 -> bf16 cast truncates: there torch rounds h instead

@@ -22,7 +22,6 @@ asynchronous), the cut-offs are torch ops there, the kernel writes the ids, and 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -38,75 +37,73 @@ _TWO_M32 = 2.0 ** -32
 _ONE_BELOW = 1.0 - 2.0 ** -24  # the largest float32 below 1
 _TAIL = 2.0 ** -6  # v below this: g from the series in v
 
+tl = None  # triton.language, set by kernels.jit when a kernel is first built
 
-@functools.cache
-def _kernel():
-    """The sampling kernel, built lazily so that importing this module needs no Triton."""
-    import triton.language as tl
 
-    def gumbel_argmax(logits_ptr, row_stride, temp_ptr, cut_ptr, key_ptr, out_ptr, vocab,
+def _gumbel_argmax_fn(logits_ptr, row_stride, temp_ptr, cut_ptr, key_ptr, out_ptr, vocab,
                       NOISE_OUT: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Row program_id(0): argmax of kept (logits / T + noise), or of logits where T = 0,
-        into out[row] (int32). NOISE_OUT 1 stores the row's noise (float32) instead, 2 its
-        hash (int64), both [n, vocab]."""
-        row = tl.program_id(0).to(tl.int64)
-        key = tl.load(key_ptr + row)
-        lo = (key & 0xFFFFFFFF).to(tl.uint32)
-        hi = (key >> 32).to(tl.uint32)
-        pair = tl.arange(0, 2)  # the row's two seeds, side by side (as _seeds)
-        w = tl.where(pair == 0, lo ^ 0x9E3779B9, hi ^ 0x7F4A7C15)
-        for r in tl.static_range(2):  # murmur3's finalizer, the other half mixed in between
-            w ^= w >> 16
-            w *= 0x85EBCA6B
-            w ^= w >> 13
-            w *= 0xC2B2AE35
-            w ^= w >> 16
+    """Row program_id(0): argmax of kept (logits / T + noise), or of logits where T = 0,
+    into out[row] (int32). NOISE_OUT 1 stores the row's noise (float32) instead, 2 its
+    hash (int64), both [n, vocab]."""
+    row = tl.program_id(0).to(tl.int64)
+    key = tl.load(key_ptr + row)
+    lo = (key & 0xFFFFFFFF).to(tl.uint32)
+    hi = (key >> 32).to(tl.uint32)
+    pair = tl.arange(0, 2)  # the row's two seeds, side by side (as _seeds)
+    w = tl.where(pair == 0, lo ^ 0x9E3779B9, hi ^ 0x7F4A7C15)
+    for r in tl.static_range(2):  # murmur3's finalizer, the other half mixed in between
+        w ^= w >> 16
+        w *= 0x85EBCA6B
+        w ^= w >> 13
+        w *= 0xC2B2AE35
+        w ^= w >> 16
+        if r == 0:
+            w ^= tl.where(pair == 0, hi, lo)
+    s0 = tl.sum(tl.where(pair == 0, w, 0), 0)
+    s1 = tl.sum(tl.where(pair == 1, w, 0), 0)
+    offs = tl.arange(0, BLOCK_V)
+    if NOISE_OUT == 0:
+        t = tl.load(temp_ptr + row)
+        greedy = t == 0.0
+        t = tl.where(greedy, 1.0, t)
+        cut = tl.load(cut_ptr + row)
+        best_v = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: first best
+        best_j = tl.zeros([BLOCK_V], tl.int32)
+    for start in range(0, vocab, BLOCK_V):
+        j = start + offs
+        inb = j < vocab
+        h = j.to(tl.uint32) ^ s0
+        for r in tl.static_range(2):  # as above, keyed by s0 then s1
+            h ^= h >> 16
+            h *= 0x85EBCA6B
+            h ^= h >> 13
+            h *= 0xC2B2AE35
+            h ^= h >> 16
             if r == 0:
-                w ^= tl.where(pair == 0, hi, lo)
-        s0 = tl.sum(tl.where(pair == 0, w, 0), 0)
-        s1 = tl.sum(tl.where(pair == 1, w, 0), 0)
-        offs = tl.arange(0, BLOCK_V)
-        if NOISE_OUT == 0:
-            t = tl.load(temp_ptr + row)
-            greedy = t == 0.0
-            t = tl.where(greedy, 1.0, t)
-            cut = tl.load(cut_ptr + row)
-            best_v = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: first best
-            best_j = tl.zeros([BLOCK_V], tl.int32)
-        for start in range(0, vocab, BLOCK_V):
-            j = start + offs
-            inb = j < vocab
-            h = j.to(tl.uint32) ^ s0
-            for r in tl.static_range(2):  # as above, keyed by s0 then s1
-                h ^= h >> 16
-                h *= 0x85EBCA6B
-                h ^= h >> 13
-                h *= 0xC2B2AE35
-                h ^= h >> 16
-                if r == 0:
-                    h ^= s1
-            v = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
-            u = tl.minimum(((h ^ 0xFFFFFFFF).to(tl.float32) + 0.5) * 2.3283064365386963e-10,
-                           0.99999994)  # 1 - v, from the complement: exact near 0
-            tail = -tl.log(v) - v * (0.5 + v * (0.20833333333333334 + v * 0.125))
-            g = tl.where(v < 0.015625, tail, -tl.log(-tl.log(u)))
-            if NOISE_OUT == 1:
-                tl.store(out_ptr + row * vocab + j, g, mask=inb)
-            elif NOISE_OUT == 2:
-                tl.store(out_ptr + row * vocab + j, h.to(tl.int64), mask=inb)
-            else:
-                x = tl.load(logits_ptr + row * row_stride + j, mask=inb, other=float("-inf"))
-                scaled = tl.math.div_rn(x, t)  # IEEE division, as torch's (cut-offs compare)
-                score = tl.where(greedy, scaled, scaled + g)
-                score = tl.where(inb & (scaled >= cut), score, float("-inf"))
-                better = score > best_v
-                best_v = tl.where(better, score, best_v)
-                best_j = tl.where(better, j, best_j)
-        if NOISE_OUT == 0:
-            top = tl.max(best_v, 0)
-            tl.store(out_ptr + row, tl.min(tl.where(best_v == top, best_j, vocab), 0))
+                h ^= s1
+        v = (h.to(tl.float32) + 0.5) * 2.3283064365386963e-10  # 2^-32
+        u = tl.minimum(((h ^ 0xFFFFFFFF).to(tl.float32) + 0.5) * 2.3283064365386963e-10,
+                       0.99999994)  # 1 - v, from the complement: exact near 0
+        tail = -tl.log(v) - v * (0.5 + v * (0.20833333333333334 + v * 0.125))
+        g = tl.where(v < 0.015625, tail, -tl.log(-tl.log(u)))
+        if NOISE_OUT == 1:
+            tl.store(out_ptr + row * vocab + j, g, mask=inb)
+        elif NOISE_OUT == 2:
+            tl.store(out_ptr + row * vocab + j, h.to(tl.int64), mask=inb)
+        else:
+            x = tl.load(logits_ptr + row * row_stride + j, mask=inb, other=float("-inf"))
+            scaled = tl.math.div_rn(x, t)  # IEEE division, as torch's (cut-offs compare)
+            score = tl.where(greedy, scaled, scaled + g)
+            score = tl.where(inb & (scaled >= cut), score, float("-inf"))
+            better = score > best_v
+            best_v = tl.where(better, score, best_v)
+            best_j = tl.where(better, j, best_j)
+    if NOISE_OUT == 0:
+        top = tl.max(best_v, 0)
+        tl.store(out_ptr + row, tl.min(tl.where(best_v == top, best_j, vocab), 0))
 
-    return kernels.jit(gumbel_argmax)
+
+_gumbel_argmax = kernels.jit(_gumbel_argmax_fn)
 
 
 def _block_v() -> int:
@@ -152,7 +149,7 @@ def _noise_of_hash(h: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(logits_nv, temp_n, cut_n, keys_n, out, vocab: int, noise_out: int) -> None:
-    _kernel()()[(keys_n.shape[0],)](logits_nv, logits_nv.stride(0), temp_n, cut_n, keys_n, out,
+    _gumbel_argmax()[(keys_n.shape[0],)](logits_nv, logits_nv.stride(0), temp_n, cut_n, keys_n, out,
                                     vocab, NOISE_OUT=noise_out, BLOCK_V=_block_v(),
                                     num_warps=4)
 
