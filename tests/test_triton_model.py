@@ -4,6 +4,7 @@ Triton's interpreter), so its page tables, layouts and dispatch run on every com
 - Greedy generation with the GPU path (decode attention, grouped experts, device sampling,
   decode steps through the padded CUDA-graph buffers) gives the CPU path's tokens in float32,
   with bf16 and with FP8 execution. Oracle: the same model on the CPU path.
+- Expert counts of the GPU path equal the CPU path's (padding rows of graph steps left out).
 - In bfloat16 a decode step's logits stay within a stated tolerance of the CPU path's.
 - Padding rows of a graph step touch only the scratch page: every other cache row is the same
   as after the unpadded step.
@@ -63,15 +64,23 @@ def test_greedy_tokens_equal_the_cpu_path_in_float32(tiny_fp8_dir, tok, calls, e
     serving = ServingOptions(page_size=PAGE)
     want = ds3dist.generate(model, tok, PROMPTS, max_new_tokens=NEW, serving=serving)
     assert calls == dict.fromkeys(calls, 0)  # the CPU path takes none of them
+    load = _expert_load(model)
     with kernels.forced():
         got = ds3dist.generate(model, tok, PROMPTS, max_new_tokens=NEW, serving=serving)
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    # the same routing counted again, and no padding row of a graph step counted
+    assert _expert_load(model) == {i: [2 * c for c in row] for i, row in load.items()}
     assert any(len(set(w.token_ids)) > 2 for w in want)
     layers = len(model.layer_ids)
     assert calls["graph_steps"] >= NEW - 1  # decode steps went through the graph buffers
     assert calls["mla_decode"] >= layers * (NEW - 1)
     assert calls["fused_experts"] >= (layers - 1) * NEW
     assert calls["sample_device"] >= NEW
+
+
+def _expert_load(model) -> dict[int, list[int]]:
+    return {i: moe.dispatcher.stats()["received_per_expert"]
+            for i, moe in model.moe_layers().items()}
 
 
 def _prefilled(model, tables, lens):

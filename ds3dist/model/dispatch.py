@@ -56,6 +56,7 @@ class LocalDispatcher:
         self._lut_on: dict[torch.device, torch.Tensor] = {cpu: lut}
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64, device=cpu)
         self._count_on: dict[torch.device, torch.Tensor] = {}  # local_ids' counts, per device
+        self.rows_valid: torch.Tensor | None = None  # [1]: rows counted (set by rank.graphs)
 
     def _lut(self, device: torch.device) -> torch.Tensor:
         if device not in self._lut_on:
@@ -68,8 +69,10 @@ class LocalDispatcher:
         dev = idx_tk.device
         if dev not in self._count_on:
             self._count_on[dev] = torch.zeros(self.n_experts, dtype=torch.int64, device=dev)
-        flat = idx_tk.reshape(-1)
-        self._count_on[dev].index_add_(0, flat, torch.ones_like(flat))
+        ones_tk = torch.ones_like(idx_tk)
+        if self.rows_valid is not None:  # a graph step's padding rows are not counted
+            ones_tk *= (torch.arange(idx_tk.shape[0], device=dev) < self.rows_valid)[:, None]
+        self._count_on[dev].index_add_(0, idx_tk.reshape(-1), ones_tk.reshape(-1))
         return self._lut(dev)[idx_tk]
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:

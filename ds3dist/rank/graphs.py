@@ -3,10 +3,11 @@
 A decode step (every sequence feeds one token) runs its held layers on static buffers padded
 to the next bucket: hidden states, rope tables, cache slots and the decode kernel's rows
 (key count, first page, page ids). Padding rows write and read only the cache's scratch page
-(PagedCache(scratch=True)), and their outputs are cut off, so they reach neither results nor
-the cache. A bucket's first step runs eagerly on the buffers (building every Triton kernel and
-the experts' grouped weights), then is captured; later steps copy their inputs in and replay.
-Prefill, mixed and verify steps run eagerly, outside this.
+(PagedCache(scratch=True)), their outputs are cut off and the experts' counts leave them out,
+so they reach neither results, nor the cache, nor the statistics. A bucket's first step runs
+eagerly on the buffers (building every Triton kernel and the experts' grouped weights), then
+is captured; later steps copy their inputs in and replay. Prefill, mixed and verify steps run
+eagerly, outside this.
 
 Graphs need every kernel of the step on the device with no host read: the Triton kernels
 (ds3dist.kernels) and a local MoE dispatcher (an all-to-all reads counts on the host), and no
@@ -51,6 +52,7 @@ class DecodeGraphs:
         self.start_b = torch.zeros(most, dtype=torch.int32, device=dev)
         # every page a step's sequences own (each page has one owner) plus one per padding row
         self.page_ids = torch.zeros(cache.num_pages + most, dtype=torch.int32, device=dev)
+        self.n_valid = torch.zeros(1, dtype=torch.int64, device=dev)  # the step's real rows
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0
@@ -84,13 +86,21 @@ class DecodeGraphs:
         tb = TokenBatch(self.pos_b[:b], [0] * b, [1] * b, self.cos_bf[:b], self.sin_bf[:b],
                         self.slots_b[:b], kernel_rows=(self.kv_len_b[:b], self.start_b[:b],
                                                        self.page_ids))
-        return self.model.forward_layers(self.h_bd[:b], tb, self.cache)
+        moes = self.model.moe_layers().values()
+        for moe in moes:  # expert counts leave the padding rows out
+            moe.dispatcher.rows_valid = self.n_valid
+        try:
+            return self.model.forward_layers(self.h_bd[:b], tb, self.cache)
+        finally:
+            for moe in moes:
+                moe.dispatcher.rows_valid = None
 
     def _fill(self, h_td: torch.Tensor, tb: TokenBatch, n: int, b: int) -> None:
         """The step's inputs into rows :n, padding into n:b."""
         page_ids, firsts = tb.flat_pages()
         used = page_ids.shape[0]
         scratch = self.cache.scratch_page
+        self.n_valid.fill_(n)
         self.h_bd[:n].copy_(h_td)
         self.h_bd[n:b].zero_()
         self.pos_b[:n].copy_(tb.positions_t)
