@@ -137,7 +137,7 @@ def make_engine(checkpoint: Path, r: schema.Resolved,
         # a rebuilt replica waits for replacement resources as long as it may take to start
         return Engine(checkpoint, lay, execution=r.execution, dtype=compute_dtype(r),
                       serving=r.serving, runtime=rt, speculative=r.speculative,
-                      offload=r.offload, ranks_in_cluster=ranks,
+                      offload=r.offload, balance=r.balance, ranks_in_cluster=ranks,
                       resource_wait_s=rt.startup_timeout_s if attempt else 0.0)
 
     return ReplicaSet(build, rt.replicas, rt.max_restarts,
@@ -152,7 +152,8 @@ def local_engine(checkpoint: Path, r: schema.Resolved) -> LocalEngine:
     retain_freed_memory()
     model = load_model(checkpoint, execution=r.execution, dtype=compute_dtype(r),
                        device=r.layout.device, mtp=r.speculative is not None)
-    return LocalEngine(model, load_tokenizer(checkpoint), r.serving, speculative=r.speculative)
+    return LocalEngine(model, load_tokenizer(checkpoint), r.serving, speculative=r.speculative,
+                       balance=r.balance)
 
 
 @dataclass

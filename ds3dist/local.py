@@ -12,7 +12,7 @@ import torch
 
 from ds3dist.core.loop import serve
 from ds3dist.core.engine import EngineStats, ExpertLoad
-from ds3dist.core.options import ServingOptions, SpeculativeConfig, num_drafts
+from ds3dist.core.options import BalanceOptions, ServingOptions, SpeculativeConfig, num_drafts
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.plan import StepPlan, StepResult
 from ds3dist.core.request import Request
@@ -28,8 +28,10 @@ class LocalExecutor:
     max_in_flight, overlap = 1, False
 
     def __init__(self, model, num_pages: int, page_size: int,
-                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False):
-        self.runner = StepRunner(model, num_pages, page_size, speculative, cuda_graphs)
+                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False,
+                 load_window: int = BalanceOptions().window):
+        self.runner = StepRunner(model, num_pages, page_size, speculative, cuda_graphs,
+                                 load_window)
         self._done: deque[StepResult] = deque()
 
     def submit(self, plan: StepPlan) -> None:
@@ -49,7 +51,8 @@ class LocalEngine:
     load_model(mtp=True))."""
 
     def __init__(self, model, tokenizer: Any = None, serving: ServingOptions | None = None, *,
-                 cache_pages: int | None = None, speculative: SpeculativeConfig | None = None):
+                 cache_pages: int | None = None, speculative: SpeculativeConfig | None = None,
+                 balance: BalanceOptions | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.serving = serving = serving or ServingOptions()
         k = num_drafts(speculative)
@@ -64,7 +67,7 @@ class LocalEngine:
                                             max_model_len=model.cfg.max_position_embeddings,
                                             num_drafts=k)
         self.executor = LocalExecutor(model, pages, serving.page_size, speculative,
-                                      serving.cuda_graphs)
+                                      serving.cuda_graphs, (balance or BalanceOptions()).window)
         self.scheduler: Scheduler | None = None
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Request]:
@@ -80,8 +83,10 @@ class LocalEngine:
                              SamplingParams(temperature, top_p, top_k, seed), stop)
 
     def stats(self) -> EngineStats:
-        load = ExpertLoad({i: list(moe.dispatcher.stats()["received_per_expert"])
-                           for i, moe in self.model.moe_layers().items()})
+        runner = self.executor.runner
+        totals = runner.expert_totals()
+        window, covered = runner.load.window(totals)
+        load = ExpertLoad(totals, window, covered, {"pp": 1, "ep": 1, "placement": None})
         return EngineStats(expert_load=load, scheduler=self._scheduler_stats(),
                            speculating=self.sched_cfg.num_drafts > 0)
 

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from ds3dist.checkpoint.fp8 import act_dequant, act_quant
 from ds3dist.parallel.dispatcher import AllToAllDispatcher
+from ds3dist.parallel.placement import Placement
 
 D = 256  # two 128-channel groups for the fp8 payload
 E = 8
@@ -44,10 +45,13 @@ def _case_inputs(case: str, rank: int, world: int):
     """Tokens, routing and weights of one rank for a named case (same on every call)."""
     g = torch.Generator().manual_seed(100 + rank)
     t = {"uneven": 5 + 3 * rank, "empty_rank": 0 if rank == 1 else 6,
-         "one_rank": 7, "idle_experts": 9, "fp8": 6, "map": 5 + rank}[case]
+         "one_rank": 7, "idle_experts": 9, "fp8": 6, "map": 5 + rank, "replicas": 8 + rank}[case]
     x = torch.randn(t, D, generator=g)
     if case == "one_rank":  # every token goes to experts owned by rank 0
         idx = torch.stack([torch.zeros(t, dtype=torch.long), torch.ones(t, dtype=torch.long)], 1)
+    elif case == "replicas":  # mostly the hot experts 0 and 1
+        idx = torch.stack([torch.tensor([0, 1])[torch.randperm(2, generator=g)] if i % 3
+                           else torch.randperm(E, generator=g)[:K] for i in range(t)])
     elif case == "idle_experts":  # experts 2, 3, 6 never receive anything
         pool = torch.tensor([0, 1, 4, 5, 7])
         idx = torch.stack([pool[torch.randperm(5, generator=g)[:K]] for _ in range(t)]) if t else torch.empty(0, K, dtype=torch.long)
@@ -95,7 +99,12 @@ def _worker(rank, world, port, case, errors):
         owner = [e * world // E for e in range(E)]
         if case == "map":  # explicit, non-contiguous expert -> rank map
             owner = [(e * 3) % world for e in range(E)]
-        disp = AllToAllDispatcher(dist.group.WORLD, owner, fp8_payload=(case == "fp8"))
+        held = [[e for e in range(E) if owner[e] == r] for r in range(world)]
+        if case == "replicas":  # hot experts 0 and 1 on every rank, 5 on ranks 0 and 1
+            held = [sorted({*h, 0, 1} | ({5} if r < 2 else set())) for r, h in enumerate(held)]
+        place = Placement(E, world, {0: tuple(tuple(h) for h in held)})
+        disp = AllToAllDispatcher(dist.group.WORLD, place.dest_table(0), held[rank],
+                                  fp8_payload=(case == "fp8"))
         x, idx, w = _case_inputs(case, rank, world)
         d = disp.dispatch(x, idx, w)
         assert len(d.counts_e) == len(disp.local_experts)
@@ -109,8 +118,12 @@ def _worker(rank, world, port, case, errors):
         all_idx = [torch.zeros(E, dtype=torch.long) for _ in range(world)]
         dist.all_gather(all_idx, torch.bincount(idx.reshape(-1), minlength=E))
         total = torch.stack(all_idx).sum(0)
-        for e in disp.local_experts:
-            assert disp.received_e[e] == total[e]
+        got_e = disp.received_e.clone()
+        dist.all_reduce(got_e)  # every copy received once, by one of its expert's holders
+        assert torch.equal(got_e, total), (got_e, total)
+        if case == "replicas":  # a holder keeps its own copies; the others' are spread
+            own = torch.bincount(idx.reshape(-1), minlength=E)
+            assert all(disp.received_e[e] >= own[e] for e in (0, 1))
         if case == "idle_experts":
             assert all(disp.received_e[e] == 0 for e in (2, 3, 6))
         dist.destroy_process_group()
@@ -139,7 +152,8 @@ def _spawn(world, case):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", ["uneven", "empty_rank", "one_rank", "idle_experts", "fp8", "map"])
+@pytest.mark.parametrize("case", ["uneven", "empty_rank", "one_rank", "idle_experts", "fp8", "map",
+                                  "replicas"])
 def test_all_to_all_matches_all_reduce_reference(world, case):
     _spawn(world, case)
 

@@ -20,7 +20,18 @@ embedding N(0, 1); norms 1 + N(0, 0.05^2); linear weights N(0, 1/fan_in); output
 N(0, 9/hidden) so routing is decisive; e_score_correction_bias N(0, 0.1^2) (nonzero, large
 enough that biased and unbiased top-k differ for many tokens); head N(0, 1/hidden).
 
+Expert skew (`skew=S`, `--expert-skew S`, default 0 = the above, byte for byte): every MoE
+layer's e_score_correction_bias (which steers selection only; the gate weight stays random) is
+calibrated so that expert popularity follows Zipf(S): the share of routed copies going to the
+expert of rank i is proportional to i^-S, capped at 1/top_k (a token picks an expert at most
+once, so no expert can take more; the excess goes to the others in proportion, the closest
+feasible shares in KL). The expert ids are permuted at random per layer (seeded by seed and
+layer), so the hottest expert differs between layers; a permutation whose hottest experts
+cannot all be reached under group-limited routing is redrawn (see `expert_skew_target`). The
+config is unchanged.
+
 CLI: python -m ds3dist.checkpoint.synthesize --preset tiny --out DIR [--seed N] [--shards K]
+     [--expert-skew S]
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ import math
 import shutil
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -212,12 +224,154 @@ def _predictable_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], see
     return None
 
 
+# ---- expert skew: Zipf-law expert popularity through the selection bias -------------------
+_SKEW_ITERS = 30  # calibration steps at most (the best of them is kept)
+_SKEW_DONE = 0.01  # ... fewer once measured and target shares are this close (L1)
+_SKEW_STEP = 0.1  # first bias step per expert; scores lie in (0, 1)
+_SKEW_ROWS = 4096  # hidden states the bias is calibrated on
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """The calibration's ops are small: an intra-op team costs more than it gains (several
+    times slower on 2 busy cores)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _check_skew(skew: float) -> float:
+    try:
+        s = float(skew)
+    except (TypeError, ValueError):
+        s = math.nan
+    if not (math.isfinite(s) and s >= 0):
+        raise ValueError(f"expert skew (--expert-skew) must be a finite number >= 0, got {skew!r}")
+    return s
+
+
+def zipf_shares(n: int, skew: float, cap: float = 1.0) -> torch.Tensor:
+    """Shares (float64, sum 1) of ranks 1..n proportional to i^-skew, none above `cap`: the
+    capped ranks get `cap` and the rest share what is left in Zipf proportion (the closest
+    shares to Zipf, in KL, that respect the cap). cap must be >= 1/n."""
+    if cap * n < 1 - 1e-12:
+        raise ValueError(f"cap {cap} is below 1/{n}: shares cannot sum to 1")
+    q = torch.arange(1, n + 1, dtype=torch.float64).pow(-float(skew))
+    capped = torch.zeros(n, dtype=torch.bool)
+    while True:  # q is decreasing, so the capped ranks are a prefix growing by at least one
+        rest = q[~capped]
+        p = torch.where(capped, cap, q * ((1 - cap * int(capped.sum())) / rest.sum()))
+        over = ~capped & (p > cap)
+        if not over.any():
+            return p
+        capped |= over
+
+
+def _reachable(cfg: ModelConfig, share_e: torch.Tensor) -> bool:
+    """Whether group-limited top-k routing can give these per-expert shares (a necessary
+    condition, which the calibration meets in practice): a token picks top_k experts inside topk_group groups, so with inclusion
+    probabilities pi = top_k * share, each group is kept by at least max(its largest pi, its
+    pi sum / min(group size, top_k)) of the tokens, and those must sum to <= topk_group."""
+    k = cfg.num_experts_per_tok
+    pi_ge = (k * share_e).view(cfg.n_group, -1)
+    m = min(pi_ge.shape[1], k)
+    need = torch.maximum(pi_ge.max(1).values, pi_ge.sum(1) / m).sum()
+    return bool(need <= cfg.topk_group + 1e-9)
+
+
+def expert_skew_target(cfg: ModelConfig, layer: int, seed: int, skew: float,
+                       tries: int = 64) -> torch.Tensor:
+    """Target share of routed copies per expert id (float64 [n_routed_experts], sum 1) of MoE
+    layer `layer`: zipf_shares(E, skew, 1/top_k) laid on a random permutation of the expert
+    ids drawn from (seed, layer). A permutation under which group-limited routing cannot reach
+    the shares (`_reachable`) is redrawn, up to `tries` times; then the ranks fill whole groups
+    in rank order (random group order, random places inside a group), which needs the fewest
+    kept groups."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    ranked = zipf_shares(e, skew, 1 / k)
+    g = _gen(seed, f"expert-skew:{layer}")
+    share = torch.empty(e, dtype=torch.float64)
+    for _ in range(tries):
+        share[torch.randperm(e, generator=g)] = ranked
+        if _reachable(cfg, share):
+            return share
+    per = cfg.experts_per_group
+    groups = torch.randperm(cfg.n_group, generator=g)
+    slots = torch.stack([grp * per + torch.randperm(per, generator=g) for grp in groups.tolist()])
+    share[slots.reshape(-1)] = ranked
+    return share
+
+
+def _skew_scores(cfg: ModelConfig, layer: int, seed: int, rows: int) -> torch.Tensor:
+    """Router scores (float32 [rows, E]) of random hidden states shaped like the gate's input:
+    random normal rows scaled to RMS 1 (an RMSNorm output) times the layer's stored
+    post-attention norm weight, against the stored (BF16) gate weight. Products and sigmoid in
+    float64, rounded once to float32, so the result does not depend on the BLAS."""
+    e, h = cfg.n_routed_experts, cfg.hidden_size
+    p = f"model.layers.{layer}"
+    w = make_weight(cfg, f"{p}.mlp.gate.weight", (e, h), seed).to(torch.bfloat16).double()
+    norm = make_weight(cfg, f"{p}.post_attention_layernorm.weight", (h,), seed)
+    norm = norm.to(torch.bfloat16).double()
+    x = torch.randn(rows, h, generator=_gen(seed, f"expert-skew-rows:{layer}"),
+                    dtype=torch.float64)
+    x.mul_(x.square().mean(-1, keepdim=True).rsqrt_()).mul_(norm)
+    return torch.sigmoid(x @ w.T).float()
+
+
+def _skew_bias(cfg: ModelConfig, name: str, seed: int, skew: float) -> torch.Tensor:
+    """e_score_correction_bias (float32) of the MoE layer of bias `name` that makes its
+    routing follow expert_skew_target, calibrated on _skew_scores (same seed, same bytes)."""
+    layer = layer_of(name)
+    target = expert_skew_target(cfg, layer, seed, skew)
+    scores = _skew_scores(cfg, layer, seed, _SKEW_ROWS)
+    with _one_torch_thread():
+        return _calibrate_bias(cfg, scores, target)
+
+
+def _calibrate_bias(cfg: ModelConfig, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The bias under which the router's own group-limited top-k (gate.route) over `scores`
+    gives shares of routed copies closest to `target`.
+
+    Each expert's bias moves by its own step towards its target share (up if below, down if
+    above); a step grows by 1.2 while the direction holds and halves when it flips (Rprop: the
+    sensitivity of a share to its bias differs a lot between experts and presets, so one step
+    size either crawls or oscillates). The bias with the smallest L1 distance between measured
+    and target shares is kept. Only exact float operations, signs and top-k: deterministic.
+    """
+    from ds3dist.model.gate import route
+
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    copies = scores.shape[0] * k
+    bias = torch.zeros(e, dtype=torch.float64)
+    step = torch.full((e,), _SKEW_STEP, dtype=torch.float64)
+    last = torch.zeros(e, dtype=torch.float64)
+    best, best_err = bias, math.inf
+    for _ in range(_SKEW_ITERS):
+        b32 = bias.float()
+        idx, _w = route(scores, b32, cfg.n_group, cfg.topk_group, k, 1.0)
+        measured = torch.bincount(idx.reshape(-1), minlength=e).double() / copies
+        err = float((measured - target).abs().sum())
+        if err < best_err:
+            best, best_err = b32, err
+        if err <= _SKEW_DONE:
+            break
+        sign = torch.sign(target - measured)
+        turn = sign * last
+        step = torch.where(turn > 0, step * 1.2, torch.where(turn < 0, step * 0.5, step))
+        bias = bias + step * sign
+        last = torch.where(turn < 0, 0.0, sign)
+    return best
+
+
 def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
-                  predictable: bool = False):
+                  predictable: bool = False, skew: float = 0.0):
     """Yield (first row, float32 rows) of weight `name`, deterministic per seed.
 
     The chunking depends only on the shape, so the values do not depend on the shard count.
-    predictable: the variant above.
+    predictable: the variant above. skew: the expert skew (module docstring).
     """
     special = _predictable_chunks(cfg, name, shape, seed) if predictable else None
     if special is not None:
@@ -226,7 +380,8 @@ def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
     damp = DAMP if predictable and name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
     g = _gen(seed, _source_key(cfg, name))
     if name.endswith("e_score_correction_bias"):
-        yield 0, torch.randn(shape, generator=g).mul_(0.1)
+        yield 0, (_skew_bias(cfg, name, seed, skew) if skew > 0
+                  else torch.randn(shape, generator=g).mul_(0.1))
         return
     if len(shape) == 1:  # RMSNorm weights
         yield 0, torch.randn(shape, generator=g).mul_(0.05).add_(1.0)
@@ -239,32 +394,32 @@ def _value_chunks(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int
 
 
 def make_weight(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int,
-                predictable: bool = False) -> torch.Tensor:
+                predictable: bool = False, skew: float = 0.0) -> torch.Tensor:
     """The float32 value of weight `name` (before FP8/bf16 storage), deterministic per seed."""
-    return torch.cat([c for _, c in _value_chunks(cfg, name, shape, seed, predictable)])
+    return torch.cat([c for _, c in _value_chunks(cfg, name, shape, seed, predictable, skew)])
 
 
-def _stored(cfg: ModelConfig, spec: TensorSpec, seed: int, predictable: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stored(cfg: ModelConfig, spec: TensorSpec, seed: int, predictable: bool = False,
+            skew: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tensor as stored, its block scale for FP8 else None), built chunk by chunk so the
     float32 values never exist for the whole tensor at once."""
     if spec.dtype == "F8_E4M3":
         b0, b1 = cfg.block_size
         out = torch.empty(spec.shape, dtype=fp8.FP8_DTYPE)
         scale = torch.empty(math.ceil(spec.shape[0] / b0), math.ceil(spec.shape[1] / b1))
-        for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable):
+        for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable, skew):
             q, s = fp8.weight_quant(chunk, cfg.block_size)  # chunks hold whole block rows
             out[r0:r0 + chunk.shape[0]] = q
             scale[r0 // b0:r0 // b0 + s.shape[0]] = s
         return out, scale
     out = torch.empty(spec.shape, dtype=spec.torch_dtype)
-    for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable):
+    for r0, chunk in _value_chunks(cfg, spec.name, spec.shape, seed, predictable, skew):
         out[r0:r0 + chunk.shape[0]] = chunk
     return out, None
 
 
 def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
-                   table: dict[str, TensorSpec], predictable: bool = False):
+                   table: dict[str, TensorSpec], predictable: bool = False, skew: float = 0.0):
     """Yield the tensors of `specs` in order; an FP8 weight's scale comes from the same quant."""
     pending_scales: dict[str, torch.Tensor] = {}
     for s in specs:
@@ -272,10 +427,10 @@ def _shard_tensors(cfg: ModelConfig, specs: list[TensorSpec], seed: int,
             w_name = s.name[: -len(SCALE_SUFFIX)]
             scale = pending_scales.pop(w_name, None)
             if scale is None:  # weight lives in another shard (never with plan_shards order)
-                _, scale = _stored(cfg, table[w_name], seed, predictable)
+                _, scale = _stored(cfg, table[w_name], seed, predictable, skew)
             yield scale
             continue
-        t, scale = _stored(cfg, s, seed, predictable)
+        t, scale = _stored(cfg, s, seed, predictable, skew)
         if scale is not None and s.name + SCALE_SUFFIX in table:
             pending_scales[s.name] = scale
         yield t
@@ -316,14 +471,17 @@ def synthesize(
     shards: int | None = None,
     progress: bool | None = None,
     predictable: bool = False,
+    skew: float = 0.0,
 ) -> Path:
     """Write a synthetic checkpoint for `preset` (a preset name or a ModelConfig) into out_dir.
 
     shards defaults to 4 (tiny), 8 (small), 163 (deepseek_v3) and 1 for a custom config.
     progress: tqdm bar (default: shown for multi-shard writes). predictable: greedy next
     token = current + 1 (mod vocab), which the MTP module predicts too (HEAD_GAIN, DAMP), for
-    speculative decoding. Returns out_dir as a Path.
+    speculative decoding. skew: expert popularity ~ Zipf(skew) in every MoE layer (module
+    docstring); 0 (the default) leaves routing near uniform. Returns out_dir as a Path.
     """
+    skew = _check_skew(skew)
     if isinstance(preset, ModelConfig):
         cfg, preset_name = preset, None
     else:
@@ -352,8 +510,8 @@ def synthesize(
         for k, group in enumerate(groups, start=1):
             fname = shard_name(k, shards)
             h = hashlib.sha256()
-            written += write_shard(out / fname, group, _shard_tensors(cfg, group, seed, table, predictable),
-                                   hasher=h)
+            tensors = _shard_tensors(cfg, group, seed, table, predictable, skew)
+            written += write_shard(out / fname, group, tensors, hasher=h)
             digests[fname] = h.hexdigest()
             weight_map.update({s.name: fname for s in group})
             bar.update(sum(s.nbytes for s in group))
@@ -363,6 +521,13 @@ def synthesize(
         digests[fname] = sha256_file(out / fname)
     write_manifest(out, digests)
     return out
+
+
+def _skew_arg(text: str) -> float:
+    try:
+        return _check_skew(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,9 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--predictable", action="store_true",
                     help="greedy next token = current + 1, predicted by the MTP module too "
                          "(speculative decoding tests and benchmarks)")
+    ap.add_argument("--expert-skew", type=_skew_arg, default=0.0, metavar="S",
+                    help="expert popularity ~ Zipf(S) in every MoE layer (share of rank i "
+                         "proportional to i^-S, capped at 1/top_k), the hottest expert differing "
+                         "between layers; 0 (default): near-uniform routing")
     a = ap.parse_args(argv)
     out = synthesize(a.out, preset=a.preset, seed=a.seed, shards=a.shards,
-                     progress=False if a.no_progress else None, predictable=a.predictable)
+                     progress=False if a.no_progress else None, predictable=a.predictable,
+                     skew=a.expert_skew)
     print(out)
     return 0
 

@@ -13,21 +13,45 @@ from ds3dist.core.request import Request
 from ds3dist.core.scheduler import Scheduler, SchedulerStats
 
 
+EXPERT_LOAD_FORMAT = "ds3dist.expert_load/1"
+
+
 @dataclass
 class ExpertLoad:
-    """Token copies routed to each global expert, per MoE layer (summed over ranks)."""
+    """Token copies routed to each logical expert, per MoE layer (summed over ranks): over
+    the whole run and over the ranks' windows of about the last `window_steps` steps."""
     per_layer: dict[int, list[int]] = field(default_factory=dict)
+    window: dict[int, list[int]] = field(default_factory=dict)
+    window_steps: int = 0
+    layout: dict[str, Any] = field(default_factory=dict)  # pp, ep, placement it ran with
 
-    def add(self, layer: int, counts: Sequence[int]) -> None:
-        row = self.per_layer.setdefault(int(layer), [0] * len(counts))
-        self.per_layer[int(layer)] = [a + int(b) for a, b in zip(row, counts)]
+    def add(self, layer: int, counts: Sequence[int], window: Sequence[int] | None = None
+            ) -> None:
+        _add(self.per_layer, layer, counts)
+        if window is not None:
+            _add(self.window, layer, window)
 
     def merge(self, other: ExpertLoad) -> None:
         for layer, counts in other.per_layer.items():
-            self.add(layer, counts)
+            self.add(layer, counts, other.window.get(layer))
+        self.window_steps = max(self.window_steps, other.window_steps)
+        self.layout = self.layout or other.layout
 
     def as_dict(self) -> dict[str, list[int]]:
         return {str(k): list(v) for k, v in sorted(self.per_layer.items())}
+
+    def file(self) -> dict[str, Any]:
+        """The `<output>.expert_load.json` record, which `ds3dist.balance` reads."""
+        n = len(next(iter(self.per_layer.values()), []))
+        return {"format": EXPERT_LOAD_FORMAT, "n_routed_experts": n,
+                "total": self.as_dict(),
+                "window": {str(k): list(v) for k, v in sorted(self.window.items())},
+                "window_steps": self.window_steps, "layout": self.layout}
+
+
+def _add(rows: dict[int, list[int]], layer: int, counts: Sequence[int]) -> None:
+    row = rows.setdefault(int(layer), [0] * len(counts))
+    rows[int(layer)] = [a + int(b) for a, b in zip(row, counts)]
 
 
 @dataclass
@@ -66,6 +90,9 @@ class RankStats:
     steps: int
     dispatch: dict[int, dict[str, list[int]]]  # MoE layer -> sent/received per expert
     replica: int | None = None
+    window_load: dict[int, list[int]] = field(default_factory=dict)  # received, last window
+    window_steps: int = 0
+    held_experts: dict[int, list[int]] = field(default_factory=dict)  # per MoE layer
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, as the summary file records it (the load figures beside the others)."""
@@ -111,6 +138,20 @@ class RecoveryStats:
 
 
 @dataclass
+class Rebalance:
+    """One rebalance of the experts during a job (parallel.eplb): at which step, how long
+    the engine paused, the window's predicted max/mean rank load (summed over layers) under
+    the old and the new placement, the steps the window covered, what the ranks read."""
+    step: int
+    pause_s: float
+    before: float
+    after: float
+    window_steps: int
+    experts_read: int
+    bytes_read: int
+
+
+@dataclass
 class EngineStats:
     """An engine's figures: per rank, routed tokens per expert, busy seconds per pipeline
     stage (the busiest rank of each), the scheduler's counters; replicas and recovery for a
@@ -122,6 +163,7 @@ class EngineStats:
     speculating: bool = False
     replicas: list[ReplicaStats] | None = None
     recovery: RecoveryStats | None = None
+    rebalances: list[Rebalance] = field(default_factory=list)
 
     @property
     def speculative(self) -> dict[str, Any] | None:

@@ -70,3 +70,27 @@ class SpeculativeConfig:
 def num_drafts(spec: SpeculativeConfig | None) -> int:
     """Drafts per request and step: 0 when speculation is off."""
     return spec.num_tokens if spec is not None else 0
+
+
+@dataclass(frozen=True)
+class BalanceOptions:
+    """parallel.eplb: the expert load window (steps) each rank keeps, and every how many
+    steps the engine rebalances its experts from it (None: never); a rebalance places
+    redundant_experts extra copies (parallel.redundant_experts) over nodes of ranks_per_node
+    ranks (parallel.ranks_per_node; None: one node), as ds3dist.balance does."""
+    step_interval: int | None = None
+    window: int = 1000
+    redundant_experts: int = 0
+    ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        k = self.step_interval
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"parallel.eplb.step_interval: must be an integer >= 1 or null, "
+                             f"got {k!r}")
+        r = self.redundant_experts
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"parallel.redundant_experts: must be an integer >= 0, got {r!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"parallel.eplb.window: must be an integer >= 1, got "
+                             f"{self.window!r}")

@@ -23,6 +23,7 @@ per step), its `stats()` the summary.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from ds3dist.jobs.records import (
     openai_record,
     output_key,
     record_errors,
+    write_atomic,
 )
 from ds3dist.jobs.report import (Counts, JobSummary, Throughput, engine_stats, plot_expert_load,
                                  write_summary)
@@ -142,6 +144,7 @@ def run_batch_job(
     try:
         _, err_path, sum_path, png_path = default_paths(out.path, errors_path, summary_path,
                                                         plot_path)
+        load_path = out.path.with_name(out.path.name + ".expert_load.json")
         fmt = detect_format(inp.lines) if fmt == "auto" else fmt
         if fmt not in ("native", "openai"):
             raise JobError(f"job.format: must be auto, native or openai, got {fmt!r}")
@@ -156,6 +159,9 @@ def run_batch_job(
             if stop is not None and stop.requested:  # its cluster may be going down
                 stats_timeout_s = STOPPED_STATS_S
             stats = engine_stats(engine, stats_timeout_s)
+            if stats.expert_load.per_layer:  # what ds3dist.balance reads
+                write_atomic(load_path, json.dumps(stats.expert_load.file()) + "\n",
+                             "job.output")
             plot = plot_expert_load(stats.expert_load.as_dict(), png_path,
                                     title=f"expert load: {model_name}", mtp_layers=mtp_layers)
             return JobSummary(

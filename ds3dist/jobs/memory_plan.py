@@ -65,7 +65,7 @@ def _held(group: _Group, plan: RankPlan, mtp_ids: set[int], h: Holding) -> bool:
     layer, expert, kind = group
     if layer is None:
         return plan.embed if kind == "embed" else plan.head
-    if expert is not None and expert not in plan.experts:
+    if expert is not None and expert not in plan.experts_of(layer):
         return False
     if layer in mtp_ids:
         if not (plan.mtp and h.mtp_passes) or kind == "head_copy":
@@ -110,7 +110,7 @@ def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[d
             "rank": plan.rank, "stage": plan.stage, "ep_rank": plan.ep_rank,
             "layers": [plan.layers[0], plan.layers[-1]] if plan.layers else [],
             "num_layers": len(plan.layers), "mtp": bool(plan.mtp and h.mtp_passes),
-            "num_experts": len(plan.experts), "weight_bytes": weights,
+            "num_experts": _physical_experts(plan), "weight_bytes": weights,
             "resident_bytes": resident, "offloaded_bytes": offloaded, "window_bytes": window,
             "streamed_bytes_per_step": streamed,
             "device_bytes": resident + window + (h.cache_bytes or 0),
@@ -151,3 +151,10 @@ def describe(model: ModelConfig, layout: ParallelLayout, h: Holding, name: str =
     lines.append(f"most a rank needs on its device: {gb(need)} GB (resident"
                  + (" + window" if off is not None else "") + f"{cache})")
     return "\n".join(lines)
+
+
+def _physical_experts(plan: RankPlan) -> int:
+    """Experts a rank holds per MoE layer (the largest count over its layers)."""
+    if plan.layer_experts is None:
+        return len(plan.experts)
+    return max((len(v) for v in plan.layer_experts.values()), default=0)

@@ -74,6 +74,7 @@ class JobSummary:
             "replicas": None if e.replicas is None else [r.as_dict() for r in e.replicas],
             "recovery": None if e.recovery is None else e.recovery.as_dict(),
             "stage_seconds": list(e.stage_seconds), "expert_load": e.expert_load.as_dict(),
+            "rebalances": [asdict(r) for r in e.rebalances],
             "ranks": [r.as_dict() for r in e.ranks], "stopped": self.stopped,
             **({"error": self.error} if self.error is not None else {}),
             **({"meta": self.meta} if self.meta is not None else {}),

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
-from ds3dist.core.options import ServingOptions, SpeculativeConfig
+from ds3dist.core.options import BalanceOptions, ServingOptions, SpeculativeConfig
 from ds3dist.core.params import Sampling, SamplingError
 from ds3dist.jobs.requests import DEFAULT_SAMPLING
+from ds3dist.parallel.placement import Placement
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
 from ds3dist.runtime.options import OffloadOptions, RuntimeOptions, deepspeed_missing
 
@@ -34,12 +35,22 @@ class LaunchConfigError(ValueError):
 
 
 # ---- schema ------------------------------------------------------------------------------
+_OFF, _SPEC, _SAMPLE = OffloadOptions(), SpeculativeConfig(), DEFAULT_SAMPLING
+_RUN, _SERVE, _BAL = RuntimeOptions(), ServingOptions(), BalanceOptions()
+
+
 @dataclass
 class ModelConf:
     preset: Optional[str] = "tiny"  # tiny | small | deepseek_v3 (null: model.path required)
     path: Optional[str] = None  # checkpoint dir; null: synthesize `preset` into the cache
     seed: int = 0  # weights seed when synthesizing into the cache
     verify: bool = False  # before starting: stream every shard (checksums, NaN/Inf, scales)
+
+
+@dataclass
+class EplbConf:
+    step_interval: Optional[int] = _BAL.step_interval  # rebalance every N steps (null: off)
+    window: int = _BAL.window  # steps of expert load each rank keeps (the rebalance's input)
 
 
 @dataclass
@@ -50,6 +61,11 @@ class ParallelConf:
     expert_map: Optional[List[int]] = None
     device: str = "cpu"  # cpu | cuda
     backend: Optional[str] = None  # gloo | nccl (null: by device)
+    # expert load balancing (ds3dist.balance, ds3dist.parallel.placement)
+    placement: Optional[str] = None  # placement file: each rank's experts per MoE layer
+    redundant_experts: int = _BAL.redundant_experts  # copies beyond one per expert (balancer)
+    ranks_per_node: Optional[int] = _BAL.ranks_per_node  # the balancer's nodes (null: one)
+    eplb: EplbConf = field(default_factory=EplbConf)
 
 
 class ExecutionMode(Enum):
@@ -57,8 +73,6 @@ class ExecutionMode(Enum):
     bf16 = "bf16"
 
 
-_OFF, _SPEC, _SAMPLE = OffloadOptions(), SpeculativeConfig(), DEFAULT_SAMPLING
-_RUN, _SERVE = RuntimeOptions(), ServingOptions()
 
 
 @dataclass
@@ -215,6 +229,7 @@ def parallel_layout(cfg: Any) -> ParallelLayout:
             expert_map=None if get("expert_map") is None else [int(x) for x in get("expert_map")],
             device=get("device"),
             backend=get("backend"),
+            placement=None if get("placement") is None else Placement.load(get("placement")),
         )
     except LayoutError as e:
         raise LaunchConfigError(str(e)) from None
@@ -284,6 +299,25 @@ def _serving(cfg: Any, problems: list[str]) -> ServingOptions:
         return ServingOptions()
 
 
+def _balance(cfg: Any, problems: list[str]) -> BalanceOptions:
+    get = _section(cfg, "parallel.eplb")
+    try:
+        out = BalanceOptions(get("step_interval"), get("window"),
+                             _get(cfg, "parallel.redundant_experts"),
+                             _get(cfg, "parallel.ranks_per_node"))
+    except ValueError as e:  # its message names the key
+        problems.append(str(e))
+        return BalanceOptions()
+    ep, rpn = _get(cfg, "parallel.ep"), out.ranks_per_node
+    if rpn is not None and (rpn < 1 or (rpn < ep and ep % rpn)):
+        problems.append(f"parallel.ranks_per_node: {rpn} must divide parallel.ep={ep} (or be "
+                        f"at least it: one node)")
+    if out.step_interval is not None and ep == 1:
+        problems.append("parallel.eplb.step_interval: rebalancing moves experts between "
+                        "expert-parallel ranks; it needs parallel.ep > 1")
+    return out
+
+
 def _runtime(cfg: Any) -> RuntimeOptions:
     get = _section(cfg, "runtime")
     return RuntimeOptions(**{f.name: get(f.name) for f in fields(RuntimeOptions)})
@@ -301,6 +335,7 @@ class Resolved:
     runtime: RuntimeOptions
     speculative: SpeculativeConfig | None
     offload: OffloadOptions | None
+    balance: BalanceOptions  # parallel.eplb
     sampling: Sampling  # the job's defaults; each line may override them
     job: JobConf
     source: ModelConf  # where the checkpoint is (or which preset to synthesize)
@@ -342,6 +377,7 @@ def validate(cfg: Any) -> Resolved:
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
     offload = _offload(cfg, problems)
+    balance = _balance(cfg, problems)
     if problems:
         raise LaunchConfigError("\n".join(problems))
 
@@ -363,7 +399,7 @@ def validate(cfg: Any) -> Resolved:
         model=mcfg, layout=layout, plans=plans,
         execution=str(_enum_value(_get(cfg, "execution.mode"))), dtype=dtype,
         serving=serving, runtime=_runtime(cfg), speculative=speculative, offload=offload,
-        sampling=sampling,
+        sampling=sampling, balance=balance,
         job=JobConf(**{f.name: _enum_value(job(f.name)) if f.name != "format"
                        else str(_enum_value(job(f.name))) for f in fields(JobConf)}),
         source=ModelConf(**{f.name: model(f.name) for f in fields(ModelConf)}))

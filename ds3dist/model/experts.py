@@ -21,9 +21,10 @@ from ds3dist.model.options import BuildOptions
 
 
 class Experts(nn.ModuleDict):
-    def __init__(self, opts: BuildOptions):
-        super().__init__({str(e): MLP(opts, opts.cfg.moe_intermediate_size) for e in sorted(opts.experts)})
-        self.expert_ids = sorted(opts.experts)
+    def __init__(self, opts: BuildOptions, layer_id: int):
+        held = sorted(opts.experts(layer_id))
+        super().__init__({str(e): MLP(opts, opts.cfg.moe_intermediate_size) for e in held})
+        self.expert_ids = held
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([E, 2I, D], [E, D, I])
         self._grouped: tuple[torch.Tensor | None, ...] | None = None  # grouped()
 

@@ -8,8 +8,9 @@ FP8 weights are dequantized once here into the compute dtype; in 'fp8' they stay
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ from ds3dist.model.transformer import Transformer, checkpoint_name
 
 def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu", layers: Iterable[int] | None = None,
-               experts: Iterable[int] | None = None, mtp: bool = True, embed: bool | None = None,
+               experts: Iterable[int] | Mapping[int, Iterable[int]] | None = None,
+               mtp: bool = True, embed: bool | None = None,
                head: bool | None = None, attn_form: str = DEFAULT_ATTN_FORM,
                host: Callable[[str], bool] | None = None) -> Transformer:
     """Load (part of) a checkpoint as a Transformer.
@@ -37,7 +39,7 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
     'fp8' (FP8 weights with block scales, activations quantized per token; needs an FP8
     checkpoint).
     layers: layer ids to hold (None = all); experts: routed expert ids held in every MoE
-    layer (None = all); embed/head default to whether layer 0 / the last layer is held; mtp
+    layer (None = all), or a mapping MoE layer id -> its expert ids (a placement); embed/head default to whether layer 0 / the last layer is held; mtp
     loads the MTP layer when the last layer is held and the checkpoint has it.
     attn_form: 'auto' (per sequence and step, the MLA form with fewer multiplies), 'absorbed'
     or 'naive' (ds3dist.model.mla).
@@ -58,15 +60,16 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
                              f"block scales); {getattr(reader, 'path', checkpoint_dir)} is a bf16 "
                              f"checkpoint: use execution='bf16'")
         dtype = dtype or default_dtype(device)
-        expert_ids = None if experts is None else tuple(sorted({int(e) for e in experts}))
-        if expert_ids is not None and not all(0 <= e < cfg.n_routed_experts for e in expert_ids):
-            raise ValueError(f"expert ids must be in 0..{cfg.n_routed_experts - 1}, got {list(expert_ids)}")
+        per_layer = isinstance(experts, Mapping)
+        expert_ids = None if experts is None or per_layer else _expert_ids(experts, cfg)
+        layer_experts = tuple(sorted((int(i), _expert_ids(ids, cfg))
+                                     for i, ids in experts.items())) if per_layer else None
         held = None if layers is None else sorted({int(i) for i in layers})
         last_held = held is None or cfg.num_hidden_layers - 1 in held
         mtp_ids = cfg.mtp_layer_ids
         with_mtp = bool(mtp and last_held and mtp_ids
                         and reader.has(f"model.layers.{mtp_ids[0]}.eh_proj.weight"))
-        opts = BuildOptions(cfg, execution, dtype, expert_ids, attn_form)
+        opts = BuildOptions(cfg, execution, dtype, expert_ids, attn_form, layer_experts)
         with torch.device("meta"):
             model = Transformer(opts, held, embed=embed, head=head, mtp=with_mtp)
         start = reader.bytes_read
@@ -79,11 +82,54 @@ def load_model(checkpoint_dir, execution: str = "bf16", dtype: torch.dtype | Non
     return model
 
 
+def _expert_ids(experts: Iterable[int], cfg) -> tuple[int, ...]:
+    ids = tuple(sorted({int(e) for e in experts}))
+    if not all(0 <= e < cfg.n_routed_experts for e in ids):
+        raise ValueError(f"expert ids must be in 0..{cfg.n_routed_experts - 1}, got {list(ids)}")
+    return ids
+
+
 def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype,
           host: Callable[[str], bool] | None = None) -> None:
     """Replace every meta buffer by the checkpoint tensor of the same name."""
+    _fill_module(model, "", reader, device, dtype, host)
+    _prepare(model, dtype, device)
+    left = [k for k, v in model.state_dict().items() if v.is_meta]
+    if left:
+        raise RuntimeError(f"tensors not loaded: {left[:5]}")
+
+
+def swap_experts(model: Transformer, layer_id: int, experts: Iterable[int], reader) -> int:
+    """Make MoE layer layer_id hold exactly `experts` (a new placement): experts it keeps stay
+    as they are, the others are read from the checkpoint (reader), in the model's execution
+    form. Returns how many were read."""
+    moe = model.moe_layers()[layer_id]
+    name = next(n for n, m in model.named_modules() if m is moe) + ".experts"
+    old, ids = moe.experts, _expert_ids(experts, model.cfg)
+    opts = replace(model.opts, expert_ids=ids, layer_experts=None)
+    with torch.device("meta"):
+        new = Experts(opts, layer_id)
+    read = [e for e in ids if str(e) not in old]
+    for e in ids:
+        if str(e) in old:
+            new[str(e)] = old[str(e)]
+    device, dtype = model.device, model.dtype
+    for e in read:
+        _fill_module(new[str(e)], f"{name}.{e}.", reader, device, dtype)
+    for mlp in new.values():
+        mlp.fuse()
+    if device.type == "cpu":
+        new.stack()
+        pack_weights(new)
+    moe.experts = new
+    return len(read)
+
+
+def _fill_module(root: nn.Module, root_prefix: str, reader, device: torch.device,
+                 dtype: torch.dtype, host: Callable[[str], bool] | None = None) -> None:
     cpu = torch.device("cpu")
-    for mod_name, mod in model.named_modules():
+    for sub_name, mod in root.named_modules():
+        mod_name = root_prefix + sub_name if sub_name else root_prefix.rstrip(".")
         prefix = f"{mod_name}." if mod_name else ""
         dev = cpu if host is not None and host(mod_name) else device
         if isinstance(mod, Linear):
@@ -96,10 +142,6 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype,
             t = reader.get(name)
             _check_shape(name, t, buf.shape)
             mod._buffers[buf_name] = t.to(device=dev, dtype=buf.dtype)
-    _prepare(model, dtype, device)
-    left = [k for k, v in model.state_dict().items() if v.is_meta]
-    if left:
-        raise RuntimeError(f"tensors not loaded: {left[:5]}")
 
 
 def _prepare(model: Transformer, dtype: torch.dtype, device: torch.device) -> None:
@@ -194,4 +236,4 @@ def build_model(opts: BuildOptions, tensors: dict[str, torch.Tensor], layers=Non
     return model
 
 
-__all__ = ["load_model", "build_model", "pack_weights", "unpack_weights"]
+__all__ = ["load_model", "build_model", "pack_weights", "unpack_weights", "swap_experts"]

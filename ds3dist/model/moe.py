@@ -29,7 +29,7 @@ class MoE(nn.Module):
         c = opts.cfg
         self.layer_id = layer_id
         self.gate = Gate(opts)
-        self.experts = Experts(opts)
+        self.experts = Experts(opts, layer_id)
         self.shared_experts = MLP(opts, c.moe_intermediate_size * c.n_shared_experts) \
             if c.n_shared_experts else None
         self.dispatcher = LocalDispatcher(self.experts.expert_ids, c.n_routed_experts)

@@ -17,13 +17,15 @@ DEFAULT_ATTN_FORM = "auto"
 @dataclass(frozen=True)
 class BuildOptions:
     """cfg; execution 'bf16' (weights dequantized once) or 'fp8' (FP8 weights, fp8_linear);
-    dtype the compute dtype; expert_ids the routed experts held (every MoE layer alike)."""
+    dtype the compute dtype; expert_ids the routed experts held (every MoE layer alike), or
+    layer_experts per MoE layer ((layer id, experts) pairs: a placement)."""
 
     cfg: ModelConfig
     execution: str = "bf16"
     dtype: torch.dtype = torch.bfloat16
     expert_ids: tuple[int, ...] | None = None  # None: all
     attn_form: str = DEFAULT_ATTN_FORM
+    layer_experts: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTIONS:
@@ -35,8 +37,10 @@ class BuildOptions:
     def fp8(self) -> bool:
         return self.execution == "fp8"
 
-    @property
-    def experts(self) -> tuple[int, ...]:
+    def experts(self, layer_id: int) -> tuple[int, ...]:
+        """The routed experts held in MoE layer layer_id."""
+        if self.layer_experts is not None:
+            return dict(self.layer_experts)[layer_id]
         if self.expert_ids is None:
             return tuple(range(self.cfg.n_routed_experts))
         return self.expert_ids

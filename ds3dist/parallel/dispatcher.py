@@ -4,8 +4,10 @@ Notation: T tokens on this rank, K top-k, N = T*K token copies, D hidden, R rank
 group, E routed experts, S copies received by this rank, E_l experts this rank owns.
 
 dispatch(x_td, idx_tk, w_tk):
-  1. sort the N copies by (owner rank, expert id); per-expert send counts c_e [E]
-  2. all_gather the counts -> C [R, E]: every rank knows what it will receive from whom
+  1. pick each copy's destination: this rank where it holds a copy of the expert, else the
+     expert's holders in turn (a placement may give an expert several copies); sort the N
+     copies by (destination, expert id); send counts c [R, E]
+  2. all_to_all the counts: every rank knows what it will receive from whom
   3. all_to_all the token rows (FP8 + per-128 scales when fp8_payload, as uint8 views so
      gloo can carry them) and their float32 routing weights
   4. regroup the S received rows by local expert (ascending id), as LocalDispatcher does
@@ -52,47 +54,63 @@ class AllToAllDispatcher:
     def __init__(
         self,
         group: dist.ProcessGroup,
-        expert_to_rank: list[int],
+        table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        local_experts: list[int],
         fp8_payload: bool = False,
         layer_id: int | None = None,
         log: CollectiveLog | None = None,
     ):
+        """table: Placement.dest_table of this layer; local_experts: the experts this rank
+        holds in it."""
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.owner_e = torch.tensor(expert_to_rank, dtype=torch.int64)
-        self.n_experts = len(expert_to_rank)
-        self.local_experts = [j for j, r in enumerate(expert_to_rank) if r == self.rank]
+        local_re, self.holders_ec, self.count_e = table
+        self.local_e = local_re[self.rank]
+        self.n_experts = len(self.count_e)
+        self.local_experts = sorted(local_experts)
         self.fp8_payload = fp8_payload
         self.layer_id = layer_id
         self.log = log or CollectiveLog()
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         # statistics: copies this rank sent per (global) expert, received per local expert
         self.sent_e = torch.zeros(self.n_experts, dtype=torch.int64)
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64)
+
+    def dest(self, idx_n: torch.Tensor) -> torch.Tensor:
+        """The rank each copy goes to: this rank where it holds the expert, else the expert's
+        holders in turn by the copy's index (deterministic, even over the copies)."""
+        dev = idx_n.device
+        if dev not in self._on:
+            self._on[dev] = tuple(t.to(dev) for t in (self.local_e, self.holders_ec, self.count_e))
+        local_e, holders_ec, count_e = self._on[dev]
+        turn_n = torch.arange(idx_n.numel(), device=dev) % count_e[idx_n]
+        here_n = local_e[idx_n]
+        return torch.where(here_n >= 0, here_n, holders_ec[idx_n, turn_n])
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         dev = x_td.device
         t, k = idx_tk.shape
         idx_n = idx_tk.reshape(-1).to(torch.int64)
-        owner_n = self.owner_e.to(dev)[idx_n]
-        # 1. sort copies by (owner rank, expert); stable so token order is kept within an expert
-        order_n = torch.sort(owner_n * self.n_experts + idx_n, stable=True).indices
+        # 1. sort copies by (destination rank, expert); stable: token order kept in an expert
+        key_n = self.dest(idx_n) * self.n_experts + idx_n
+        order_n = torch.sort(key_n, stable=True).indices
         token_n = torch.div(order_n, k, rounding_mode="floor")
         x_nd = x_td[token_n]
         w_n = w_tk.reshape(-1)[order_n].to(torch.float32)
-        counts_e = torch.bincount(idx_n, minlength=self.n_experts).cpu()
-        self.sent_e += counts_e
+        counts_re = torch.bincount(key_n, minlength=self.world * self.n_experts) \
+            .view(self.world, self.n_experts).cpu()  # [destination, expert]
+        self.sent_e += counts_re.sum(0)
 
-        # 2. everyone's per-expert counts (on the payload's device: NCCL needs CUDA tensors)
-        counts_dev = counts_e.to(dev)
-        gathered = [torch.empty_like(counts_dev) for _ in range(self.world)]
-        self.log.enter(f"all_gather of expert counts, layer {self.layer_id}")
-        dist.all_gather(gathered, counts_dev, group=self.group)
-        counts_re = torch.stack(gathered).cpu()  # [R, E]
-        owner_cpu = self.owner_e
-        send_splits = [int(counts_e[owner_cpu == r].sum()) for r in range(self.world)]
+        # 2. what each rank receives from each (on the payload's device: NCCL needs CUDA)
+        counts_dev = counts_re.to(dev)
+        got_dev = torch.empty_like(counts_dev)
+        self.log.enter(f"all_to_all of expert counts, layer {self.layer_id}")
+        dist.all_to_all_single(got_dev, counts_dev, group=self.group)
+        got_re = got_dev.cpu()  # [source, expert]
+        send_splits = [int(v) for v in counts_re.sum(1)]
         mine = torch.tensor(self.local_experts, dtype=torch.int64)
-        recv_re = counts_re[:, mine]  # [R, E_l]: copies from rank r for each local expert
+        recv_re = got_re[:, mine]  # [R, E_l]: copies from rank r for each local expert
         recv_splits = [int(v) for v in recv_re.sum(1)]
         s = sum(recv_splits)
 

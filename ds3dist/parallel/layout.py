@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ds3dist.config import ModelConfig
+from ds3dist.parallel.placement import Placement, PlacementError
 
 
 class LayoutError(ValueError):
@@ -23,10 +24,15 @@ class RankPlan:
     stage: int
     ep_rank: int
     layers: tuple[int, ...]  # decoder layers held (not the MTP layer)
-    experts: tuple[int, ...]  # routed experts held in every MoE layer of the stage
+    experts: tuple[int, ...]  # routed experts held in some MoE layer of the stage (all: union)
     embed: bool  # first stage: token embedding
     head: bool  # last stage: final norm, lm_head, sampling
     mtp: bool  # last stage: the MTP layer(s)
+    # MoE layer -> the experts held there, with a placement (None: `experts` in every layer)
+    layer_experts: dict[int, tuple[int, ...]] | None = None
+
+    def experts_of(self, layer: int) -> tuple[int, ...]:
+        return self.experts if self.layer_experts is None else self.layer_experts[layer]
 
 
 @dataclass
@@ -37,6 +43,7 @@ class ParallelLayout:
     expert_map: list[int] | None = None  # expert id -> ep rank; default: contiguous ranges
     device: str = "cpu"  # "cpu" or "cuda"
     backend: str | None = None  # "gloo" or "nccl"; default by device
+    placement: Placement | None = None  # per MoE layer, each rank's experts (copies allowed)
 
     def __post_init__(self) -> None:
         for name in ("pp", "ep"):
@@ -51,6 +58,8 @@ class ParallelLayout:
             raise LayoutError(f"parallel.backend: must be 'gloo' or 'nccl', got {self.backend!r}")
         if self.backend == "nccl" and self.device != "cuda":
             raise LayoutError("parallel.backend: nccl needs parallel.device=cuda")
+        if self.placement is not None and self.expert_map is not None:
+            raise LayoutError("parallel.placement and parallel.expert_map: give one of them")
 
     @property
     def world_size(self) -> int:
@@ -96,25 +105,42 @@ class ParallelLayout:
             )
         return m
 
+    def placement_for(self, cfg: ModelConfig) -> Placement:
+        """The placement the ranks run: the given one (checked; layers it leaves out
+        contiguous), else one copy of each expert by expert_map or contiguous ranges."""
+        if self.placement is None:
+            return Placement.contiguous(cfg, self.ep, self.expert_to_rank(cfg))
+        try:
+            self.placement.check(cfg, self.ep)
+        except PlacementError as e:
+            raise LayoutError(str(e)) from None
+        return self.placement.with_defaults(cfg)
+
     def plan(self, cfg: ModelConfig) -> list[RankPlan]:
         """Each rank's layers and experts, in rank order; raises LayoutError if impossible."""
         bounds = self.boundaries(cfg)
-        owner = self.expert_to_rank(cfg)
+        place = self.placement_for(cfg)
+        owner = self.expert_to_rank(cfg) if self.placement is None else None
         plans = []
         for stage in range(self.pp):
             layers = tuple(range(bounds[stage], bounds[stage + 1]))
             last = stage == self.pp - 1
+            moe = [i for i in place.layers if i in layers or (last and i in cfg.mtp_layer_ids)]
             for r in range(self.ep):
+                per_layer = {i: place.experts(i, r) for i in moe}
+                union = tuple(sorted({x for held in per_layer.values() for x in held}))
                 plans.append(
                     RankPlan(
                         rank=self.rank_of(stage, r),
                         stage=stage,
                         ep_rank=r,
                         layers=layers,
-                        experts=tuple(j for j, o in enumerate(owner) if o == r),
+                        experts=union if owner is None
+                        else tuple(j for j, o in enumerate(owner) if o == r),
                         embed=stage == 0,
                         head=last,
                         mtp=last and cfg.num_nextn_predict_layers > 0,
+                        layer_experts=per_layer if owner is None else None,
                     )
                 )
         return plans

@@ -20,20 +20,24 @@ from ds3dist import kernels
 from ds3dist.kernels.sampling import sample_device
 from ds3dist.model.cache import TokenBatch
 from ds3dist.rank.graphs import DecodeGraphs, graphable
+from ds3dist.rank.load_window import LoadWindow
 from ds3dist.rank.drafter import MTPDrafter, Verified
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.plan import FILL, SeqStep, StepResult
 from ds3dist.rank.sampling import draw_key, sample_rows
-from ds3dist.core.options import SpeculativeConfig
+from ds3dist.core.options import BalanceOptions, SpeculativeConfig
 from ds3dist.rank.speculative import verify
 
 
 class StepRunner:
     def __init__(self, model, num_pages: int, page_size: int,
-                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False):
+                 speculative: SpeculativeConfig | None = None, cuda_graphs: bool = False,
+                 load_window: int = BalanceOptions().window):
         """cuda_graphs: decode steps as CUDA graphs (rank.graphs) where the model part allows
-        it; on a CPU with the Triton kernels forced (tests), the same padded buffers eagerly."""
+        it; on a CPU with the Triton kernels forced (tests), the same padded buffers eagerly.
+        load_window: steps of expert load kept (rank.load_window)."""
         self.model = model
+        self.load = LoadWindow(load_window)
         self.page_size = page_size
         graphs = cuda_graphs and graphable(model) is None
         self.cache = model.new_cache(num_pages, page_size, scratch=graphs)
@@ -46,7 +50,13 @@ class StepRunner:
         self.last: dict[str, int] = {}  # the token sampled for each request's newest step
         self.fail_ids: set[str] = set()  # test hook: requests whose processing raises
 
+    def expert_totals(self) -> dict[int, list[int]]:
+        """Copies each logical expert received here so far, per held MoE layer."""
+        return {i: moe.dispatcher.stats()["received_per_expert"]
+                for i, moe in self.model.moe_layers().items()}
+
     def begin(self, freed: list[str], seqs: list[SeqStep]) -> TokenBatch:
+        self.load.tick(self.expert_totals)
         for rid in freed:
             self.tables.pop(rid, None)
             self.params.pop(rid, None)

@@ -22,7 +22,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ds3dist.config import ModelConfig
-from ds3dist.core.engine import EngineStats
+from ds3dist.core.engine import EngineStats, Rebalance
 from ds3dist.model.cache import PagedCache
 from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
@@ -32,8 +32,9 @@ from ds3dist.runtime.offload import remove_swap_dirs
 from ds3dist.runtime.options import OffloadOptions, RuntimeOptions
 from ds3dist.runtime.worker import StageWorker
 from ds3dist.core.loop import serve
-from ds3dist.core.options import ServingOptions
+from ds3dist.core.options import BalanceOptions, ServingOptions
 from ds3dist.runtime.handoff import P2P_ENV
+from ds3dist.runtime.rebalance import RebalancingExecutor, new_placement
 from ds3dist.core.params import SamplingParams
 from ds3dist.core.request import Request
 from ds3dist.core.scheduler import Scheduler, SchedulerConfig
@@ -63,6 +64,7 @@ class Engine:
         runtime: RuntimeOptions | None = None,
         speculative: SpeculativeConfig | None = None,
         offload: OffloadOptions | None = None,
+        balance: BalanceOptions | None = None,
         attn_form: str = DEFAULT_ATTN_FORM,
         fault_ids: tuple[str, ...] = (),
         resource_wait_s: float = 0.0,
@@ -78,6 +80,8 @@ class Engine:
         self.serving = serving or ServingOptions()
         self.speculative = speculative
         self.offload = offload
+        self.balance = balance or BalanceOptions()
+        self.rebalances: list[Rebalance] = []
         self.num_drafts = num_drafts(speculative)
         if self.num_drafts and not self.config.mtp_layer_ids:
             raise EngineError("sampling.speculative: the model has no MTP layer "
@@ -171,7 +175,8 @@ class Engine:
         if pages < 1:
             raise EngineError(f"runtime.cache_gb: {nbytes / 1e9:.3g} GB holds no page of "
                               f"{opt.page_size} tokens x {layers} layers")
-        self._get([a.setup_cache.remote(pages, opt.page_size, opt.cuda_graphs)
+        self._get([a.setup_cache.remote(pages, opt.page_size, opt.cuda_graphs,
+                                        self.balance.window)
                    for a in self.actors], timeout, "cache set-up")
         return SchedulerConfig.of(opt, columns=self.layout.ep, pages_per_column=pages,
                                   max_model_len=cfg.max_position_embeddings,
@@ -195,7 +200,38 @@ class Engine:
             self.executor = self._executor()
         overlap = self.executor.overlap and not self.num_drafts  # drafts need the step before
         self.scheduler = Scheduler(replace(self.sched_cfg, overlap=overlap))
-        yield from serve(self.scheduler, self.executor, requests, timeout_s=self.step_timeout_s)
+        executor = self.executor
+        if self.balance.step_interval is not None and self.layout.ep > 1:
+            executor = RebalancingExecutor(executor, self.balance.step_interval,
+                                           self.rebalance, self.step_timeout_s)
+        yield from serve(self.scheduler, executor, requests, timeout_s=self.step_timeout_s)
+
+    def rebalance(self, step: int):
+        """Between steps (none in flight): place the experts anew from the ranks' windows of
+        expert load and have every rank take its new experts. Returns the executor to go on
+        with (a compiled graph, which holds the actors, is made anew)."""
+        t0 = time.perf_counter()
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+        timeout = self.runtime.startup_timeout_s
+        ranks = self._get([a.stats.remote() for a in self.actors], timeout, "rebalance: load")
+        window: dict[int, list[int]] = {}
+        for st in ranks:
+            for layer_id, counts in st.window_load.items():
+                window[layer_id] = [a + b for a, b in zip(window.get(layer_id, [0] * len(counts)),
+                                                          counts)]
+        place, before, after = new_placement(window, self.layout.placement_for(self.config),
+                                             self.config, self.balance)
+        moved = self._get([a.apply_placement.remote(place) for a in self.actors], timeout,
+                          "rebalance: moving experts")
+        self.layout = replace(self.layout, placement=place)
+        self.rebalances.append(Rebalance(
+            step, time.perf_counter() - t0, before, after,
+            max(st.window_steps for st in ranks), sum(m["experts_read"] for m in moved),
+            sum(m["bytes_read"] for m in moved)))
+        self.executor = self._executor()
+        return self.executor
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -270,9 +306,15 @@ class Engine:
                  if self.actors else [])  # none after a failure: only the scheduler's figures
         out = EngineStats(ranks=ranks, stage_seconds=[0.0] * self.layout.pp,
                           speculating=self.num_drafts > 0)
+        out.rebalances = list(self.rebalances)
+        place = self.layout.placement
+        out.expert_load.layout = {"pp": self.layout.pp, "ep": self.layout.ep,
+                                  "placement": place.source if place is not None else None}
         for st in ranks:
             for layer_id, d in st.dispatch.items():
-                out.expert_load.add(layer_id, d["received_per_expert"])
+                out.expert_load.add(layer_id, d["received_per_expert"],
+                                    st.window_load.get(layer_id))
+            out.expert_load.window_steps = max(out.expert_load.window_steps, st.window_steps)
             out.stage_seconds[st.stage] = max(out.stage_seconds[st.stage], st.busy_seconds)
         if self.scheduler is not None:
             out.scheduler = self.scheduler.stats

@@ -246,6 +246,7 @@ class ReplicaSet:
                           replicas=list(self.figures), recovery=self.recovery)
         for s in per:
             out.expert_load.merge(s.expert_load)
+            out.rebalances += s.rebalances
         stages = [s.stage_seconds for s in per]
         out.stage_seconds = [max(col) for col in zip(*stages)] if stages and all(stages) else []
         for i, e in enumerate(self.engines):

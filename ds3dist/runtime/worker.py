@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import ray
@@ -20,10 +21,11 @@ import torch
 import torch.distributed as dist
 
 from ds3dist.core.engine import LoadInfo, RankStats
-from ds3dist.model.load import load_model
+from ds3dist.model.load import load_model, swap_experts
 from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
+from ds3dist.parallel.placement import Placement
 from ds3dist.runtime import handoff, progress, rendezvous
 from ds3dist.runtime.handoff import HiddenRef, StageHandoff
 from ds3dist.runtime.hostmem import release_free_memory, retain_freed_memory
@@ -32,7 +34,7 @@ from ds3dist.runtime.options import OffloadOptions
 from ds3dist.rank.column import run_column
 from ds3dist.core.plan import StepPlan
 from ds3dist.rank.runner import StepRunner
-from ds3dist.core.options import SpeculativeConfig
+from ds3dist.core.options import BalanceOptions, SpeculativeConfig
 
 
 class RankStepError(RuntimeError):
@@ -131,16 +133,18 @@ class StageWorker:
         t0 = time.perf_counter()
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
-            layers=self.plan.layers, experts=set(self.plan.experts), mtp=self.speculative is not None,
+            layers=self.plan.layers, mtp=self.speculative is not None,
+            experts=self.plan.layer_experts or set(self.plan.experts),
             embed=self.plan.embed, head=self.plan.head, attn_form=self.attn_form,
             host=self.offload.holds if self.offload is not None else None,
         )
         if self.layout.ep > 1:
-            owner = self.layout.expert_to_rank(self.model.config)
+            place = self.layout.placement_for(self.model.config)
             for layer_id, moe in self.model.moe_layers().items():
                 moe.dispatcher = AllToAllDispatcher(
-                    self.ep_group, owner, fp8_payload=(self.execution == "fp8"),
-                    layer_id=layer_id, log=self.collectives)
+                    self.ep_group, place.dest_table(layer_id), moe.experts.expert_ids,
+                    fp8_payload=(self.execution == "fp8"), layer_id=layer_id,
+                    log=self.collectives)
         offload = None
         if self.offload is not None:
             self.offloaded = Offloaded(self.model, self.offload, self.own_group, self.plan.rank,
@@ -154,11 +158,36 @@ class StageWorker:
                                   _rss_bytes(), str(self.model.dtype), free, offload)
         return self.load_info
 
-    def setup_cache(self, num_pages: int, page_size: int, cuda_graphs: bool = False) -> int:
+    def apply_placement(self, place: Placement) -> dict:
+        """Hold the experts `place` gives this rank in each of its MoE layers (experts it keeps
+        stay; the others are read from the checkpoint) and route by it. Called between steps.
+        Returns {"seconds", "experts_read", "bytes_read"}."""
+        from ds3dist.checkpoint.reader import CheckpointReader
+
+        t0 = time.perf_counter()
+        read = 0
+        with CheckpointReader(self.checkpoint) as reader:
+            start = reader.bytes_read
+            for layer_id, moe in self.model.moe_layers().items():
+                old = moe.dispatcher
+                read += swap_experts(self.model, layer_id,
+                                     place.experts(layer_id, self.plan.ep_rank), reader)
+                moe.dispatcher = AllToAllDispatcher(
+                    self.ep_group, place.dest_table(layer_id), moe.experts.expert_ids,
+                    fp8_payload=old.fp8_payload, layer_id=layer_id, log=self.collectives)
+                moe.dispatcher.sent_e += old.sent_e  # the job's counts go on
+                moe.dispatcher.received_e += old.received_e
+            nbytes = reader.bytes_read - start
+        release_free_memory()
+        self.layout = replace(self.layout, placement=place)
+        return {"seconds": time.perf_counter() - t0, "experts_read": read, "bytes_read": nbytes}
+
+    def setup_cache(self, num_pages: int, page_size: int, cuda_graphs: bool = False,
+                    load_window: int = BalanceOptions().window) -> int:
         """Allocate this rank's page pool (the same page ids on every stage of its column).
         cuda_graphs: decode steps as CUDA graphs where this rank can (not with offload)."""
         self.runner = StepRunner(self.model, num_pages, page_size, self.speculative,
-                                 cuda_graphs and self.offloaded is None)
+                                 cuda_graphs and self.offloaded is None, load_window)
         self.runner.fail_ids = set(self.fault_ids)
         return self.runner.cache.nbytes()
 
@@ -199,10 +228,14 @@ class StageWorker:
     def stats(self) -> RankStats:
         layers = self.model.moe_layers() if self.model is not None else {}
         dispatch = {layer_id: moe.dispatcher.stats() for layer_id, moe in layers.items()}
+        window, covered = ({}, 0) if self.runner is None else self.runner.load.window(
+            {i: d["received_per_expert"] for i, d in dispatch.items()})
         p, info = self.plan, self.node_info()
         return RankStats(p.rank, p.stage, p.ep_rank, info["node_ip"], info["hostname"],
                          info["pid"], self.load_info, self.net, _rss_bytes(),
-                         _rss_bytes("VmHWM"), self.busy_s, self.steps, dispatch)
+                         _rss_bytes("VmHWM"), self.busy_s, self.steps, dispatch,
+                         window_load=window, window_steps=covered,
+                         held_experts={i: list(m.experts.expert_ids) for i, m in layers.items()})
 
 
 def _rss_bytes(field: str = "VmRSS") -> int:
