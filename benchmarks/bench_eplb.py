@@ -6,7 +6,8 @@
 Synthesizes a checkpoint whose router follows a Zipf law (synthesize --expert-skew), then runs
 the same greedy job (float32, CPU) on an ep-rank engine three ways: the default contiguous
 placement; a placement the balancer made from the first run's load (--redundant copies); and
-the default placement rebalanced every --interval steps from the window of load. Prints, per
+the default placement rebalanced every --interval steps from the window of load (the experts
+a rank gains read from the checkpoint, then sent by their holders: both timed). Prints, per
 MoE layer, the measured max/mean rank load (token copies each rank's experts received), the
 balancer's prediction for the static placement, each run's tokens/s, per-rank busy seconds
 (max/mean), and the rebalances' pauses. Asserts nothing (the outputs are checked equal, as
@@ -60,9 +61,13 @@ def run(ckpt: Path, layout, prompts, new: int, balance=None):
     load = rank_load(stats, layout.ep)
     warm = rank_load(before, layout.ep)
     load = {i: [a - b for a, b in zip(row, warm[i])] for i, row in load.items()}
+    window: dict[int, list[int]] = {}  # each rank's load over the ranks' last window
+    for st in stats.ranks:
+        for layer, counts in st.window_load.items():
+            window.setdefault(layer, [0] * layout.ep)[st.ep_rank] += sum(counts)
     busy = [st.busy_seconds for st in stats.ranks]
     return {"tokens": [o.token_ids for o in out], "tok_s": tokens / seconds, "load": load,
-            "busy": max(busy) / (sum(busy) / len(busy)), "stats": stats}
+            "window": window, "busy": max(busy) / (sum(busy) / len(busy)), "stats": stats}
 
 
 def main() -> int:
@@ -84,7 +89,7 @@ def main() -> int:
     from ds3dist.parallel.layout import ParallelLayout
     from ds3dist.parallel.placement import Placement
 
-    flags = sorted(f for f in open("/proc/cpuinfo").read().split() if f.startswith("avx512"))
+    flags = sorted({f for f in open("/proc/cpuinfo").read().split() if f.startswith("avx512")})
     print(f"[setup] {os.cpu_count()} CPUs, {' '.join(flags) or 'no AVX-512'}")
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 100000) for _ in range(rng.randint(8, 64))]
@@ -104,30 +109,38 @@ def main() -> int:
                           {i: tuple(tuple(int(x) for x in r) for r in s)
                            for i, s in zip(layers, slots)}, "bench")
         static = run(ckpt, ParallelLayout(ep=a.ep, placement=place), prompts, a.new_tokens)
-        rebal = run(ckpt, ParallelLayout(ep=a.ep), prompts, a.new_tokens,
-                    BalanceOptions(step_interval=a.interval, window=a.interval,
-                                   redundant_experts=a.redundant))
-    same = base["tokens"] == static["tokens"] == rebal["tokens"]
+        rebal, peers = (run(ckpt, ParallelLayout(ep=a.ep), prompts, a.new_tokens,
+                            BalanceOptions(step_interval=a.interval, window=a.interval,
+                                           redundant_experts=a.redundant, transfer=transfer))
+                        for transfer in ("checkpoint", "peers"))
+    same = base["tokens"] == static["tokens"] == rebal["tokens"] == peers["tokens"]
     print(f"\nskew {a.skew}, {a.preset}, ep{a.ep}, {a.redundant} redundant; outputs identical "
-          f"in all three runs: {same}; balancer {t_bal * 1000:.1f} ms")
-    print(f"{'layer':>5} {'unbalanced':>11} {'static':>7} {'predicted':>9} {'rebalancing':>11}")
+          f"in all four runs: {same}; balancer {t_bal * 1000:.1f} ms")
+    print("max/mean rank load (token copies received) per MoE layer; rebalancing: the whole "
+          "run (its first steps unbalanced, and prefill the bulk of the copies), and the ranks' "
+          "last window")
+    print(f"{'layer':>5} {'unbalanced':>11} {'static':>7} {'predicted':>9} {'rebalancing':>11} "
+          f"{'last window':>11}")
     for j, i in enumerate(layers):
         print(f"{i:>5} {ratio(base['load'][i]):>11.3f} {ratio(static['load'][i]):>7.3f} "
-              f"{ratio(predicted[j]):>9.3f} {ratio(rebal['load'][i]):>11.3f}")
+              f"{ratio(predicted[j]):>9.3f} {ratio(rebal['load'][i]):>11.3f} "
+              f"{ratio(rebal['window'][i]):>11.3f}")
     worst = max(ratio(static["load"][i]) for i in layers)
     off = max(abs(ratio(static["load"][i]) / ratio(predicted[j]) - 1) for j, i in enumerate(layers))
     print(f"static: worst layer max/mean {worst:.3f} (target <= 1.10); prediction off by at "
           f"most {off:.1%} (target 5%)")
-    for name, r in (("unbalanced", base), ("static", static), ("rebalancing", rebal)):
-        print(f"{name:>11}: {r['tok_s']:.1f} tok/s, busy seconds max/mean over ranks "
+    runs = (("unbalanced", base), ("static", static), ("rebalancing", rebal),
+            ("rebalancing, peers", peers))
+    for name, r in runs:
+        print(f"{name:>18}: {r['tok_s']:.1f} tok/s, busy seconds max/mean over ranks "
               f"{r['busy']:.3f}")
-    for rb in rebal["stats"].rebalances:
-        print(f"rebalance at step {rb.step}: pause {rb.pause_s:.2f} s, predicted {rb.before:.3f} "
-              f"-> {rb.after:.3f}, {rb.experts_read} experts read ({rb.bytes_read / 1e6:.1f} MB)")
+    for rb in rebal["stats"].rebalances + peers["stats"].rebalances:
+        print(f"rebalance at step {rb.step} ({rb.transfer}): pause {rb.pause_s:.2f} s, slowest "
+              f"rank's move {rb.move_s:.3f} s, predicted {rb.before:.3f} -> {rb.after:.3f}, "
+              f"{rb.experts_read} experts read ({rb.bytes_read / 1e6:.1f} MB), "
+              f"{rb.experts_received} received")
     print(json.dumps({"same": same, "worst_static": worst, "prediction_off": off,
-                      "tok_s": {k: r["tok_s"] for k, r in (("unbalanced", base),
-                                                           ("static", static),
-                                                           ("rebalancing", rebal))}}))
+                      "tok_s": {k: r["tok_s"] for k, r in runs}}))
     return 0
 
 

@@ -121,9 +121,9 @@ def _worker(rank, world, port, case, errors):
         got_e = disp.received_e.clone()
         dist.all_reduce(got_e)  # every copy received once, by one of its expert's holders
         assert torch.equal(got_e, total), (got_e, total)
-        if case == "replicas":  # a holder keeps its own copies; the others' are spread
-            own = torch.bincount(idx.reshape(-1), minlength=E)
-            assert all(disp.received_e[e] >= own[e] for e in (0, 1))
+        if case == "replicas":  # experts 0 and 1 on every rank: each gets an even share,
+            for e in (0, 1):  # within one copy per sender
+                assert abs(float(disp.received_e[e]) - float(total[e]) / world) <= world
         if case == "idle_experts":
             assert all(disp.received_e[e] == 0 for e in (2, 3, 6))
         dist.destroy_process_group()

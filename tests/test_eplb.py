@@ -44,17 +44,18 @@ def _redundant(cfg: ModelConfig, ep: int) -> Placement:
     return Placement(cfg.n_routed_experts, ep, layers, "test")
 
 
-@pytest.mark.parametrize("pp,ep", [(1, 4), (2, 2)])
-def test_placement_and_rebalancing_keep_every_output(ray_cluster, tiny_fp8_dir, want, pp, ep):
+@pytest.mark.parametrize("pp,ep,transfer", [(1, 4, "peers"), (2, 2, "checkpoint")])
+def test_placement_and_rebalancing_keep_every_output(ray_cluster, tiny_fp8_dir, want, pp, ep,
+                                                     transfer):
     """A placement with redundant copies, then a rebalance every 3 steps from the window's
-    load: the same tokens as one process, the hot experts' copies share their tokens, the
-    experts moved, and each rebalance is recorded."""
+    load, the experts a rank gains sent by another rank or read from the checkpoint: the same
+    tokens as one process, the experts moved, and each rebalance is recorded."""
     from ds3dist import Engine
 
     cfg = ModelConfig.from_json(tiny_fp8_dir)
     place = _redundant(cfg, ep)
     layout = ParallelLayout(pp=pp, ep=ep, placement=place)
-    balance = BalanceOptions(step_interval=3, window=6, redundant_experts=ep)
+    balance = BalanceOptions(step_interval=3, window=6, redundant_experts=ep, transfer=transfer)
     with Engine(tiny_fp8_dir, layout, dtype=torch.float32, balance=balance) as engine:
         first = engine.stats()  # before any step: the placement as given
         for st in first.ranks:
@@ -67,7 +68,10 @@ def test_placement_and_rebalancing_keep_every_output(ray_cluster, tiny_fp8_dir, 
     assert [g.token_ids for g in greedy] == want[0]
     assert [s.token_ids for s in sampled] == want[1]
     assert len(stats.rebalances) >= 4, stats.rebalances
-    assert sum(r.experts_read for r in stats.rebalances) > 0  # experts did move
+    moved = sum(r.experts_read + r.experts_received for r in stats.rebalances)
+    assert moved > 0 and all(r.transfer == transfer for r in stats.rebalances)
+    if transfer == "peers":  # nothing read from the checkpoint
+        assert sum(r.experts_read for r in stats.rebalances) == 0
     assert all(r.pause_s > 0 and r.window_steps > 0 for r in stats.rebalances)
     # every routed copy was received once, wherever its expert was
     main = [i for i in moe_layer_ids(cfg, mtp=False)]

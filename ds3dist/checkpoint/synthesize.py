@@ -44,8 +44,7 @@ import math
 import shutil
 import struct
 import sys
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ from ds3dist.checkpoint.layout import (
     expected_tensors,
     layer_of,
 )
-from ds3dist.checkpoint.verify import sha256_file, write_manifest
+from ds3dist.checkpoint.verify import one_torch_thread, sha256_file, write_manifest
 from ds3dist.config import ModelConfig, preset as get_preset
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -231,18 +230,6 @@ _SKEW_STEP = 0.1  # first bias step per expert; scores lie in (0, 1)
 _SKEW_ROWS = 4096  # hidden states the bias is calibrated on
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """The calibration's ops are small: an intra-op team costs more than it gains (several
-    times slower on 2 busy cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _check_skew(skew: float) -> float:
     try:
         s = float(skew)
@@ -327,7 +314,7 @@ def _skew_bias(cfg: ModelConfig, name: str, seed: int, skew: float) -> torch.Ten
     layer = layer_of(name)
     target = expert_skew_target(cfg, layer, seed, skew)
     scores = _skew_scores(cfg, layer, seed, _SKEW_ROWS)
-    with _one_torch_thread():
+    with one_torch_thread():
         return _calibrate_bias(cfg, scores, target)
 
 

@@ -199,9 +199,10 @@ class _Stream:
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """torch ops on one thread while the hash thread runs: an intra-op team that shares the
-    cores with the hash thread waits at every barrier (measured 2-8x slower on 2 cores)."""
+def one_torch_thread() -> Iterator[None]:
+    """torch ops on one thread: an intra-op team costs more than it gains on small ops, and
+    one that shares the cores with another thread (verify's hash thread) waits at every
+    barrier (measured 2-8x slower on 2 cores)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -272,7 +273,7 @@ def verify(path: str | Path, progress: bool = True, *, chunk: int = CHUNK,
     plan = _plan(path, digests, note)
     total = sum((path / name).stat().st_size for name, _, _ in plan)
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar, \
-            ThreadPoolExecutor(1) as pool, _one_torch_thread():
+            ThreadPoolExecutor(1) as pool, one_torch_thread():
         stream = _Stream(chunk, bar, pool)
         for name, want, layout in plan:
             values = _ShardValues(name, *layout, stream.scratch) if layout else None

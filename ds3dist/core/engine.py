@@ -141,7 +141,8 @@ class RecoveryStats:
 class Rebalance:
     """One rebalance of the experts during a job (parallel.eplb): at which step, how long
     the engine paused, the window's predicted max/mean rank load (summed over layers) under
-    the old and the new placement, the steps the window covered, what the ranks read."""
+    the old and the new placement, the steps the window covered, what the ranks read from
+    the checkpoint or received from each other (transfer), the slowest rank's move."""
     step: int
     pause_s: float
     before: float
@@ -149,6 +150,9 @@ class Rebalance:
     window_steps: int
     experts_read: int
     bytes_read: int
+    experts_received: int
+    transfer: str
+    move_s: float
 
 
 @dataclass

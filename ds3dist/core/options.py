@@ -72,6 +72,9 @@ def num_drafts(spec: SpeculativeConfig | None) -> int:
     return spec.num_tokens if spec is not None else 0
 
 
+TRANSFERS = ("checkpoint", "peers")
+
+
 @dataclass(frozen=True)
 class BalanceOptions:
     """parallel.eplb: the expert load window (steps) each rank keeps, and every how many
@@ -82,8 +85,14 @@ class BalanceOptions:
     window: int = 1000
     redundant_experts: int = 0
     ranks_per_node: int | None = None
+    # how a rank gets the experts it gains: read from the checkpoint, or sent by a rank of
+    # its stage that holds them ("peers", over the expert-parallel group)
+    transfer: str = "checkpoint"
 
     def __post_init__(self) -> None:
+        if self.transfer not in TRANSFERS:
+            raise ValueError(f"parallel.eplb.transfer: must be one of {TRANSFERS}, got "
+                             f"{self.transfer!r}")
         k = self.step_interval
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"parallel.eplb.step_interval: must be an integer >= 1 or null, "

@@ -13,7 +13,7 @@ oneDNN-packed copies (up to the plain weights again) are not counted.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -50,6 +50,69 @@ def held_bytes(spec: TensorSpec, h: Holding) -> int:
 # What decides whether a rank holds a tensor: its layer, its expert and its kind.
 _Group = tuple[int | None, int | None, str]
 
+# Components a rank's weight bytes are split into (RankBytes.components, in this order).
+COMPONENTS = ("attention", "dense_mlp", "router", "routed_experts", "shared_experts",
+              "embedding", "head", "mtp")
+
+
+@dataclass(frozen=True)
+class Components:
+    """A rank's held weight bytes by component. attention: projections and the layers' norms;
+    router: the MoE gates; head: the final norm and lm_head; mtp: everything of the MTP layer
+    the rank holds (its experts and embedding copy included)."""
+
+    attention: int = 0
+    dense_mlp: int = 0
+    router: int = 0
+    routed_experts: int = 0
+    shared_experts: int = 0
+    embedding: int = 0
+    head: int = 0
+    mtp: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, c) for c in COMPONENTS)
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """One rank's row of the plan: what it holds and what its device must fit (bytes)."""
+
+    rank: int
+    stage: int
+    ep_rank: int
+    layers: tuple[int, ...]
+    mtp: bool  # holds the MTP layer (speculating, last stage)
+    num_experts: int  # routed experts per MoE layer (the most over its layers)
+    components: Components
+    read_bytes: int  # read from the checkpoint to load it (the checkpoint's form)
+    resident_bytes: int
+    offloaded_bytes: int
+    window_bytes: int  # offload units fetched at once
+    streamed_bytes_per_step: int  # offloaded bytes a decode step fetches
+    cache_bytes: float  # Holding.cache_bytes (0: not given)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.components.total
+
+    @property
+    def device_bytes(self) -> float:
+        return self.resident_bytes + self.window_bytes + self.cache_bytes
+
+    def as_row(self) -> dict[str, Any]:
+        """The dry run's row (JSON-ready)."""
+        return {"rank": self.rank, "stage": self.stage, "ep_rank": self.ep_rank,
+                "layers": [self.layers[0], self.layers[-1]] if self.layers else [],
+                "num_layers": len(self.layers), "mtp": self.mtp,
+                "num_experts": self.num_experts, "weight_bytes": self.weight_bytes,
+                "components": asdict(self.components), "read_bytes": self.read_bytes,
+                "resident_bytes": self.resident_bytes, "offloaded_bytes": self.offloaded_bytes,
+                "window_bytes": self.window_bytes,
+                "streamed_bytes_per_step": self.streamed_bytes_per_step,
+                "device_bytes": self.device_bytes}
+
 
 def _group(name: str) -> _Group:
     layer, expert = layer_of(name), expert_of(name)
@@ -57,8 +120,22 @@ def _group(name: str) -> _Group:
         kind = "embed" if name.startswith("model.embed_tokens") else "head"
     else:
         kind = ("head_copy" if name.endswith("shared_head.head.weight") else
-                "embed_copy" if name.endswith(".embed_tokens.weight") else "layer")
+                "embed_copy" if name.endswith(".embed_tokens.weight") else
+                "routed" if expert is not None else
+                "shared" if ".mlp.shared_experts." in name else
+                "router" if ".mlp.gate." in name else
+                "mlp" if ".mlp." in name else "layer")
     return layer, expert, kind
+
+
+def _component(group: _Group, mtp_ids: set[int]) -> str:
+    layer, _, kind = group
+    if layer is None:
+        return "embedding" if kind == "embed" else "head"
+    if layer in mtp_ids:
+        return "mtp"
+    return {"routed": "routed_experts", "shared": "shared_experts", "router": "router",
+            "mlp": "dense_mlp"}.get(kind, "attention")
 
 
 def _held(group: _Group, plan: RankPlan, mtp_ids: set[int], h: Holding) -> bool:
@@ -84,38 +161,46 @@ def _unit(group: _Group, mtp_ids: set[int], offload: OffloadOptions | None) -> i
     return layer if layer is not None and layer not in mtp_ids else None
 
 
-def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[dict[str, Any]]:
-    """One row per rank: stage, layers, experts, weight/resident/offloaded bytes, the fetch
-    window (units fetched at once), bytes streamed per decode step, device bytes needed."""
-    groups: dict[_Group, int] = defaultdict(int)  # held bytes, summed per group once
+def rank_bytes(model: ModelConfig, layout: ParallelLayout, h: Holding,
+               plans: list[RankPlan] | None = None) -> list[RankBytes]:
+    """Each rank's weight bytes by component, resident vs offloaded, the fetch window and the
+    bytes streamed per decode step, from the expected-tensor table (no checkpoint read)."""
+    held: dict[_Group, int] = defaultdict(int)  # held bytes, summed per group once
+    read: dict[_Group, int] = defaultdict(int)  # the checkpoint's bytes of the same tensors
     for spec in expected_tensors(model).values():
-        groups[_group(spec.name)] += held_bytes(spec, h)
+        g = _group(spec.name)
+        held[g] += held_bytes(spec, h)
+        read[g] += spec.nbytes
     mtp_ids = set(model.mtp_layer_ids)
     rows = []
-    for plan in layout.plan(model):
-        weights = 0
+    for plan in plans if plans is not None else layout.plan(model):
+        parts: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
+        nread = 0
         units: dict[int, int] = defaultdict(int)  # offload unit (layer) -> bytes
-        for group, n in groups.items():
+        for group, n in held.items():
             if not _held(group, plan, mtp_ids, h):
                 continue
-            weights += n
+            parts[_component(group, mtp_ids)] += n
+            nread += read[group]
             unit = _unit(group, mtp_ids, h.offload)
             if unit is not None:
                 units[unit] += n
         offloaded = sum(units.values())
         window = (h.offload.prefetch_layers + 1) * max(units.values()) if units else 0
         streamed = sum(n * (h.mtp_passes if layer in mtp_ids else 1) for layer, n in units.items())
-        resident = weights - offloaded
-        rows.append({
-            "rank": plan.rank, "stage": plan.stage, "ep_rank": plan.ep_rank,
-            "layers": [plan.layers[0], plan.layers[-1]] if plan.layers else [],
-            "num_layers": len(plan.layers), "mtp": bool(plan.mtp and h.mtp_passes),
-            "num_experts": _physical_experts(plan), "weight_bytes": weights,
-            "resident_bytes": resident, "offloaded_bytes": offloaded, "window_bytes": window,
-            "streamed_bytes_per_step": streamed,
-            "device_bytes": resident + window + (h.cache_bytes or 0),
-        })
+        comp = Components(**parts)
+        rows.append(RankBytes(
+            rank=plan.rank, stage=plan.stage, ep_rank=plan.ep_rank, layers=plan.layers,
+            mtp=bool(plan.mtp and h.mtp_passes), num_experts=_physical_experts(plan),
+            components=comp, read_bytes=nread, resident_bytes=comp.total - offloaded,
+            offloaded_bytes=offloaded, window_bytes=window, streamed_bytes_per_step=streamed,
+            cache_bytes=h.cache_bytes or 0))
     return rows
+
+
+def rank_table(model: ModelConfig, layout: ParallelLayout, h: Holding) -> list[dict[str, Any]]:
+    """rank_bytes as the dry run's JSON-ready rows."""
+    return [r.as_row() for r in rank_bytes(model, layout, h)]
 
 
 def gb(nbytes: float) -> str:
@@ -123,7 +208,7 @@ def gb(nbytes: float) -> str:
 
 
 def describe(model: ModelConfig, layout: ParallelLayout, h: Holding, name: str = "") -> str:
-    rows = rank_table(model, layout, h)
+    rows = rank_bytes(model, layout, h)
     lines = [f"layout {name + ': ' if name else ''}pp={layout.pp} ep={layout.ep} "
              f"-> {layout.world_size} ranks on {layout.device} ({layout.backend}); "
              f"{model.num_hidden_layers} layers, {model.n_routed_experts} routed experts; "
@@ -137,15 +222,14 @@ def describe(model: ModelConfig, layout: ParallelLayout, h: Holding, name: str =
         lines.append("rank stage ep_rank layers      experts  weights resident offloaded "
                      "window streamed/step")
     for r in rows:
-        lay = (f"{r['layers'][0]}-{r['layers'][1]}" if r["layers"] else "-") + \
-            ("+mtp" if r["mtp"] else "")
-        line = (f"{r['rank']:>4} {r['stage']:>5} {r['ep_rank']:>7} {lay:<11} "
-                f"{r['num_experts']:>7}  {gb(r['weight_bytes']):>7}")
+        lay = (f"{r.layers[0]}-{r.layers[-1]}" if r.layers else "-") + ("+mtp" if r.mtp else "")
+        line = (f"{r.rank:>4} {r.stage:>5} {r.ep_rank:>7} {lay:<11} "
+                f"{r.num_experts:>7}  {gb(r.weight_bytes):>7}")
         if off is not None:
-            line += (f" {gb(r['resident_bytes']):>8} {gb(r['offloaded_bytes']):>9} "
-                     f"{gb(r['window_bytes']):>6} {gb(r['streamed_bytes_per_step']):>13}")
+            line += (f" {gb(r.resident_bytes):>8} {gb(r.offloaded_bytes):>9} "
+                     f"{gb(r.window_bytes):>6} {gb(r.streamed_bytes_per_step):>13}")
         lines.append(line)
-    need = max(r["device_bytes"] for r in rows)
+    need = max(r.device_bytes for r in rows)
     cache = (f" + cache {gb(h.cache_bytes)}" if h.cache_bytes else
              " (+ the paged cache: runtime.cache_gb)")
     lines.append(f"most a rank needs on its device: {gb(need)} GB (resident"

@@ -51,6 +51,7 @@ class ModelConf:
 class EplbConf:
     step_interval: Optional[int] = _BAL.step_interval  # rebalance every N steps (null: off)
     window: int = _BAL.window  # steps of expert load each rank keeps (the rebalance's input)
+    transfer: str = _BAL.transfer  # checkpoint | peers: how a rank gets the experts it gains
 
 
 @dataclass
@@ -304,7 +305,7 @@ def _balance(cfg: Any, problems: list[str]) -> BalanceOptions:
     try:
         out = BalanceOptions(get("step_interval"), get("window"),
                              _get(cfg, "parallel.redundant_experts"),
-                             _get(cfg, "parallel.ranks_per_node"))
+                             _get(cfg, "parallel.ranks_per_node"), get("transfer"))
     except ValueError as e:  # its message names the key
         problems.append(str(e))
         return BalanceOptions()

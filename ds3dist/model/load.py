@@ -99,30 +99,45 @@ def _fill(model: Transformer, reader, device: torch.device, dtype: torch.dtype,
         raise RuntimeError(f"tensors not loaded: {left[:5]}")
 
 
-def swap_experts(model: Transformer, layer_id: int, experts: Iterable[int], reader) -> int:
+def swap_experts(model: Transformer, layer_id: int, experts: Iterable[int], reader=None,
+                 given: dict[int, dict[str, torch.Tensor]] | None = None) -> int:
     """Make MoE layer layer_id hold exactly `experts` (a new placement): experts it keeps stay
-    as they are, the others are read from the checkpoint (reader), in the model's execution
-    form. Returns how many were read."""
+    as they are; each new one takes its tensors from `given` (expert id -> {name in the
+    expert's module: tensor}, as expert_tensors gives them, e.g. received from another rank),
+    else from the checkpoint (reader). Returns how many were read from the checkpoint."""
     moe = model.moe_layers()[layer_id]
     name = next(n for n, m in model.named_modules() if m is moe) + ".experts"
-    old, ids = moe.experts, _expert_ids(experts, model.cfg)
+    old, ids, given = moe.experts, _expert_ids(experts, model.cfg), given or {}
     opts = replace(model.opts, expert_ids=ids, layer_experts=None)
     with torch.device("meta"):
         new = Experts(opts, layer_id)
-    read = [e for e in ids if str(e) not in old]
+    device, dtype = model.device, model.dtype
+    read = 0
     for e in ids:
         if str(e) in old:
             new[str(e)] = old[str(e)]
-    device, dtype = model.device, model.dtype
-    for e in read:
-        _fill_module(new[str(e)], f"{name}.{e}.", reader, device, dtype)
+        elif e in given:
+            for key, t in given[e].items():
+                mod_name, buf = key.rsplit(".", 1)
+                new[str(e)].get_submodule(mod_name)._buffers[buf] = t
+        else:
+            _fill_module(new[str(e)], f"{name}.{e}.", reader, device, dtype)
+            read += 1
     for mlp in new.values():
         mlp.fuse()
     if device.type == "cpu":
         new.stack()
         pack_weights(new)
     moe.experts = new
-    return len(read)
+    return read
+
+
+def expert_tensors(model: Transformer, layer_id: int, expert: int) -> dict[str, torch.Tensor]:
+    """A held expert's tensors by name in its module (gate_proj.weight, ..., with the FP8
+    scales), in a fixed order: what swap_experts takes as `given`."""
+    mlp = model.moe_layers()[layer_id].experts[str(expert)]
+    return {f"{lin}.{buf}": t for lin in ("gate_proj", "up_proj", "down_proj")
+            for buf, t in mlp.get_submodule(lin)._buffers.items() if t is not None}
 
 
 def _fill_module(root: nn.Module, root_prefix: str, reader, device: torch.device,
@@ -236,4 +251,5 @@ def build_model(opts: BuildOptions, tensors: dict[str, torch.Tensor], layers=Non
     return model
 
 
-__all__ = ["load_model", "build_model", "pack_weights", "unpack_weights", "swap_experts"]
+__all__ = ["load_model", "build_model", "pack_weights", "unpack_weights", "swap_experts",
+           "expert_tensors"]

@@ -4,9 +4,9 @@ Notation: T tokens on this rank, K top-k, N = T*K token copies, D hidden, R rank
 group, E routed experts, S copies received by this rank, E_l experts this rank owns.
 
 dispatch(x_td, idx_tk, w_tk):
-  1. pick each copy's destination: this rank where it holds a copy of the expert, else the
-     expert's holders in turn (a placement may give an expert several copies); sort the N
-     copies by (destination, expert id); send counts c [R, E]
+  1. pick each copy's destination: an expert's copies from this rank dealt to its holders
+     in turn (a placement may give an expert several copies), so each holder gets an even
+     share; sort the N copies by (destination, expert id); send counts c [R, E]
   2. all_to_all the counts: every rank knows what it will receive from whom
   3. all_to_all the token rows (FP8 + per-128 scales when fp8_payload, as uint8 views so
      gloo can carry them) and their float32 routing weights
@@ -54,7 +54,7 @@ class AllToAllDispatcher:
     def __init__(
         self,
         group: dist.ProcessGroup,
-        table: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        table: tuple[torch.Tensor, torch.Tensor],
         local_experts: list[int],
         fp8_payload: bool = False,
         layer_id: int | None = None,
@@ -65,8 +65,7 @@ class AllToAllDispatcher:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        local_re, self.holders_ec, self.count_e = table
-        self.local_e = local_re[self.rank]
+        self.holders_ec, self.count_e = table
         self.n_experts = len(self.count_e)
         self.local_experts = sorted(local_experts)
         self.fp8_payload = fp8_payload
@@ -78,15 +77,20 @@ class AllToAllDispatcher:
         self.received_e = torch.zeros(self.n_experts, dtype=torch.int64)
 
     def dest(self, idx_n: torch.Tensor) -> torch.Tensor:
-        """The rank each copy goes to: this rank where it holds the expert, else the expert's
-        holders in turn by the copy's index (deterministic, even over the copies)."""
+        """The rank each copy goes to: an expert's copies from this rank are dealt to its
+        holders in turn, starting at a holder that depends on this rank, so every holder gets
+        an even share of every rank's tokens (deterministic; one holder: that one)."""
         dev = idx_n.device
         if dev not in self._on:
-            self._on[dev] = tuple(t.to(dev) for t in (self.local_e, self.holders_ec, self.count_e))
-        local_e, holders_ec, count_e = self._on[dev]
-        turn_n = torch.arange(idx_n.numel(), device=dev) % count_e[idx_n]
-        here_n = local_e[idx_n]
-        return torch.where(here_n >= 0, here_n, holders_ec[idx_n, turn_n])
+            self._on[dev] = tuple(t.to(dev) for t in (self.holders_ec, self.count_e))
+        holders_ec, count_e = self._on[dev]
+        order_n = torch.sort(idx_n, stable=True).indices
+        sorted_n = idx_n[order_n]
+        first_n = torch.searchsorted(sorted_n, sorted_n)  # where each expert's run begins
+        nth_n = torch.empty_like(idx_n)
+        nth_n[order_n] = torch.arange(idx_n.numel(), device=dev) - first_n
+        turn_n = (nth_n + self.rank) % count_e[idx_n]
+        return holders_ec[idx_n, turn_n]
 
     def dispatch(self, x_td: torch.Tensor, idx_tk: torch.Tensor, w_tk: torch.Tensor) -> Dispatched:
         dev = x_td.device

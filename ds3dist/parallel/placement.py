@@ -106,18 +106,14 @@ class Placement:
     def copies(self, layer: int) -> int:
         return sum(len(r) for r in self.layers[layer])
 
-    def dest_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """How a rank picks the copy of a logical expert for a token copy: (local_re [R, E]:
-        the sending rank itself where it holds the expert, else -1; holders_ec [E, C]: the
-        ranks holding each expert, ascending, padded with their first; count_e [E])."""
+    def dest_table(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where a logical expert's tokens can go: (holders_ec [E, C]: the ranks holding each
+        expert, ascending, padded with their first; count_e [E])."""
         ranks = self.layers[layer]
         holders = [[r for r in range(self.ep) if x in ranks[r]] for x in range(self.n_experts)]
         c = max(len(h) for h in holders)
         holders_ec = torch.tensor([h + [h[0]] * (c - len(h)) for h in holders], dtype=torch.int64)
-        local_re = torch.full((self.ep, self.n_experts), -1, dtype=torch.int64)
-        for x, h in enumerate(holders):
-            local_re[h, x] = torch.tensor(h)
-        return local_re, holders_ec, torch.tensor([len(h) for h in holders])
+        return holders_ec, torch.tensor([len(h) for h in holders])
 
 
 def moe_layer_ids(cfg: ModelConfig, mtp: bool = True) -> list[int]:

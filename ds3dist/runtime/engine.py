@@ -223,13 +223,14 @@ class Engine:
                                                           counts)]
         place, before, after = new_placement(window, self.layout.placement_for(self.config),
                                              self.config, self.balance)
-        moved = self._get([a.apply_placement.remote(place) for a in self.actors], timeout,
-                          "rebalance: moving experts")
+        moved = self._get([a.apply_placement.remote(place, self.balance.transfer)
+                           for a in self.actors], timeout, "rebalance: moving experts")
         self.layout = replace(self.layout, placement=place)
         self.rebalances.append(Rebalance(
             step, time.perf_counter() - t0, before, after,
             max(st.window_steps for st in ranks), sum(m["experts_read"] for m in moved),
-            sum(m["bytes_read"] for m in moved)))
+            sum(m["bytes_read"] for m in moved), sum(m["experts_received"] for m in moved),
+            self.balance.transfer, max(m["seconds"] for m in moved)))
         self.executor = self._executor()
         return self.executor
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ds3dist.core.engine import LoadInfo, RankStats
-from ds3dist.model.load import load_model, swap_experts
+from ds3dist.model.load import expert_tensors, load_model, swap_experts
 from ds3dist.model.options import DEFAULT_ATTN_FORM
 from ds3dist.parallel.dispatcher import AllToAllDispatcher, CollectiveLog
 from ds3dist.parallel.layout import ParallelLayout, RankPlan
@@ -158,20 +158,24 @@ class StageWorker:
                                   _rss_bytes(), str(self.model.dtype), free, offload)
         return self.load_info
 
-    def apply_placement(self, place: Placement) -> dict:
-        """Hold the experts `place` gives this rank in each of its MoE layers (experts it keeps
-        stay; the others are read from the checkpoint) and route by it. Called between steps.
-        Returns {"seconds", "experts_read", "bytes_read"}."""
+    def apply_placement(self, place: Placement, transfer: str = "checkpoint") -> dict:
+        """Hold the experts `place` gives this rank in each of its MoE layers and route by it
+        (between steps). Experts it keeps stay; new ones come from the checkpoint, or with
+        transfer="peers" from a rank of the stage that holds them now (over the
+        expert-parallel group). Returns {"seconds", "experts_read", "bytes_read",
+        "experts_received"}."""
         from ds3dist.checkpoint.reader import CheckpointReader
 
         t0 = time.perf_counter()
+        got = self._receive_experts(place) if transfer == "peers" else {}
         read = 0
         with CheckpointReader(self.checkpoint) as reader:
             start = reader.bytes_read
             for layer_id, moe in self.model.moe_layers().items():
                 old = moe.dispatcher
                 read += swap_experts(self.model, layer_id,
-                                     place.experts(layer_id, self.plan.ep_rank), reader)
+                                     place.experts(layer_id, self.plan.ep_rank), reader,
+                                     got.get(layer_id))
                 moe.dispatcher = AllToAllDispatcher(
                     self.ep_group, place.dest_table(layer_id), moe.experts.expert_ids,
                     fp8_payload=old.fp8_payload, layer_id=layer_id, log=self.collectives)
@@ -180,7 +184,39 @@ class StageWorker:
             nbytes = reader.bytes_read - start
         release_free_memory()
         self.layout = replace(self.layout, placement=place)
-        return {"seconds": time.perf_counter() - t0, "experts_read": read, "bytes_read": nbytes}
+        return {"seconds": time.perf_counter() - t0, "experts_read": read, "bytes_read": nbytes,
+                "experts_received": sum(len(v) for v in got.values())}
+
+    def _receive_experts(self, place: Placement) -> dict[int, dict[int, dict]]:
+        """Every expert a rank of this stage gains, sent by the lowest rank holding it now:
+        one batch of sends and receives over the expert-parallel group, in an order every
+        rank computes alike. Returns {layer: {expert: {name: tensor}}} of what this rank got."""
+        cfg, me, ep = self.model.config, self.plan.ep_rank, self.layout.ep
+        now = self.layout.placement_for(cfg)
+        ops, got = [], {}
+        for layer_id in sorted(self.model.moe_layers()):
+            held = [set(now.layers[layer_id][r]) for r in range(ep)]
+            like = expert_tensors(self.model, layer_id,
+                                  self.model.moe_layers()[layer_id].experts.expert_ids[0])
+            for r in range(ep):
+                for e in place.experts(layer_id, r):
+                    if e in held[r]:
+                        continue
+                    src = min(s for s in range(ep) if e in held[s])
+                    peer = self.layout.rank_of(self.plan.stage, r if src == me else src)
+                    if src == me:
+                        tensors = expert_tensors(self.model, layer_id, e).values()
+                        ops += [dist.P2POp(dist.isend, _wire(t), peer, self.ep_group)
+                                for t in tensors]
+                    elif r == me:
+                        bufs = {k: torch.empty_like(v) for k, v in like.items()}
+                        got.setdefault(layer_id, {})[e] = bufs
+                        ops += [dist.P2POp(dist.irecv, _wire(t), peer, self.ep_group)
+                                for t in bufs.values()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()  # bounded by the group's timeout
+        return got
 
     def setup_cache(self, num_pages: int, page_size: int, cuda_graphs: bool = False,
                     load_window: int = BalanceOptions().window) -> int:
@@ -248,3 +284,8 @@ def _rss_bytes(field: str = "VmRSS") -> int:
     except OSError:
         pass
     return 0
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it travels: FP8 as its uint8 bytes (gloo carries no float8)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
