@@ -195,6 +195,10 @@ def test_failing_request_fails_alone_in_a_job(ray_cluster, tiny_fp8_dir, tmp_pat
     (err,) = [json.loads(x) for x in Path(str(out) + ".errors.jsonl").read_text().splitlines()]
     assert (err["id"], err["line"], err["code"]) == ("q3", 4, "engine_error")
     assert "injected fault" in err["reason"] and s["counts"]["failed"] == 1
+    load = json.loads(Path(str(out) + ".expert_load.json").read_text())  # ds3dist.balance's input
+    assert load["format"] == "ds3dist.expert_load/1" and load["layout"]["ep"] == 2
+    assert set(load["total"]) == set(load["window"]) == {str(i) for i in s["expert_load"]}
+    assert all(sum(load["window"][i]) <= sum(load["total"][i]) for i in load["total"])
     s2 = launch.run(cfg, engine_factory=factory(())).as_dict()
     assert s2["counts"]["generated"] == 1 and s2["counts"]["already_done"] == 7
     assert len(out.read_text().splitlines()) == 8

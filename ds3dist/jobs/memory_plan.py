@@ -13,6 +13,7 @@ oneDNN-packed copies (up to the plain weights again) are not counted.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -161,27 +162,54 @@ def _unit(group: _Group, mtp_ids: set[int], offload: OffloadOptions | None) -> i
     return layer if layer is not None and layer not in mtp_ids else None
 
 
+@dataclass(frozen=True)
+class WeightGroups:
+    """The expected-tensor table summed per group (layer, expert, kind): held bytes in the
+    holding's form and the checkpoint's bytes. Made once per model and holding."""
+
+    held: dict[_Group, int]
+    read: dict[_Group, int]
+
+    def of_rank(self, plan: RankPlan, mtp_ids: set[int]) -> Iterator[_Group]:
+        """The groups a rank may hold: every non-expert one, and its own experts' in the
+        layers it holds (the others' are never looked at: a search plans many ranks)."""
+        mine = set(plan.layers) | (mtp_ids if plan.mtp else set())
+        for g in self.held:
+            if g[1] is None:
+                yield g
+        for layer in sorted(mine):
+            if (layer, None, "router") in self.held:
+                for e in plan.experts_of(layer):
+                    yield layer, e, "routed"
+
+    @classmethod
+    def of(cls, model: ModelConfig, h: Holding) -> "WeightGroups":
+        held: dict[_Group, int] = defaultdict(int)
+        read: dict[_Group, int] = defaultdict(int)
+        for spec in expected_tensors(model).values():
+            g = _group(spec.name)
+            held[g] += held_bytes(spec, h)
+            read[g] += spec.nbytes
+        return cls(dict(held), dict(read))
+
+
 def rank_bytes(model: ModelConfig, layout: ParallelLayout, h: Holding,
-               plans: list[RankPlan] | None = None) -> list[RankBytes]:
+               groups: WeightGroups | None = None) -> list[RankBytes]:
     """Each rank's weight bytes by component, resident vs offloaded, the fetch window and the
     bytes streamed per decode step, from the expected-tensor table (no checkpoint read)."""
-    held: dict[_Group, int] = defaultdict(int)  # held bytes, summed per group once
-    read: dict[_Group, int] = defaultdict(int)  # the checkpoint's bytes of the same tensors
-    for spec in expected_tensors(model).values():
-        g = _group(spec.name)
-        held[g] += held_bytes(spec, h)
-        read[g] += spec.nbytes
+    groups = groups or WeightGroups.of(model, h)
     mtp_ids = set(model.mtp_layer_ids)
     rows = []
-    for plan in plans if plans is not None else layout.plan(model):
+    for plan in layout.plan(model):
         parts: dict[str, int] = dict.fromkeys(COMPONENTS, 0)
         nread = 0
         units: dict[int, int] = defaultdict(int)  # offload unit (layer) -> bytes
-        for group, n in held.items():
+        for group in groups.of_rank(plan, mtp_ids):
             if not _held(group, plan, mtp_ids, h):
                 continue
+            n = groups.held[group]
             parts[_component(group, mtp_ids)] += n
-            nread += read[group]
+            nread += groups.read[group]
             unit = _unit(group, mtp_ids, h.offload)
             if unit is not None:
                 units[unit] += n
