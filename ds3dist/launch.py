@@ -190,12 +190,40 @@ def preflight(r: schema.Resolved) -> _Prepared | None:
     return _Prepared(inp, out, paths, checkpoint)
 
 
-def dry_run_plan(r: schema.Resolved) -> str:
-    """The rank plan the dry run prints: weight bytes per rank as the execution holds them."""
+def dry_run_plan(r: schema.Resolved, cfg: Any = None) -> str:
+    """What the dry run prints: the rank plan (weight bytes per rank as the execution holds
+    them), then the planner's report of this one layout (python -m ds3dist.plan without
+    --search): on the cluster.* keys' accelerator, or on a CPU layout this machine measured
+    (the `cpu` entry, the layout's ranks spread over cluster.nodes); the workload.* keys."""
     holding = Holding(execution=r.execution, dtype=compute_dtype(r),
                       mtp_passes=num_drafts(r.speculative), offload=r.offload,
                       cache_bytes=None if r.serving.cache_gb is None else r.serving.cache_gb * 1e9)
-    return describe(r.model, r.layout, holding)
+    return describe(r.model, r.layout, holding) + "\n\n" + planned_layout(r, cfg)
+
+
+def planned_layout(r: schema.Resolved, cfg: Any = None) -> str:
+    """The planner's one-layout report of the launch's layout (see dry_run_plan)."""
+    from ds3dist.plan import report
+    from ds3dist.plan.cluster import Cluster, ClusterSpec, PlanError, WorkloadSpec
+    from ds3dist.plan.estimate import estimate
+    from ds3dist.plan.search import given_candidate, plan_setup
+
+    spec = ClusterSpec.of(cfg.cluster) if cfg is not None and "cluster" in cfg else ClusterSpec()
+    work = (WorkloadSpec.of(cfg.workload) if cfg is not None and "workload" in cfg
+            else WorkloadSpec())
+    try:
+        if r.layout.device == "cpu":
+            ranks = r.layout.world_size * r.runtime.replicas
+            per_node = -(-ranks // spec.nodes) if isinstance(spec.nodes, int) and spec.nodes > 0 \
+                else spec.nodes
+            cluster = Cluster.of("cpu", per_node, spec.nodes, spec.figures)
+        else:
+            cluster = spec.cluster()
+        workload = work.workload(r.sampling.max_new_tokens, r.job.input)
+    except PlanError as e:
+        raise LaunchConfigError(str(e)) from None
+    setup = plan_setup(r, cluster, workload)
+    return report.one_layout(estimate(setup, given_candidate(r, setup)), cluster, workload)
 
 
 def run(cfg: Any, engine_factory: EngineFactory | None = None) -> JobSummary | None:
@@ -205,7 +233,7 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> JobSummary | N
     """
     r = schema.validate(cfg)
     if r.job.dry_run:
-        print(dry_run_plan(r))
+        print(dry_run_plan(r, cfg))
         return None
     prep = preflight(r)
     if prep is None:

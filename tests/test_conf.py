@@ -212,7 +212,9 @@ def test_cli_cfg_job_shows_resolved_config(tmp_path):
     assert cfg.model.preset == "deepseek_v3"
     assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.device) == (1, 16, "cuda")
     assert cfg.parallel.backend == "nccl" and cfg.execution.mode == "bf16"
-    assert set(cfg.keys()) == {"model", "parallel", "execution", "sampling", "job", "runtime"}
+    assert set(cfg.keys()) == {"model", "parallel", "execution", "sampling", "job", "runtime",
+                               "cluster", "workload"}  # the last two: the planner's
+    assert (cfg.cluster.gpu, cfg.cluster.nodes, cfg.workload.input) == ("h100", 1, None)
 
 
 def test_cli_help_lists_groups(tmp_path):
@@ -225,18 +227,38 @@ def test_cli_help_lists_groups(tmp_path):
 
 def test_cli_dry_run_prints_the_rank_plan(tmp_path):
     p = launch("+parallel=pp2ep8", "model=deepseek_v3", "execution=fp8", "job.dry_run=true",
-               cwd=tmp_path)
+               "cluster.nodes=2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    lines = p.stdout.strip().splitlines()
+    table, planned = p.stdout.strip().split("\n\n")
+    lines = table.splitlines()
     assert "pp=2 ep=8 -> 16 ranks on cuda (nccl)" in lines[0]
     assert len(lines) == 2 + 16 + 1
     assert lines[2].split()[:5] == ["0", "0", "0", "0-31", "32"]
     assert lines[17].split()[:5] == ["15", "1", "7", "32-60", "32"]  # no MTP: not speculating
     assert lines[-1].startswith("most a rank needs on its device:")
+    # then the planner's report of this one layout on the cluster.* keys' cluster
+    planned = planned.splitlines()
+    assert planned[0].startswith("cluster: 2 node(s) x 8 h100")
+    assert "launch keys: parallel.pp=2 parallel.ep=8 parallel.device=cuda" in planned[2]
+    assert planned[-1].startswith("verdict: fits;")
     p = launch("+parallel=pp2ep8", "model=deepseek_v3", "execution=fp8", "job.dry_run=true",
                "sampling.speculative.method=mtp", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[17].split()[:5] == ["15", "1", "7", "32-60+mtp", "32"]
+    # the default cluster (one node of 8) is too small for 16 ranks: said, naming the keys
+    assert "verdict: does not fit: devices: needs 16" in p.stdout
+    assert "cluster.nodes=1 x cluster.gpus_per_node=8" in p.stdout
+
+
+def test_cli_dry_run_of_a_cpu_layout_plans_on_this_machine(tmp_path):
+    p = launch("+parallel=pp2ep2", "model=small", "job.dry_run=true", "cluster.gpu=v100",
+               cwd=tmp_path)
+    assert p.returncode == 0, p.stderr  # a CPU layout: the cpu entry, whatever cluster.gpu
+    planned = p.stdout.strip().split("\n\n")[1].splitlines()
+    assert planned[0].startswith("cluster: 1 node(s) x 4 cpu (this machine measured")
+    assert planned[-1].startswith("verdict: fits;")
+    p = launch("model=small", "job.dry_run=true", "workload.prompt_tokens=-1", cwd=tmp_path)
+    assert p.returncode == 2 and "workload.prompt_tokens" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -120,9 +120,9 @@ def test_latent_cache_bytes_per_token_and_tokens_that_fit():
 
 
 def test_search_on_two_h100_nodes(capsys):
-    rc = main(["model=deepseek_v3", "execution=fp8", "--gpu", "h100", "--gpus-per-node", "8",
-               "--nodes", "2", "--prompt-tokens", "1000", "--output-tokens", "300",
-               "--search", "--json"])
+    rc = main(["model=deepseek_v3", "execution=fp8", "cluster.gpu=h100",
+               "cluster.gpus_per_node=8", "cluster.nodes=2", "workload.prompt_tokens=1000",
+               "workload.output_tokens=300", "--search", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     layouts = {x["name"]: x for x in out["layouts"]}
@@ -147,27 +147,65 @@ def test_one_layout_table_and_a_workload_file(capsys, tmp_path):
     f = tmp_path / "req.jsonl"
     f.write_text(json.dumps({"id": 1, "prompt": "x" * 1000, "max_new_tokens": 100}) + "\n"
                  + json.dumps({"id": 2, "prompt": "y" * 3000, "max_new_tokens": 300}) + "\n")
-    rc = main(["model=deepseek_v3", "+parallel=pp2ep8", "execution=fp8", "--gpu", "h100",
-               "--nodes", "2", "--input", str(f)])
+    rc = main(["model=deepseek_v3", "+parallel=pp2ep8", "execution=fp8", "cluster.gpu=h100",
+               "cluster.nodes=2", f"workload.input={f}"])
     assert rc == 0
     out = capsys.readouterr().out
+    # (1000 + 3000) / 2 characters x 0.3 tokens a character; the lines' own output limits
+    assert "workload: prompt 600 tokens, output 200 tokens" in out
     assert "launch keys: +parallel=pp2ep8 runtime.replicas=1" in out
     assert "verdict: fits" in out and "decode:" in out and "prefill:" in out
 
 
 @pytest.mark.parametrize("args, key", [
-    (["--gpu", "v100"], "cluster.gpu"),
-    (["--nodes", "0"], "cluster.nodes"),
-    (["--gpus-per-node", "-1"], "cluster.gpus_per_node"),
-    (["--prompt-tokens", "-5"], "workload.prompt_tokens"),
-    (["--output-tokens", "-1"], "workload.output_tokens"),
-    (["--set", "memory_gb=-3"], "cluster.memory_gb"),
+    (["cluster.gpu=v100"], "cluster.gpu"),
+    (["cluster.nodes=0"], "cluster.nodes"),
+    (["cluster.gpus_per_node=-1"], "cluster.gpus_per_node"),
+    (["workload.prompt_tokens=-5"], "workload.prompt_tokens"),
+    (["workload.output_tokens=-1"], "workload.output_tokens"),
+    (["+cluster.figures.memory_gb=-3"], "cluster.figures.memory_gb"),
+    (["+cluster.figures.hbm_gbps=3"], "cluster.figures.hbm_gbps"),
+    (["workload.input=/nonexistent/in.jsonl"], "workload.input"),
     (["parallel.ep=3"], "parallel.ep"),
+    (["--gpu", "h200"], "unrecognized arguments"),  # the cluster is keys, not flags
 ])
 def test_bad_settings_are_refused_in_one_line(capsys, args, key):
     assert main(["model=deepseek_v3", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {key}"), err
+
+
+def test_cluster_and_workload_keys(capsys):
+    """The keys' defaults are the planner's (one place); a figure override reaches the plan."""
+    from ds3dist.plan.__main__ import _compose
+    from ds3dist.plan.cluster import ClusterSpec, WorkloadSpec
+
+    cfg = _compose([])
+    assert ClusterSpec.of(cfg.cluster) == ClusterSpec()
+    assert WorkloadSpec.of(cfg.workload) == WorkloadSpec()
+    assert main(["model=deepseek_v3", "+parallel=pp2ep8", "execution=fp8", "cluster.gpu=h200",
+                 "cluster.nodes=2", "+cluster.figures.hbm_tbps=6.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cluster"]["name"] == "h200" and out["cluster"]["hbm_tbps"] == 6.5
+    assert out["cluster"]["memory_gb"] == 141 and out["cluster"]["nodes"] == 2
+
+
+def test_the_cpu_entry_is_this_machine_measured_once():
+    from ds3dist.plan.accelerators import this_machine
+
+    m = this_machine()
+    assert this_machine() is m  # measured once per process
+    assert m.cores >= 1 and m.memory_gb > 0 and m.copy_tbps > 0
+    assert m.large_tflops > 0 and m.decode_tflops > 0 and m.decode_tbps > 0
+    # one rank a core: a core's figures; fewer ranks than cores: their cores' worth
+    one = Cluster.of("cpu", m.cores, 1).device
+    assert one.bf16_tflops == m.large_tflops and one.fp8_tflops == 0
+    assert one.hbm_tbps == min(m.copy_tbps, m.decode_tbps)
+    assert one.memory_gb == pytest.approx(m.memory_gb / m.cores)
+    alone = Cluster.of("cpu", 1, 1).device
+    assert alone.bf16_tflops == m.cores * m.large_tflops and alone.memory_gb == m.memory_gb
+    assert Cluster.of("cpu", 2, 1, {"hbm_tbps": 0.1}).device.hbm_tbps == 0.1
+    assert Cluster.of("cpu", 2, 1).kind == "cpu"
 
 
 def test_ranks_read_what_the_planner_says(ray_cluster, tiny_fp8_dir):

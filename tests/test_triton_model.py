@@ -27,7 +27,7 @@ if not kernels.interpreting():
 
 PROMPTS = ["The capital of France is", "Hello", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18",
            "def fibonacci(n):", "Mixture-of-experts models route each token"]
-NEW = 6
+NEW = 4
 PAGE = 16  # prompts and decode cross page boundaries
 BF16_LOGIT_TOL = 3e-2  # max |forced - cpu| / max |cpu| of a decode step's logits
 

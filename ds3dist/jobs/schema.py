@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ds3dist.config import PRESETS, ConfigError, ModelConfig, cache_root, preset
 from ds3dist.core.options import BalanceOptions, ServingOptions, SpeculativeConfig
@@ -24,6 +24,7 @@ from ds3dist.core.params import Sampling, SamplingError
 from ds3dist.jobs.requests import DEFAULT_SAMPLING
 from ds3dist.parallel.placement import Placement
 from ds3dist.parallel.layout import LayoutError, ParallelLayout, RankPlan
+from ds3dist.plan.cluster import ClusterSpec, WorkloadSpec
 from ds3dist.runtime.options import OffloadOptions, RuntimeOptions, deepspeed_missing
 
 SCHEMA_NAME = "ds3dist_schema"
@@ -37,6 +38,7 @@ class LaunchConfigError(ValueError):
 # ---- schema ------------------------------------------------------------------------------
 _OFF, _SPEC, _SAMPLE = OffloadOptions(), SpeculativeConfig(), DEFAULT_SAMPLING
 _RUN, _SERVE, _BAL = RuntimeOptions(), ServingOptions(), BalanceOptions()
+_CLUSTER, _WORK = ClusterSpec(), WorkloadSpec()
 
 
 @dataclass
@@ -154,6 +156,26 @@ class RuntimeConf:
 
 
 @dataclass
+class ClusterConf:
+    """What the planner sizes layouts for (python -m ds3dist.plan, the dry run); the launch
+    itself ignores it."""
+    gpu: str = _CLUSTER.gpu  # h100 | h200 | h800 | a100 | b200 | mi300x | cpu (this machine)
+    gpus_per_node: int = _CLUSTER.gpus_per_node  # devices (CPU: ranks) per node
+    nodes: int = _CLUSTER.nodes
+    # overrides of the accelerator's figures: memory_gb, hbm_tbps, bf16_tflops, fp8_tflops,
+    # intra_gbps, inter_gbps, host_gbps
+    figures: Dict[str, float] = field(default_factory=lambda: dict(_CLUSTER.figures))
+
+
+@dataclass
+class WorkloadConf:
+    """The planner's workload (mean lengths); the launch ignores it."""
+    prompt_tokens: Optional[float] = _WORK.prompt_tokens  # null: the input's mean, else the planner's default
+    output_tokens: Optional[float] = _WORK.output_tokens  # null: the input's, else max_new_tokens
+    input: Optional[str] = _WORK.input  # JSONL to read the lengths from (null: job.input)
+
+
+@dataclass
 class LaunchConf:
     model: ModelConf = field(default_factory=ModelConf)
     parallel: ParallelConf = field(default_factory=ParallelConf)
@@ -161,6 +183,8 @@ class LaunchConf:
     sampling: SamplingConf = field(default_factory=SamplingConf)
     job: JobConf = field(default_factory=JobConf)
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)  # the planner's (launch: unused)
+    workload: WorkloadConf = field(default_factory=WorkloadConf)  # the planner's (launch: unused)
 
 
 def register() -> None:

@@ -5,11 +5,18 @@ Per device (one GPU, or one CPU rank): memory (GB), HBM bandwidth (TB/s), dense 
 rate), link bandwidth per direction to the other devices of its node (GB/s) and to other nodes
 (GB/s, its share of the node's network), and the host link (GB/s per direction: what an
 offload fetches over). Units are decimal (1 GB = 1e9 bytes). Each can be overridden per
-cluster (`Accelerator.with_figures`).
+cluster (`Accelerator.with_figures`, the cluster.figures keys).
+
+The `cpu` kind is not a datasheet's: `this_machine()` measures the machine the planner runs on
+(memory, and per core a large copy's bandwidth and torch's matrix-multiply rates), once per
+process, and one CPU rank gets its share of it (`cpu_rank`).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from dataclasses import dataclass, fields, replace
 
 
@@ -60,10 +67,115 @@ ACCELERATORS = {
     # 2,614.9 TFLOPS dense, Infinity Fabric 896 GB/s peer-to-peer (both directions), PCIe Gen5
     # 128 GB/s (both); inter-node: AMD Instinct MI300X platform brief, 400 Gb/s per GPU.
     "mi300x": Accelerator("mi300x", 192, 5.3, 1307.4, 2614.9, 448, 50, 64),
-    # One CPU rank: nominal figures, not a datasheet's (override them for the machine):
-    # one socket of an 8-channel DDR5-4800 server (JEDEC DDR5-4800: 38.4 GB/s a channel),
-    # 256 GB of it; ~4 TFLOPS of BF16 matrix throughput reached by torch (the AMX peak is far
-    # higher; the CPU path's kernels do not come near it); shared memory between ranks of a
-    # node, a 100 Gb/s Ethernet port between nodes.
-    "cpu": Accelerator("cpu", 256, 0.307, 4, 0, 20, 12.5, 300),
 }
+
+# What a CPU rank's links are taken as (not measured): ranks of a node exchange through gloo
+# over loopback TCP (about 20 GB/s per direction on a current server core pair), nodes over a
+# 100 Gb/s Ethernet port; the host is the device (an offload's fetch is a memory copy: 300).
+CPU_LINKS = {"intra_gbps": 20.0, "inter_gbps": 12.5, "host_gbps": 300.0}
+
+# The measurements' shapes: a decode step's matrix multiply on `small` (8 rows, hidden 1024,
+# the dense MLP's 2816), over enough distinct weights to leave the caches (as a decode step
+# reads its weights from memory); a large square one (the reachable compute rate); a copy
+# large enough to leave the caches.
+DECODE_GEMM = (8, 1024, 2816)
+LARGE_GEMM = 2048
+COPY_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MachineFigures:
+    """This machine: its cores and memory, and what one core does through torch (one thread:
+    a core's figures do not depend on what else runs on the machine, which a multi-threaded
+    matmul's barriers do). Decimal units."""
+    cores: int
+    memory_gb: float  # physical memory (MemTotal)
+    copy_tbps: float  # a large copy: bytes read + written per second
+    large_tflops: float  # a [n x n] x [n x n] matmul in bfloat16
+    decode_tflops: float  # DECODE_GEMM in bfloat16, weights from memory, packed as the model
+    # packs them on CPUs
+    decode_tbps: float  # DECODE_GEMM's weight bytes per second
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up (allocation, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _memory_gb() -> float:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def this_machine() -> MachineFigures:
+    """Measure this machine once per process (about a second): one torch thread, the best of
+    a few repeats of each."""
+    import torch
+
+    from ds3dist.model.linear import packed_linear, packed_weight
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
+            dst = torch.empty_like(src)
+            copy_s = _best(lambda: dst.copy_(src), 5)
+            n = LARGE_GEMM
+            a = torch.randn(n, n, dtype=torch.bfloat16)
+            b = torch.randn(n, n, dtype=torch.bfloat16)
+            large_s = _best(lambda: torch.mm(a, b), 3)
+            m, k, out = DECODE_GEMM
+            weights = [torch.full((out, k), 0.01 * i, dtype=torch.bfloat16) for i in range(48)]
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            packed = [packed_weight(w) for w in weights]  # as the model holds them on CPUs
+
+            def decode() -> None:
+                for w, p in zip(weights, packed):  # 48 x 5.8 MB: more than the caches hold
+                    packed_linear(x, p) if p is not None else torch.nn.functional.linear(x, w)
+
+            decode_s = _best(decode, 5) / len(weights)
+    finally:
+        torch.set_num_threads(threads)
+    return MachineFigures(
+        cores=_cores(), memory_gb=_memory_gb(), copy_tbps=2 * COPY_BYTES / copy_s / 1e12,
+        large_tflops=2 * n**3 / large_s / 1e12, decode_tflops=2 * m * k * out / decode_s / 1e12,
+        decode_tbps=k * out * 2 / decode_s / 1e12)
+
+
+def cpu_rank(ranks_per_node: int) -> Accelerator:
+    """One CPU rank of a node like this machine running `ranks_per_node` ranks: its share of
+    the memory, and its cores' worth (the launch's share, cores // ranks, at least one) of a
+    core's figures: memory bandwidth as a decode step's matrix multiplies reach it reading
+    weights from memory (at most the copy's), compute as the large matmul's rate. Cores are
+    taken to add up (shared memory bandwidth saturating is not modelled)."""
+    m = this_machine()
+    cores = max(1, m.cores // ranks_per_node)
+    return Accelerator("cpu", m.memory_gb / ranks_per_node,
+                       min(m.copy_tbps, m.decode_tbps) * cores, m.large_tflops * cores, 0,
+                       **CPU_LINKS)
+
+
+KINDS = (*ACCELERATORS, "cpu")  # what cluster.gpu accepts
+
+
+def accelerator(kind: str, per_node: int) -> Accelerator:
+    """The figures of one device of a kind: the table's row, or for `cpu` this machine's
+    share per rank when a node runs `per_node` ranks."""
+    return cpu_rank(per_node) if kind == "cpu" else ACCELERATORS[kind]

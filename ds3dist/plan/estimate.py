@@ -307,7 +307,8 @@ def _short(s: Setup, cand: Candidate, ranks: list[RankMemory], column: int) -> s
     want = cand.layout.world_size * cand.replicas
     if want > cl.devices:
         return (f"devices: needs {want} ({cand.layout.world_size} ranks x {cand.replicas} "
-                f"replicas), the cluster has {cl.devices}")
+                f"replicas), the cluster has {cl.devices} (cluster.nodes={cl.nodes} x "
+                f"cluster.gpus_per_node={cl.gpus_per_node})")
     memory = dev.memory_gb * 1e9
     worst = max(ranks, key=lambda r: r.need_bytes)
     if worst.need_bytes > memory:

@@ -56,11 +56,19 @@ def detail(e: Estimate) -> str:
     return "\n".join(lines)
 
 
+def one_layout(e: Estimate, cluster: Cluster, workload: Workload) -> str:
+    """One layout on a cluster (what the planner prints without --search, and the dry run)."""
+    return "\n".join([f"cluster: {cluster.describe()}", _workload(workload), detail(e)])
+
+
+def _workload(w: Workload) -> str:
+    return (f"workload: prompt {w.prompt_tokens:.0f} tokens, output {w.output_tokens:.0f} "
+            f"tokens ({w.source})")
+
+
 def table(found: list[Estimate], cluster: Cluster, workload: Workload) -> str:
     """The search: one line per layout, ranked."""
-    lines = [f"cluster: {cluster.describe()}",
-             f"workload: prompt {workload.prompt_tokens:.0f} tokens, output "
-             f"{workload.output_tokens:.0f} tokens ({workload.source})",
+    lines = [f"cluster: {cluster.describe()}", _workload(workload),
              f"{'#':>3} {'layout':<10} {'devices':>7} {'GB/rank':>7} {'cache tok':>10} "
              f"{'decode/s':>9} {'prefill/s':>10} {'compl tok/s':>11}  verdict / launch keys"]
     for i, e in enumerate(found, 1):

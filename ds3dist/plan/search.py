@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from importlib import resources
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from ds3dist.parallel.layout import LayoutError, ParallelLayout
+from ds3dist.plan.cluster import Cluster, Workload
 from ds3dist.plan.estimate import Candidate, Estimate, Setup, estimate
 
 
@@ -39,6 +41,39 @@ def launch_keys(layout: ParallelLayout, replicas: int, name: str | None) -> list
         f"parallel.pp={layout.pp}", f"parallel.ep={layout.ep}",
         f"parallel.device={layout.device}"]
     return keys + [f"runtime.replicas={replicas}"]
+
+
+def plan_setup(r: Any, cluster: Cluster, workload: Workload) -> Setup:
+    """The Setup of a validated launch config (schema.Resolved) on a cluster: its model, the
+    weights held as its execution holds them (the compute dtype by the cluster's device kind
+    unless execution.dtype is given), its serving options."""
+    import torch
+
+    from ds3dist.core.options import num_drafts
+    from ds3dist.jobs.memory_plan import Holding, WeightGroups
+    from ds3dist.model.options import default_dtype
+
+    dtype = getattr(torch, r.dtype) if r.dtype else default_dtype(cluster.kind)
+    holding = Holding(execution=r.execution, dtype=dtype, mtp_passes=num_drafts(r.speculative),
+                      offload=r.offload)
+    return Setup(r.model, holding, r.serving, cluster, workload,
+                 WeightGroups.of(r.model, holding))
+
+
+def given_candidate(r: Any, s: Setup, overrides: list[str] | None = None) -> Candidate:
+    """The launch config's own layout on the cluster's device kind, with the keys that launch
+    it: the `parallel` overrides it was composed with when given, else pp/ep/device; named
+    after its +parallel= file, else "given"."""
+    layout = on_cluster(r.layout, s)
+    own = overrides or []
+    if own:
+        keys = (own + (["parallel.device=" + layout.device] if layout is not r.layout else [])
+                + [f"runtime.replicas={r.runtime.replicas}"])
+    else:
+        keys = launch_keys(layout, r.runtime.replicas, None)
+    name = next((o.partition("=")[2] for o in own if o.startswith("+parallel=")),
+                "given")
+    return Candidate(name, layout, r.runtime.replicas, keys)
 
 
 def candidates(s: Setup) -> list[Candidate]:
