@@ -223,10 +223,43 @@ def test_ranks_read_what_the_planner_says(ray_cluster, tiny_fp8_dir):
     for layout, spec in cases:
         h = Holding(execution="bf16", dtype=torch.float32, mtp_passes=1 if spec else 0)
         planned = rank_bytes(cfg, layout, h)
+        serving = ServingOptions(cache_gb=0.05)
         with Engine(tiny_fp8_dir, layout, execution="bf16", dtype=torch.float32,
-                    speculative=spec) as engine:
+                    speculative=spec, serving=serving) as engine:
             read = [st.load.bytes_read for st in engine.stats().ranks]
+            pages = engine.sched_cfg.pages_per_column
         assert read == [r.read_bytes for r in planned], (layout, read)
+        s = Setup(cfg, h, serving, Cluster.of("h100", 8, 1), Workload(100, 10),
+                  WeightGroups.of(cfg, h))
+        est = estimate(s, Candidate("case", layout, 1, []))
+        assert est.cache_tokens_per_column == pages * serving.page_size  # what ranks allocate
         if spec:  # the copy of expert 8 counted on both ranks, the MTP layer on each
             assert all(r.components.mtp > 0 for r in planned)
             assert all(r.num_experts == 9 if r.ep_rank == 0 else 8 for r in planned)
+
+
+@pytest.mark.parametrize("execution", ["fp8", "bf16"])
+def test_small_rank_bytes_equal_the_model_parts_the_ranks_build(execution):
+    """On `small`, pp1ep2, pp2ep2 and ep4 with a redundant copy on every rank: each rank's
+    planned weight bytes equal the tensors of the model part a rank builds for its plan
+    (load_model's structure on the meta device, in the execution's form; no checkpoint)."""
+    from ds3dist.model.options import BuildOptions
+    from ds3dist.model.transformer import Transformer
+
+    cfg = preset("small")
+    base = Placement.contiguous(cfg, 4)
+    extra = [20, 40, 60, 0]  # each rank another rank's expert
+    place = Placement(cfg.n_routed_experts, 4, {
+        i: tuple(tuple(sorted({*held, extra[r]})) for r, held in enumerate(ranks))
+        for i, ranks in base.layers.items()})
+    for layout in (ParallelLayout(ep=2), ParallelLayout(pp=2, ep=2),
+                   ParallelLayout(ep=4, placement=place)):
+        rows = rank_bytes(cfg, layout, Holding(execution=execution, dtype=torch.bfloat16))
+        for plan, row in zip(layout.plan(cfg), rows):
+            per_layer = tuple(sorted(plan.layer_experts.items())) if plan.layer_experts else None
+            opts = BuildOptions(cfg, execution, torch.bfloat16,
+                                None if per_layer else plan.experts, layer_experts=per_layer)
+            with torch.device("meta"):
+                part = Transformer(opts, plan.layers, embed=plan.embed, head=plan.head, mtp=False)
+            built = sum(t.numel() * t.element_size() for t in part.state_dict().values())
+            assert row.weight_bytes == built, (layout, plan.rank)
