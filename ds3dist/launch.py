@@ -43,7 +43,7 @@ from ds3dist.core.engine import ServingEngine
 from ds3dist.core.options import num_drafts
 from ds3dist.local import LocalEngine
 from ds3dist.jobs import schema
-from ds3dist.jobs.batch import default_paths, run_batch_job
+from ds3dist.jobs.batch import default_paths, expert_load_path, run_batch_job
 from ds3dist.jobs.report import JobSummary
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
@@ -279,6 +279,9 @@ def _print_closing(summary: JobSummary, paths: tuple[Path, ...], synthesized: bo
     print(f"summary: {paths[2].resolve()}")
     if summary.plot:
         print(f"plot:    {Path(summary.plot).resolve()}")
+    load = expert_load_path(paths[0])
+    if load.exists():
+        print(f"load:    {load.resolve()} (python -m ds3dist.balance places experts from it)")
     if t.completion_tokens_per_second is not None:
         print(f"throughput: {t.sequences_per_second:.2f} seq/s, "
               f"{t.completion_tokens_per_second:.1f} completion tok/s")

@@ -63,9 +63,15 @@ from ds3dist.text import GenerationResult, make_request, result_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JobError", "default_paths", "run_batch_job"]
+__all__ = ["JobError", "default_paths", "expert_load_path", "run_batch_job"]
 
 STOPPED_STATS_S = 10.0  # a failed or stopped run waits at most this for the engine's figures
+
+
+def expert_load_path(output: str | Path) -> Path:
+    """Where a job writes its expert load (ds3dist.balance's input): beside the output."""
+    out = Path(output)
+    return out.with_name(out.name + ".expert_load.json")
 
 
 def default_paths(output: str | Path, errors: str | Path | None = None,
@@ -144,7 +150,7 @@ def run_batch_job(
     try:
         _, err_path, sum_path, png_path = default_paths(out.path, errors_path, summary_path,
                                                         plot_path)
-        load_path = out.path.with_name(out.path.name + ".expert_load.json")
+        load_path = expert_load_path(out.path)
         fmt = detect_format(inp.lines) if fmt == "auto" else fmt
         if fmt not in ("native", "openai"):
             raise JobError(f"job.format: must be auto, native or openai, got {fmt!r}")
