@@ -1,5 +1,6 @@
 """The cluster planner (python -m ds3dist.plan): per-rank weight bytes against a hand
-computation on the release's layouts and against what an engine's ranks read on `tiny`; the
+computation on the release's layouts, against the model parts ranks build on `small`, and
+against what an engine's ranks read and allocate on `small` (a sparse copy) and `tiny`; the
 latent cache per token; the search on two 8-GPU nodes; bad settings refused in one line."""
 
 from __future__ import annotations
@@ -208,23 +209,65 @@ def test_the_cpu_entry_is_this_machine_measured_once():
     assert Cluster.of("cpu", 2, 1).kind == "cpu"
 
 
-def test_ranks_read_what_the_planner_says(ray_cluster, tiny_fp8_dir):
-    """Two layouts on tiny: pp2ep2, and ep2 with a redundant copy of an expert while
-    speculating (the MTP layer loaded): each rank's bytes read from the checkpoint are the
-    planner's figure exactly."""
+def _sparse_small(out):
+    """`small` in the release format with holes for data: FP8 weights, norms and embeddings
+    read as zeros (a sparse file), block scales written as ones (a load refuses others)."""
+    import struct
+
+    from ds3dist.checkpoint.layout import SCALE_SUFFIX
+    from ds3dist.checkpoint.synthesize import plan_shards, shard_name, write_json
+
+    cfg = preset("small")
+    table = expected_tensors(cfg)
+    out.mkdir()
+    wm = {}
+    for k, group in enumerate(plan_shards(list(table.values()), 4), start=1):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for t in group:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                              "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+            wm[t.name] = shard_name(k, 4)
+        hj = json.dumps(header).encode()
+        hj += b" " * (-len(hj) % 8)
+        with open(out / shard_name(k, 4), "wb") as f:
+            f.write(struct.pack("<Q", len(hj)) + hj)
+            for t in group:
+                if t.name.endswith(SCALE_SUFFIX):
+                    f.seek(8 + len(hj) + header[t.name]["data_offsets"][0])
+                    f.write(torch.ones(t.numel).numpy().tobytes())
+            f.truncate(8 + len(hj) + off)
+    write_json(out / "model.safetensors.index.json",
+               {"metadata": {"total_size": sum(t.nbytes for t in table.values())},
+                "weight_map": wm})
+    write_json(out / "config.json", cfg.to_json_dict())
+    return out
+
+
+def test_ranks_read_and_allocate_what_the_planner_says(ray_cluster, tiny_fp8_dir, tmp_path):
+    """pp2ep2 on `small` (a sparse copy in the release format), and ep2 on tiny with a
+    redundant copy of an expert while speculating (the MTP layer loaded): each rank's bytes
+    read from the checkpoint are the planner's figure exactly, and so are the cache pages."""
+    import shutil
+
     from ds3dist import Engine
     from ds3dist.core.options import SpeculativeConfig
 
-    cfg = ModelConfig.from_json(tiny_fp8_dir)
+    small = _sparse_small(tmp_path / "small")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_fp8_dir / name, small / name)
     copies = (tuple(range(9)), tuple(range(8, 16)))  # expert 8 on both ranks
     place = Placement(16, 2, {1: copies, 2: copies})
-    cases = [(ParallelLayout(pp=2, ep=2), None),
-             (ParallelLayout(ep=2, placement=place), SpeculativeConfig("mtp", 1, "exact"))]
-    for layout, spec in cases:
-        h = Holding(execution="bf16", dtype=torch.float32, mtp_passes=1 if spec else 0)
+    cases = [(small, ParallelLayout(pp=2, ep=2), None),
+             (tiny_fp8_dir, ParallelLayout(ep=2, placement=place),
+              SpeculativeConfig("mtp", 1, "exact"))]
+    for ckpt, layout, spec in cases:
+        cfg = ModelConfig.from_json(ckpt)
+        execution = "fp8" if spec is None else "bf16"
+        h = Holding(execution=execution, dtype=torch.float32, mtp_passes=1 if spec else 0)
         planned = rank_bytes(cfg, layout, h)
         serving = ServingOptions(cache_gb=0.05)
-        with Engine(tiny_fp8_dir, layout, execution="bf16", dtype=torch.float32,
+        with Engine(ckpt, layout, execution=execution, dtype=torch.float32,
                     speculative=spec, serving=serving) as engine:
             read = [st.load.bytes_read for st in engine.stats().ranks]
             pages = engine.sched_cfg.pages_per_column
