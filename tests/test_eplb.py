@@ -114,3 +114,24 @@ def test_window_covers_the_last_steps():
     got, covered = w.window(totals)
     assert covered == 8
     assert got == {5: [8, sum(range(12, 20))]}
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["+parallel=ep4", "parallel.eplb.step_interval=10", "execution.offload.backend=deepspeed"],
+     "parallel.eplb.step_interval"),
+    (["parallel.eplb.step_interval=10"], "parallel.eplb.step_interval"),  # ep = 1
+    (["+parallel=ep4", "parallel.ranks_per_node=3"], "parallel.ranks_per_node"),
+    (["+parallel=ep4", "parallel.eplb.transfer=fax"], "parallel.eplb.transfer"),
+    (["+parallel=ep4", "parallel.redundant_experts=-1"], "parallel.redundant_experts"),
+    (["+parallel=ep4", "parallel.eplb.window=0"], "parallel.eplb.window"),
+])
+def test_balancing_settings_are_checked_naming_the_key(overrides, key):
+    from hydra import compose, initialize_config_module
+
+    from ds3dist.jobs import schema
+
+    schema.register()
+    with initialize_config_module(config_module="ds3dist.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    with pytest.raises(schema.LaunchConfigError, match=key.replace(".", r"\.")):
+        schema.validate(cfg)

@@ -337,6 +337,9 @@ def _balance(cfg: Any, problems: list[str]) -> BalanceOptions:
     if rpn is not None and (rpn < 1 or (rpn < ep and ep % rpn)):
         problems.append(f"parallel.ranks_per_node: {rpn} must divide parallel.ep={ep} (or be "
                         f"at least it: one node)")
+    if out.step_interval is not None and _get(cfg, "execution.offload.backend") is not None:
+        problems.append("parallel.eplb.step_interval: rebalancing moves experts that weight "
+                        "offload holds; turn one of them off (execution.offload.backend=null)")
     if out.step_interval is not None and ep == 1:
         problems.append("parallel.eplb.step_interval: rebalancing moves experts between "
                         "expert-parallel ranks; it needs parallel.ep > 1")
