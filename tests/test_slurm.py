@@ -113,8 +113,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MailProg=/bin/true
-# sbatch --wait polls every 2 s only while MinJobAge/3 > 2 (else 2, 8, then 32 s)
-MinJobAge=6
+# sbatch --wait polls every 2 s only while MinJobAge/3 > 2 (else 2, 8, then 32 s, and a
+# record purged after MinJobAge loses the exit code: "Job N no longer found")
+MinJobAge=9
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
