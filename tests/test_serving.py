@@ -84,7 +84,8 @@ def test_mixed_workload_in_one_process(model, tok, workload):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pp,ep,control", [(2, 2, "compiled"), (1, 4, "classic")])
+# compiled at two ranks: on CPUs its actors spin a core each (test_engine runs it at four)
+@pytest.mark.parametrize("pp,ep,control", [(1, 2, "compiled"), (1, 4, "classic")])
 def test_mixed_workload_on_ranks(ray_cluster, tiny_fp8_dir, tok, workload, pp, ep, control):
     from ds3dist import Engine
 

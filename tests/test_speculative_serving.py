@@ -172,7 +172,7 @@ def test_seeded_sampling_keeps_the_distribution(model):
     """Two-sample chi-square over the 9 (token 0, token 1) cells top_k = 3 allows (merged
     where expected counts are small), false alarm 0.001. Token 0 is drawn as without
     speculation; token 1 by rejection sampling against the MTP's draft."""
-    n = 1500
+    n = 1000
     a, b = _first_two(model, None, n), _first_two(model, 1, n)
     cells = sorted(set(a) | set(b))
     big = [c for c in cells if a[c] + b[c] >= 20]
