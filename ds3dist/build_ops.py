@@ -7,12 +7,13 @@ processes load, so that no job (and no test) pays for a build it did not expect.
 
 The ops, each cached in torch's extension folder ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions/<python>_<accelerator>/) and loaded in about a second afterwards:
-  cpu_kernels  ds3dist's CPU decode kernels (CPU ranks, AVX-512): about 1 minute on 2 cores
+  cpu_kernels  ds3dist's CPU decode kernels (CPU ranks), for this CPU's instruction set and
+               the x86 vector ones below it (AVX-512, AVX2): about 1 minute each on 2 cores
   shm_comm     DeepSpeed's CPU accelerator communication op (CPU ranks with weight offload):
                about 30 s
   async_io     DeepSpeed's async I/O op (execution.offload.device=nvme; needs libaio-dev):
                3 to 6 minutes
-An op that does not apply here (no AVX-512, DS3DIST_CPU_KERNEL=0, DeepSpeed or libaio not
+An op that does not apply here (DS3DIST_CPU_KERNEL=0, DeepSpeed or libaio not
 installed) says why and is not an error. Exit 0 when every op that applies is ready, 1 when a
 build failed (its error printed), 2 for a bad argument. `--json` ends with one line of JSON.
 Built from a cluster image, every later job loads them.
@@ -32,7 +33,7 @@ from typing import Callable
 
 OPS = ("cpu_kernels", "shm_comm", "async_io")
 # what a first build costs, seen on a 2-core machine (stated before a build starts)
-COST = {"cpu_kernels": "about 1 minute", "shm_comm": "about 30 s", "async_io": "3 to 6 minutes"}
+COST = {"cpu_kernels": "about 1 minute per instruction set", "shm_comm": "about 30 s", "async_io": "3 to 6 minutes"}
 _DEEPSPEED_BUILDERS = {"shm_comm": "ShareMemCommBuilder", "async_io": "AsyncIOBuilder"}
 TICK_S = 15.0
 Say = Callable[[str], None]
@@ -66,21 +67,25 @@ def build(names: list[str], device_type: str, say: Say = _print) -> list[OpBuild
 
 
 def cpu_kernels(say: Say = _print) -> OpBuild:
+    """ds3dist's CPU kernels for each instruction set cpu_kernel.variants() names."""
     from ds3dist.model import cpu_kernel
 
     why = cpu_kernel.unavailable()
     if why:
         return OpBuild("cpu_kernels", "unavailable", why)
-    t0, cached = time.perf_counter(), cpu_kernel.is_built()
-    (cpu_kernel.build_dir() / "FAILED").unlink(missing_ok=True)  # asked for: try again
+    isas = cpu_kernel.variants()
+    t0, cached = time.perf_counter(), all(cpu_kernel.is_built(isa) for isa in isas)
+    for isa in isas:
+        (cpu_kernel.build_dir(isa) / "FAILED").unlink(missing_ok=True)  # asked for: try again
     with _progress("cpu_kernels", cached, say):
-        got = cpu_kernel.load()
+        got = {isa: cpu_kernel.load(isa) for isa in isas}
     seconds = time.perf_counter() - t0
-    if got.error:
-        return OpBuild("cpu_kernels", "failed", got.error, seconds)
-    if got.unavailable:
-        return OpBuild("cpu_kernels", "unavailable", got.unavailable, seconds)
-    return OpBuild("cpu_kernels", "ready", seconds=seconds, built=_built(cached, seconds))
+    errors = [f"{isa}: {b.error}" for isa, b in got.items() if b.error]
+    if errors:
+        return OpBuild("cpu_kernels", "failed", "; ".join(errors), seconds)
+    return OpBuild("cpu_kernels", "ready", f"builds {', '.join(isas)}; this process uses "
+                                           f"{cpu_kernel.host_isa()}", seconds,
+                   _built(cached, seconds))
 
 
 def deepspeed_op(name: str, device_type: str, say: Say = _print) -> OpBuild:
@@ -167,7 +172,7 @@ def for_ranks(device_type: str, offload=None, say: Say = _print) -> list[OpBuild
 def describe(op: OpBuild) -> str:
     if op.state == "ready":
         how = "built" if op.built else "loaded from the cache"
-        return f"{op.name}: ready ({how} in {op.seconds:.1f} s)"
+        return f"{op.name}: ready ({how} in {op.seconds:.1f} s{'; ' + op.reason if op.reason else ''})"
     return f"{op.name}: {'not built' if op.state == 'unavailable' else 'FAILED'}: {op.reason}"
 
 

@@ -1,5 +1,6 @@
 """The CPU decode kernels (ds3dist.model.cpu_kernel) against the torch ops they replace: the
-per-expert GEMM pairs and the per-sequence attention of the absorbed form."""
+per-expert GEMM pairs, the per-sequence attention of the absorbed form and torch's linear, on
+each instruction set's build this CPU runs (AVX-512 and AVX2 on an AVX-512 machine)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import fcntl
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ds3dist.config import preset
 from ds3dist.model import cpu_kernel
@@ -15,8 +17,17 @@ from ds3dist.model.rope import Rope
 from test_model_units import tiny_model
 
 needs_kernels = pytest.mark.ops("cpu_kernels")  # skips saying why they are not built here
+ISAS = cpu_kernel.variants()
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 TINY_ROPE = Rope(preset("tiny"))
+
+
+@pytest.fixture(autouse=True, params=ISAS)
+def isa(request):
+    """Each test on each build this CPU runs."""
+    with cpu_kernel.use_isa(request.param):
+        assert cpu_kernel.kernel() is None or cpu_kernel.kernel().isa() == request.param
+        yield request.param
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -169,17 +180,7 @@ def test_moe_decode_takes_only_what_it_can():
     assert not moe._fused(x[:4])
 
 
-@pytest.fixture
-def int8_kernel():
-    if not cpu_kernel.has_int8_logits():
-        pytest.skip("int8_logits needs the CPU kernels built with AVX512-VNNI")
-
-
-def needs_int8(test):
-    return needs_kernels(pytest.mark.usefixtures("int8_kernel")(test))
-
-
-@needs_int8
+@needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 8, 11])
 def test_int8_logits_approximate_the_head(m):
     from ds3dist.model.draft_head import _quantize
@@ -196,7 +197,7 @@ def test_int8_logits_approximate_the_head(m):
     assert torch.equal(got[-1:], cpu_kernel.int8_logits(x[-1:], q, scale, sums))  # row alone
 
 
-@needs_int8
+@needs_kernels
 def test_draft_head_int8_and_exact():
     from ds3dist.model.draft_head import DraftHead
 
@@ -207,3 +208,53 @@ def test_draft_head_int8_and_exact():
     assert DraftHead(model, "auto").int8 is not None and DraftHead(model, "exact").int8 is None
     torch.testing.assert_close(exact, model.mtp_head(h))
     assert (int8 - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+@needs_kernels
+def test_int8_logits_are_the_same_on_every_build():
+    """Integer sums are exact: VNNI, vpmaddubsw, sdot and plain C++ agree bit for bit."""
+    from ds3dist.model.draft_head import _quantize
+
+    q, scale, sums = _quantize(torch.randn(500, 256, generator=_gen(23)).bfloat16())
+    x = torch.randn(5, 256, generator=_gen(24))
+    per_build = []
+    for isa in ISAS:
+        with cpu_kernel.use_isa(isa):
+            per_build.append(cpu_kernel.int8_logits(x, q, scale, sums))
+    assert all(torch.equal(per_build[0], got) for got in per_build[1:])
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_kernel_matches_torch(m, dtype):
+    w = torch.randn(300, 200, generator=_gen(25)).bfloat16()  # 200: not a multiple of the lanes
+    x = torch.randn(m, 200, generator=_gen(26)).to(dtype)
+    got = cpu_kernel.linear(x, w)
+    want = x.float() @ w.float().T
+    assert got.dtype == dtype and got.shape == (m, 300)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    else:  # rounded once from the float32 sum
+        torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(got[-1:], cpu_kernel.linear(x[-1:], w))  # a row alone
+
+
+@needs_kernels
+def test_matmul_takes_the_measured_paths(monkeypatch):
+    from ds3dist.model import linear
+
+    w = torch.randn(64, 128, generator=_gen(27)).bfloat16()
+    x = torch.randn(3, 128, generator=_gen(28)).bfloat16()
+    paths = linear.choose_paths(w)
+    assert paths is not None and linear.choose_paths(w.float()) is None  # float32: torch's
+    assert linear.choose_paths(w) is paths  # timed once per shape
+    want = F.linear(x, w)
+    for kernel in (False, True):
+        monkeypatch.setitem(linear._paths, linear._key(w), linear.MatmulPaths(kernel=kernel))
+        torch.testing.assert_close(linear.matmul(x, w), want, rtol=1e-2, atol=1e-2)
+    monkeypatch.setitem(linear._paths, linear._key(w), linear.MatmulPaths(upcast=True))
+    many = torch.randn(cpu_kernel.LINEAR_ROWS + 1, 128, generator=_gen(29)).bfloat16()
+    got = linear.matmul(many, w)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, (many.float() @ w.float().T).bfloat16())

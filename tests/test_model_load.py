@@ -104,11 +104,15 @@ def test_bad_arguments(tiny_bf16_dir):
 
 
 def test_default_dtype_follows_the_cpu(monkeypatch):
-    """bf16 where the CPU has native bf16 arithmetic (and on GPUs), float32 where it has not."""
-    from ds3dist.model import options
+    """bf16 on GPUs, on CPUs with bf16 instructions, and on others where the CPU kernels run
+    (they widen bf16 in registers); float32 on those only without the kernels."""
+    from ds3dist.model import cpu_kernel, options
 
-    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(options, "native_bf16", lambda: True)
     assert default_dtype("cpu") == torch.bfloat16
-    monkeypatch.setattr(options, "_cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(options, "native_bf16", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "usable", lambda: True)
+    assert default_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(cpu_kernel, "usable", lambda: False)
     assert default_dtype("cpu") == torch.float32
     assert default_dtype("cuda") == torch.bfloat16

@@ -13,6 +13,7 @@ from ds3dist.config import ModelConfig, preset
 from ds3dist.model.dispatch import LocalDispatcher
 from ds3dist.model.gate import Gate, route
 from ds3dist.model.linear import Linear
+from ds3dist.model.options import native_bf16
 from ds3dist.model.load import build_model
 from ds3dist.model.norm import RMSNorm
 from ds3dist.model.options import BuildOptions
@@ -314,7 +315,7 @@ def test_packed_linear_equals_f_linear(dtype):
     lin.weight.copy_(torch.randn(300, 64, generator=torch.Generator().manual_seed(0)))
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     want = torch.nn.functional.linear(x.float(), lin.weight.float())
-    bf16_native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16_native = native_bf16()
     packed = lin.pack()
     assert packed == (torch.backends.mkldnn.is_available()
                       and (dtype == torch.float32 or bf16_native))

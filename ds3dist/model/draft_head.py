@@ -4,8 +4,8 @@
 vocabulary row, made once at start) through cpu_kernel.int8_logits, a quarter of the bf16
 head's bytes; a draft only needs to be likely (verification reads the exact head, so outputs
 do not change), and with sampling the draft distribution is the one its tokens were drawn
-from, as rejection sampling requires. `auto`: int8 where that kernel runs (CPUs with
-AVX512-VNNI), else exact. The copy costs vocab x hidden bytes on the last stage.
+from, as rejection sampling requires. `auto`: int8 where that kernel runs (CPU ranks with the
+kernels built: VNNI, AVX2, NEON sdot or plain C++, all exact integer sums), else exact. The copy costs vocab x hidden bytes on the last stage.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ class DraftHead:
         cpu = model.device.type == "cpu"
         usable = cpu and cpu_kernel.has_int8_logits() and model.cfg.hidden_size % 64 == 0
         if kind == "int8" and not usable:
-            raise ValueError("sampling.speculative.draft_head=int8 needs the CPU kernels with "
-                             "AVX512-VNNI and a hidden size that is a multiple of 64; use exact")
+            raise ValueError("sampling.speculative.draft_head=int8 needs a CPU rank with the CPU "
+                             "kernels and a hidden size that is a multiple of 64; use exact")
         self.int8 = _quantize(model.lm_head.weight) if usable and kind != "exact" else None
 
     @torch.no_grad()

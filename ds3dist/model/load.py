@@ -20,7 +20,7 @@ from ds3dist.checkpoint.layout import SCALE_SUFFIX
 from ds3dist.checkpoint.reader import CheckpointError
 from ds3dist.model import cpu_kernel
 from ds3dist.model.experts import Experts
-from ds3dist.model.linear import Linear
+from ds3dist.model.linear import Linear, choose_paths
 from ds3dist.model.mla import MLA
 from ds3dist.model.mlp import MLP
 from ds3dist.model.options import DEFAULT_ATTN_FORM, BuildOptions, default_dtype
@@ -179,17 +179,24 @@ def _prepare(model: Transformer, dtype: torch.dtype, device: torch.device) -> No
 
 def pack_weights(root: nn.Module) -> None:
     """oneDNN-packed copies of the plain CPU weights under `root` that a forward reads: fused
-    MLPs whole, the other Linears (attention, the head) one by one."""
+    MLPs whole, the other Linears (attention, the head) one by one; then matmul's paths for
+    each bf16 weight shape, timed once (linear.choose_paths)."""
     unpacked: set[int] = set()  # Linears whose forward is never called
     for mod in root.modules():
         if isinstance(mod, MLA) and mod.form != "naive":
             unpacked.add(id(mod.kv_b_proj))  # read through wkv_b
     for mod in root.modules():
-        if isinstance(mod, MLP) and mod.pack():  # its fused weights: not its Linears
+        if isinstance(mod, MLP) and mod.gate_up is not None:  # fused: not its Linears
+            mod.pack()
             unpacked.update(id(lin) for lin in (mod.gate_proj, mod.up_proj, mod.down_proj))
     for mod in root.modules():
         if isinstance(mod, Linear) and id(mod) not in unpacked:
             mod.pack()
+            choose_paths(mod.weight, mod.packed)
+        elif isinstance(mod, MLP) and mod.gate_up is not None:
+            packed_gu, packed_down = mod.packed or (None, None)
+            choose_paths(mod.gate_up, packed_gu)
+            choose_paths(mod.down_proj.weight, packed_down)
 
 
 def unpack_weights(root: nn.Module) -> None:

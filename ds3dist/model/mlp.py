@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds3dist.model.linear import Linear, packed_linear, packed_weight
+from ds3dist.model.linear import Linear, matmul, packed_weight
 from ds3dist.model.options import BuildOptions
 
 
@@ -48,15 +48,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """out: where to write the result (a routed expert's rows of the layer's output)."""
-        if self.packed is not None and x.dim() == 2:
-            gate, up = packed_linear(x, self.packed[0]).split(self.inter, dim=-1)
-            y = packed_linear(F.silu(gate).mul_(up), self.packed[1])
-            return y if out is None else out.copy_(y)
         if self.gate_up is None:
             y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-            return y if out is None else out.copy_(y)
-        gate, up = F.linear(x, self.gate_up).split(self.inter, dim=-1)
-        h = F.silu(gate).mul_(up)
-        if out is None:
-            return F.linear(h, self.down_proj.weight)
-        return torch.mm(h, self.down_proj.weight.t(), out=out)
+        else:
+            packed_gu, packed_down = self.packed or (None, None)
+            gate, up = matmul(x, self.gate_up, packed_gu).split(self.inter, dim=-1)
+            y = matmul(F.silu(gate).mul_(up), self.down_proj.weight, packed_down)
+        return y if out is None else out.copy_(y)

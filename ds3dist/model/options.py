@@ -47,17 +47,25 @@ class BuildOptions:
 
 
 def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """The compute dtype when none is set: bfloat16, except on a CPU without native bf16
-    arithmetic (no AVX512-BF16 or AMX), where torch's bf16 matmuls run 3-4x below float32's
-    speed per weight; there float32 (bf16 weights upcast exactly, twice the memory)."""
-    if torch.device(device).type != "cpu" or _cpu_has_bf16():
+    """The compute dtype when none is set: bfloat16. On a CPU without native bf16 arithmetic
+    (no AVX512-BF16 or AMX) the CPU kernels widen bf16 weights in registers and matmul times
+    its paths per weight shape; only where the kernels are switched off or their build failed
+    is it float32 there (bf16 weights upcast exactly, twice the memory: torch's bf16 matmuls
+    run 3-4x below float32's speed per weight on such CPUs)."""
+    if torch.device(device).type != "cpu" or native_bf16():
         return torch.bfloat16
-    return torch.float32
+    from ds3dist.model import cpu_kernel  # imports this module
+
+    return torch.bfloat16 if cpu_kernel.usable() else torch.float32
 
 
-def _cpu_has_bf16() -> bool:
-    flags = cpu_flags()  # none known (not Linux): keep bf16
-    return not flags or "avx512_bf16" in flags or "amx_bf16" in flags
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX; not known, not Linux: yes)
+    that torch's oneDNN may use (ONEDNN_MAX_CPU_ISA can hold it below them)."""
+    flags = cpu_flags()
+    has = not flags or "avx512_bf16" in flags or "amx_bf16" in flags
+    return has and torch.backends.mkldnn.is_available() and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @functools.cache

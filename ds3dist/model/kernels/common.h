@@ -1,51 +1,86 @@
-// Helpers shared by the CPU decode kernels: bf16 or float loads into float32 AVX-512 lanes
-// and fixed-order dot products, so that every output is computed alone, in the same order
-// whatever is computed beside it. Without AVX-512 the kernels are not built in (avx512()).
+// Helpers shared by the CPU decode kernels, written once over ATen's portable vector type
+// (at::vec::Vectorized<float>: 16 lanes on AVX-512, 8 on AVX2, 4 on NEON, plain C++ elsewhere).
+// The build compiles these sources once per instruction set (DS3DIST_ISA, CPU_CAPABILITY_*);
+// ds3dist.model.cpu_kernel loads the one this CPU runs. bf16 is widened to float32 in
+// registers; every output is a fixed-order dot product, whatever is computed beside it.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
-#ifdef __AVX512F__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+#ifndef DS3DIST_ISA
+#define DS3DIST_ISA default
+#endif
+#define DS3DIST_STR2(x) #x
+#define DS3DIST_STR(x) DS3DIST_STR2(x)
 
 namespace ds3dist {
 
-constexpr int kMaxRows = 4;  // rows per expert weight pass (cpu_kernel.MAX_ROWS)
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = fVec::size();
+constexpr int kMaxRows = 4;  // rows per weight pass (cpu_kernel.MAX_ROWS)
+// Accumulators per row: AVX2 has 16 vector registers, AVX-512 and NEON 32.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kUnroll = 2;
+#else
+constexpr int kUnroll = 4;
+#endif
 
 inline float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline fVec load(const float* p) { return fVec::loadu(p); }
 
-inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 -> float32, exact
+inline fVec load(const c10::BFloat16* p) {  // kLanes bf16 -> float32, exact, in registers
+#if defined(CPU_CAPABILITY_AVX512)
   __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return fVec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16)));
+#elif defined(__aarch64__) && !defined(CPU_CAPABILITY_SVE256)
+  return fVec(vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(p)), 16)));
+#else
+  float v[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return fVec::loadu(v);
+#endif
 }
 
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline float sum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](const fVec& a, const fVec& b) { return a + b; }, v);
+}
 
 // out[r] = w . x[r] for R rows x (float, row stride n) against one row w of length n.
 template <int R, typename T>
 inline void dot_rows(const T* w, const float* x, int64_t n, float* out) {
-  __m512 acc[R][4];
+  constexpr int64_t step = kLanes * kUnroll;
+  fVec acc[R][kUnroll];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < 4; ++u) acc[r][u] = _mm512_setzero_ps();
+    for (int u = 0; u < kUnroll; ++u) acc[r][u] = fVec(0.f);
   int64_t d = 0;
-  for (; d + 64 <= n; d += 64) {
-    for (int u = 0; u < 4; ++u) {
-      __m512 wf = load16(w + d + 16 * u);
+  for (; d + step <= n; d += step) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const fVec wf = load(w + d + kLanes * u);
       for (int r = 0; r < R; ++r)
-        acc[r][u] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + r * n + d + 16 * u), acc[r][u]);
+        acc[r][u] = at::vec::fmadd(wf, fVec::loadu(x + r * n + d + kLanes * u), acc[r][u]);
     }
   }
-  for (; d + 16 <= n; d += 16) {
-    __m512 wf = load16(w + d);
-    for (int r = 0; r < R; ++r)
-      acc[r][0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(x + r * n + d), acc[r][0]);
+  for (; d + kLanes <= n; d += kLanes) {
+    const fVec wf = load(w + d);
+    for (int r = 0; r < R; ++r) acc[r][0] = at::vec::fmadd(wf, fVec::loadu(x + r * n + d), acc[r][0]);
   }
   for (int r = 0; r < R; ++r) {
-    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                _mm512_add_ps(acc[r][2], acc[r][3])));
+    fVec total = acc[r][0];
+    for (int u = 1; u < kUnroll; ++u) total = total + acc[r][u];
+    out[r] = sum(total);
     for (int64_t j = d; j < n; ++j) out[r] += static_cast<float>(w[j]) * x[r * n + j];
   }
 }
@@ -53,27 +88,68 @@ inline void dot_rows(const T* w, const float* x, int64_t n, float* out) {
 // acc[0:n] += a * v[0:n]
 template <typename T>
 inline void axpy(float a, const T* v, int64_t n, float* acc) {
-  const __m512 av = _mm512_set1_ps(a);
+  const fVec av(a);
   int64_t d = 0;
-  for (; d + 16 <= n; d += 16) store16(acc + d, _mm512_fmadd_ps(av, load16(v + d), load16(acc + d)));
+  for (; d + kLanes <= n; d += kLanes) at::vec::fmadd(av, load(v + d), fVec::loadu(acc + d)).store(acc + d);
   for (; d < n; ++d) acc[d] += a * static_cast<float>(v[d]);
 }
 
-// y[r, :] = w @ x[r, :] for `rows` (1..4) rows (row stride n in x, ld_y in y); w is [out, n].
-inline void gemv(const c10::BFloat16* w, int64_t out, int64_t n, const float* x, int64_t rows,
-                 float* y, int64_t ld_y) {
-  float tmp[kMaxRows];
-  for (int64_t o = 0; o < out; ++o) {
-    const c10::BFloat16* wo = w + o * n;
-    switch (rows) {
-      case 1: dot_rows<1>(wo, x, n, tmp); break;
-      case 2: dot_rows<2>(wo, x, n, tmp); break;
-      case 3: dot_rows<3>(wo, x, n, tmp); break;
-      default: dot_rows<4>(wo, x, n, tmp); break;
+// out[r][o] = w[o] . x[r] for R rows x (row stride n) and O rows w (row stride n): each
+// vector of x loaded once for the O weight rows, each of w once for the R rows.
+template <int R, int O, typename T>
+inline void dot_tile(const T* w, const float* x, int64_t n, float out[][O]) {
+  fVec acc[R][O];
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < O; ++o) acc[r][o] = fVec(0.f);
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    fVec wv[O];
+    for (int o = 0; o < O; ++o) wv[o] = load(w + o * n + d);
+    for (int r = 0; r < R; ++r) {
+      const fVec xv = fVec::loadu(x + r * n + d);
+      for (int o = 0; o < O; ++o) acc[r][o] = at::vec::fmadd(wv[o], xv, acc[r][o]);
     }
-    for (int64_t r = 0; r < rows; ++r) y[r * ld_y + o] = tmp[r];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < O; ++o) {
+      out[r][o] = sum(acc[r][o]);
+      for (int64_t j = d; j < n; ++j) out[r][o] += static_cast<float>(w[o * n + j]) * x[r * n + j];
+    }
+}
+
+// Weight rows per tile: AVX2 has 16 vector registers (4 x 2 accumulators), AVX-512 and NEON 32.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kTileRows = 2;
+#else
+constexpr int kTileRows = 4;
+#endif
+
+template <int R, typename T, typename Y>
+inline void gemv_rows(const T* w, int64_t out, int64_t n, const float* x, Y* y, int64_t ld_y) {
+  float tile[R][kTileRows];
+  int64_t o = 0;
+  for (; o + kTileRows <= out; o += kTileRows) {
+    dot_tile<R, kTileRows>(w + o * n, x, n, tile);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < kTileRows; ++j) y[r * ld_y + o + j] = static_cast<Y>(tile[r][j]);
+  }
+  float one[R][1];
+  for (; o < out; ++o) {
+    dot_tile<R, 1>(w + o * n, x, n, one);
+    for (int r = 0; r < R; ++r) y[r * ld_y + o] = static_cast<Y>(one[r][0]);
+  }
+}
+
+// y[r, o] = w[o] . x[r] for `rows` (1..4) rows of x (row stride n), outputs o of w [out, n].
+template <typename T, typename Y>
+inline void gemv(const T* w, int64_t out, int64_t n, const float* x, int64_t rows, Y* y,
+                 int64_t ld_y) {
+  switch (rows) {
+    case 1: gemv_rows<1>(w, out, n, x, y, ld_y); break;
+    case 2: gemv_rows<2>(w, out, n, x, y, ld_y); break;
+    case 3: gemv_rows<3>(w, out, n, x, y, ld_y); break;
+    default: gemv_rows<4>(w, out, n, x, y, ld_y); break;
   }
 }
 
 }  // namespace ds3dist
-#endif

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <vector>
 
-#ifdef __AVX512F__
 namespace ds3dist {
 // y [rows, d] = down(silu(gate(x)) * up(x)) for rows (1..4) of x [rows, d], float32 out; gate
 // and up rounded to bf16 as a bf16 GEMM rounds them, the product rounded once. h [4, 2I] and
@@ -58,4 +57,3 @@ void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
 }
 
 }  // namespace ds3dist
-#endif

@@ -6,7 +6,6 @@
 #include <cmath>
 #include <vector>
 
-#ifdef __AVX512F__
 namespace ds3dist {
 namespace {
 
@@ -86,4 +85,3 @@ void mla_decode(const torch::Tensor& q_thc, const torch::Tensor& rows, const tor
 }
 
 }  // namespace ds3dist
-#endif

@@ -9,7 +9,6 @@
 #include <numeric>
 #include <vector>
 
-#ifdef __AVX512F__
 namespace ds3dist {
 
 void expert_rows(const float* x, int64_t rows, const c10::BFloat16* w13, const c10::BFloat16* w2,
@@ -125,4 +124,3 @@ void moe_decode(const torch::Tensor& x_td, const torch::Tensor& gate_w, const to
 }
 
 }  // namespace ds3dist
-#endif
