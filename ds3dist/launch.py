@@ -146,9 +146,9 @@ def make_engine(checkpoint: Path, r: schema.Resolved,
 
 def local_engine(checkpoint: Path, r: schema.Resolved) -> LocalEngine:
     """The serving loop with the whole model in the launch's process (runtime.control=local):
-    as many torch threads as runtime.cpus_per_rank (default: every core), freed memory kept
-    as a rank keeps it."""
-    torch.set_num_threads(r.runtime.rank_cpus(1))
+    as many torch threads as one rank of a local cluster would get (RuntimeOptions.rank_threads:
+    default every core), freed memory kept as a rank keeps it."""
+    torch.set_num_threads(r.runtime.rank_threads(1, r.serving.threads))
     retain_freed_memory()
     model = load_model(checkpoint, execution=r.execution, dtype=compute_dtype(r),
                        device=r.layout.device, mtp=r.speculative is not None)

@@ -292,3 +292,21 @@ def test_cluster_scripts_are_valid_bash(script):
         for opt in ("--nodes", "--gpus-per-node", "--ntasks-per-node=1"):
             assert f"#SBATCH {opt}" in text
         assert 'python -m ds3dist.launch "$@"' in text and "ray stop" not in text
+
+
+def test_threads_per_rank_have_one_rule(monkeypatch):
+    """The launch and the Python API's Engine give a rank the same torch threads: a new local
+    cluster's cores / ranks unless set (RuntimeOptions.rank_threads)."""
+    from ds3dist.runtime.options import RuntimeOptions
+
+    monkeypatch.delenv("DS3DIST_TORCH_THREADS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    rt = RuntimeOptions()
+    assert rt.rank_threads(4) == rt.rank_cpus(4) == 2
+    assert rt.rank_threads(1) == 8  # runtime.control=local: the whole machine
+    assert rt.rank_threads(4, threads=3) == 3
+    assert RuntimeOptions(cpus_per_rank=3).rank_threads(4) == 3
+    assert RuntimeOptions(address="10.0.0.1:6379").rank_threads(4) == 1
+    monkeypatch.setenv("DS3DIST_TORCH_THREADS", "5")
+    assert rt.rank_threads(4) == 5

@@ -21,7 +21,8 @@ class ServingOptions:
     # which on a CPU layout costs the ranks more than the cheaper calls save); compiled (Ray
     # compiled graph) | classic (actor calls) | local (launch only)
     control: str = "auto"
-    # torch threads per rank; None: $DS3DIST_TORCH_THREADS, else the CPUs a rank was given
+    # torch threads per rank; None: RuntimeOptions.rank_threads ($DS3DIST_TORCH_THREADS, else
+    # the CPUs a rank is given)
     threads: int | None = None
     # execution.cuda_graphs: decode steps as CUDA graphs where a rank can (ds3dist.rank.graphs)
     cuda_graphs: bool = True

@@ -98,6 +98,7 @@ class Engine:
         self.scheduler: Scheduler | None = None  # of the last stream
         ranks = ranks_in_cluster or self.layout.world_size
         self.cpus_per_rank = self.runtime.rank_cpus(ranks)
+        self.threads_per_rank = self.runtime.rank_threads(ranks, self.serving.threads)
         self.engine_id = uuid.uuid4().hex  # keys the ranks' published progress
         cluster.connect(self.runtime.address, self.runtime.cluster_cpus(ranks),
                         self.runtime.connect_timeout_s)
@@ -139,7 +140,6 @@ class Engine:
             )
         remote_cls = ray.remote(StageWorker)
         dtype_name = str(dtype).replace("torch.", "") if dtype is not None else None
-        threads = self.serving.threads or int(os.environ.get("DS3DIST_TORCH_THREADS", cpus))
         for plan in self.plans:
             self.actors.append(
                 remote_cls.options(
@@ -150,7 +150,7 @@ class Engine:
                         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                         P2P_ENV: os.environ.get(P2P_ENV, "")}},
                 ).remote(plan, self.layout, self.checkpoint, execution, dtype_name, attn_form,
-                         threads, tuple(fault_ids), self.engine_id, self.speculative,
+                         self.threads_per_rank, tuple(fault_ids), self.engine_id, self.speculative,
                          self.offload)
             )
         self.infos = self._get([a.node_info.remote() for a in self.actors], timeout, "start-up")

@@ -43,6 +43,11 @@ class RuntimeOptions:
             return 1
         return max(1, (os.cpu_count() or 1) // ranks)
 
+    def rank_threads(self, ranks: int, threads: int | None = None) -> int:
+        """Torch threads per rank, the one rule for the launch and the Python API's Engine:
+        `threads` (ServingOptions.threads), else $DS3DIST_TORCH_THREADS, else rank_cpus."""
+        return threads or int(os.environ.get("DS3DIST_TORCH_THREADS") or self.rank_cpus(ranks))
+
     def cluster_cpus(self, ranks: int) -> int:
         """Logical CPUs of a new local cluster: num_cpus, else room for `ranks` ranks, and
         at least 8."""
