@@ -9,7 +9,10 @@ random weights, then converted to bf16; both kept under --ckpt-dir and reused by
 
 1. Fixed batch: 8 prompts x 32 token ids (seeded RNG over the tokenizer's vocabulary:
    the launch refuses ids past it), greedy, EOS ignored. ms per decode step = (time for N new tokens - time for 1) / (N - 1), N = 64,
-   for HF `model.generate`, ds3dist `generate` in this process, and vLLM `LLM.generate`.
+   for HF `model.generate`, ds3dist `generate` in this process and through the Python API's
+   `Engine` (pp1ep1, its default threads), and vLLM `LLM.generate`. Beside them the machine's
+   floor: its read bandwidth (a 256 MiB float32 sum on 2 threads), the bytes a decode step
+   reads (the planner's figure), and each engine's step as a multiple of bytes / bandwidth.
 2. Heterogeneous offline workload: 48 requests, prompt lengths log-uniform in 16..1024,
    max_tokens uniform in 8..128, greedy, seeded RNG. ds3dist runs it as an OpenAI batch file
    through `python -m ds3dist.launch` (a subprocess; completion tok/s from its summary JSON),
@@ -304,6 +307,26 @@ def ds3dist_fixed(bf16_dir: Path, prompts: list[list[int]], new_tokens: int,
     return fixed_row(t1, tn, new_tokens, tokens_per_prompt=[len(r.token_ids) for r in out])
 
 
+def ds3dist_engine_fixed(bf16_dir: Path, prompts: list[list[int]], new_tokens: int,
+                        repeats: int) -> dict:
+    """The fixed batch through the Python API's Engine, pp1ep1 (one Ray actor), its defaults
+    (threads per rank as the launch gives them)."""
+    from ds3dist import Engine, ParallelLayout
+
+    with Engine(str(bf16_dir), ParallelLayout(pp=1, ep=1)) as engine:
+        engine.tokenizer = _IgnoreEos()
+
+        def gen(ps, n):
+            return engine.generate(ps, max_new_tokens=n, temperature=0)
+
+        gen(prompts[:2], 4)  # warm-up
+        t1, _ = best_of(repeats, gen, prompts, 1)
+        tn, out = best_of(repeats, gen, prompts, new_tokens)
+        threads = engine.threads_per_rank
+    return fixed_row(t1, tn, new_tokens, threads_per_rank=threads,
+                     tokens_per_prompt=[len(r.token_ids) for r in out])
+
+
 def ds3dist_launch(model_dir: Path, preset: str, reqs: list[dict], work: Path,
                    timeout: float, control: str, run: int = 0) -> dict:
     """The workload through `python -m ds3dist.launch` (single-rank layout) with
@@ -340,6 +363,12 @@ def run_ds3dist(bf16_dir: Path, preset: str, prompts, new_tokens, reqs, work: Pa
               flush=True)
     except Exception as e:  # noqa: BLE001
         res["fixed"] = failed({}, e)
+    try:
+        res["fixed_engine"] = ds3dist_engine_fixed(bf16_dir, prompts, new_tokens, repeats)
+        print(f"[ds3dist] fixed batch, Engine pp1ep1: "
+              f"{res['fixed_engine']['ms_per_decode_step']:.1f} ms/step", flush=True)
+    except Exception as e:  # noqa: BLE001
+        res["fixed_engine"] = failed({}, e)
     for run in range(launch_repeats):  # alternating, so that both see the same machine
         for control, key in (("auto", "workload"), ("local", "workload_local")):
             try:
@@ -451,6 +480,19 @@ def print_table(res: dict) -> None:
         print(f"{name:18} {_fmt(_get(res, key, 'fixed', 'ms_per_decode_step')):>15} "
               f"{_fmt(_get(res, key, 'workload', 'completion_tokens_per_second')):>15} "
               f"{_fmt(_get(res, key, 'workload', 'wall_seconds')):>16}  {note}")
+    eng = _get(res, "ds3dist", "fixed_engine", "ms_per_decode_step")
+    one = _get(res, "ds3dist", "fixed", "ms_per_decode_step")
+    print(f"{'ds3dist Engine':18} {_fmt(eng):>15} {'':>15} {'':>16}  pp1ep1 from the Python API "
+          f"({_get(res, 'ds3dist', 'fixed_engine', 'threads_per_rank')} threads per rank); "
+          f"one process / Engine {_fmt(_ratio(eng, one), '.2f')}")
+    fl = res.get("floor") or {}
+    if fl:
+        multiples = {name: _ratio(_get(res, key, "fixed", "ms_per_decode_step"),
+                                  fl["floor_ms_per_step"]) for key, name in engines}
+        multiples["ds3dist Engine"] = _ratio(eng, fl["floor_ms_per_step"])
+        print(f"floor:    {fl['floor_ms_per_step']:.1f} ms/step ({fl['decode_step_gb']:.2f} GB "
+              f"at {fl['memory_gbps']:.1f} GB/s; {fl['cpu_flags']}); decode step / floor: " +
+              ", ".join(f"{n} {_fmt(m, '.1f')}x" for n, m in multiples.items() if m))
     r = ratios(res)
     print("-" * 78)
     print(f"decode:   ds3dist vs HF   {_fmt(r['decode_speedup_ds3dist_vs_hf'], '.2f')}x faster"
@@ -466,6 +508,60 @@ def print_table(res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+
+def memory_gbps(threads: int = 2, mib: int = 256, repeats: int = 5) -> float:
+    """This machine's read bandwidth: the fastest sum of a `mib` MiB float32 tensor on
+    `threads` torch threads, GB/s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mib * 2**20 // 4)
+        best, _ = best_of(repeats, x.sum)
+    finally:
+        torch.set_num_threads(before)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_step_bytes(cfg_dir: Path, rows: int, keys: int) -> float:
+    """Bytes a bf16 decode step of `rows` sequences with `keys` cached tokens each reads in one
+    process (the planner's figure: the experts the step's copies reach, the other weights,
+    the rows' embeddings, the cache)."""
+    import torch
+
+    from ds3dist.config import ModelConfig
+    from ds3dist.jobs.memory_plan import Holding, rank_bytes
+    from ds3dist.parallel.layout import ParallelLayout
+    from ds3dist.plan.estimate import step_read_bytes
+
+    cfg, layout = ModelConfig.from_json(cfg_dir), ParallelLayout(pp=1, ep=1)
+    holding = Holding(execution="bf16", dtype=torch.bfloat16)
+    rb = rank_bytes(cfg, layout, holding)[0]
+    return step_read_bytes(cfg, 2, 0, layout, rb, rows, keys, decode=True)
+
+
+def floor_figures(bf16_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict:
+    gbps = memory_gbps()
+    step = decode_step_bytes(bf16_dir, len(prompts), len(prompts[0]) + new_tokens // 2)
+    floor = {"memory_gbps": gbps, "decode_step_gb": step / 1e9,
+             "floor_ms_per_step": step / (gbps * 1e9) * 1e3, "cpu_flags": cpu_summary()}
+    print(f"[floor] reads {gbps:.1f} GB/s (256 MiB float32 sum, 2 threads); a decode step reads "
+          f"{step / 1e9:.2f} GB: floor {floor['floor_ms_per_step']:.1f} ms/step; "
+          f"CPU: {floor['cpu_flags']}", flush=True)
+    return floor
+
+
+def cpu_summary() -> str:
+    """The CPU's vector features that decide the kernels' speed, and the build in use."""
+    from ds3dist.model import cpu_kernel
+    from ds3dist.model.options import cpu_flags
+
+    keep = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "asimd",
+            "asimddp", "sve")
+    have = [f for f in keep if f in cpu_flags()]
+    return f"{' '.join(have) or 'unknown'}; kernels {cpu_kernel.active_isa()}"
+
 
 def workloads(id_limit: int, quick: bool, seed: int):
     """(fixed prompts, new tokens, mixed requests) for a full or a --quick run."""
@@ -507,6 +603,7 @@ def main(argv=None) -> dict:
                               "max_tokens": sum(r["max_tokens"] for r in reqs)}}
     print(f"[setup] {args.preset}: {bf16}; fixed {len(prompts)}x{len(prompts[0])} -> "
           f"{new_tokens} new; workload {res['workload']}", flush=True)
+    res["floor"] = floor_figures(bf16, prompts, new_tokens)
     work = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     try:
         if not args.skip_hf:

@@ -234,14 +234,7 @@ def _stage_times(c: ModelConfig, s: Setup, layout: ParallelLayout, rb: RankBytes
         flops += rows * 2 * 2 * c.hidden_size * c.hidden_size * (s.drafts if decode else 1)
     if rb.components.head:
         flops += (rows if decode else 1) * (1 + s.drafts) * 2 * c.hidden_size * c.vocab_size
-    comp = rb.components
-    # routed experts: those a step's copies reach (uniform routing over the group's copies)
-    copies = rows * layout.ep * c.num_experts_per_tok
-    hit = 1 - (1 - 1 / c.n_routed_experts) ** copies
-    mtp = comp.mtp * (s.drafts if decode else 1)
-    weights = comp.total - comp.routed_experts - comp.mtp + comp.routed_experts * hit + mtp
-    per_token_cache = cache_bytes_per_token(c, rb, s.itemsize)
-    cache = rows * keys * per_token_cache if decode else rows * per_token_cache
+    read = step_read_bytes(c, s.itemsize, s.drafts, layout, rb, rows, keys, decode)
     intra, inter = _peer_shares(layout, rb.stage, s.cluster)
     moe = _moe_layers(c, rb) + _mtp_moe_layers(c, rb) * (s.drafts if decode else 1)
     sent = rows * moe * c.num_experts_per_tok * _copy_bytes(c, s)
@@ -251,8 +244,23 @@ def _stage_times(c: ModelConfig, s: Setup, layout: ParallelLayout, rb: RankBytes
     link = max((sent * intra + (0 if cross else hand)) / (d.intra_gbps * 1e9),
                (sent * inter + (hand if cross else 0)) / (d.inter_gbps * 1e9))
     host = rb.streamed_bytes_per_step / (d.host_gbps * 1e9)
-    return (flops / d.peak_flops(s.holding.execution), (weights + cache) / (d.hbm_tbps * 1e12),
-            link, host)
+    return (flops / d.peak_flops(s.holding.execution), read / (d.hbm_tbps * 1e12), link, host)
+
+
+def step_read_bytes(c: ModelConfig, itemsize: int, drafts: int, layout: ParallelLayout,
+                    rb: RankBytes, rows: float, keys: float, decode: bool) -> float:
+    """Bytes one plan step of `rows` rows reads on rank rb: its weights, of the routed experts
+    only those the step's copies reach (uniform routing over the group's copies) and of the
+    embedding only the rows' own, and the cache (decode: `keys` cached tokens per row)."""
+    comp = rb.components
+    copies = rows * layout.ep * c.num_experts_per_tok
+    hit = 1 - (1 - 1 / c.n_routed_experts) ** copies
+    mtp = comp.mtp * (drafts if decode else 1)
+    embedding = min(comp.embedding, rows * c.hidden_size * itemsize)
+    weights = (comp.total - comp.routed_experts - comp.mtp - comp.embedding
+               + comp.routed_experts * hit + mtp + embedding)
+    per_token_cache = cache_bytes_per_token(c, rb, itemsize)
+    return weights + (rows * keys * per_token_cache if decode else rows * per_token_cache)
 
 
 def roofline(c: ModelConfig, s: Setup, layout: ParallelLayout, rows: list[RankBytes],
