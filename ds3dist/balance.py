@@ -354,15 +354,28 @@ def balance(load_le: np.ndarray, ep: int, redundant: int, n_group: int, nodes: i
     return np.sort(slots_lrs, axis=-1)
 
 
-def predicted_load(slots_lrs: np.ndarray, load_le: np.ndarray) -> np.ndarray:
-    """Each rank's load [L, ep] under slots_lrs, an expert's load split evenly over its copies."""
+def predicted_load(slots_lrs, load_le: np.ndarray) -> np.ndarray:
+    """Each rank's load [L, ep] under slots_lrs, an expert's load split evenly over its copies.
+    slots_lrs: [L, ep, slots] expert ids, or nested lists whose ranks hold different numbers
+    of experts (a placement before a rebalance)."""
     load_le = np.asarray(load_le, dtype=np.float64)
     nl, e = load_le.shape
-    flat = np.asarray(slots_lrs).reshape(nl, -1)
+    try:
+        slots = np.asarray(slots_lrs, dtype=np.int64)
+    except ValueError:  # ragged: ranks hold different numbers of experts
+        out = np.zeros((nl, len(slots_lrs[0])))
+        for i, ranks in enumerate(slots_lrs):
+            copies_e = np.zeros(e)
+            for held in ranks:
+                np.add.at(copies_e, held, 1)
+            for r, held in enumerate(ranks):
+                out[i, r] = (load_le[i, held] / copies_e[held]).sum()
+        return out
+    flat = slots.reshape(nl, -1)
     copies_le = np.zeros((nl, e), dtype=np.int64)
     np.add.at(copies_le, (np.arange(nl)[:, None], flat), 1)
     share_le = load_le / np.maximum(copies_le, 1)
-    return np.take_along_axis(share_le, flat, -1).reshape(np.shape(slots_lrs)).sum(-1)
+    return np.take_along_axis(share_le, flat, -1).reshape(slots.shape).sum(-1)
 
 
 def contiguous_load(load_le: np.ndarray, ep: int) -> np.ndarray:

@@ -32,25 +32,13 @@ def new_placement(window: dict[int, list[int]], current: Placement, cfg: ModelCo
     nodes = 1 if rpn is None or rpn >= current.ep else current.ep // rpn
     slots_lrs = balance.balance(load_le, current.ep, opts.redundant_experts, cfg.n_group, nodes)
     cur_lrs = [[list(current.layers[i][r]) for r in range(current.ep)] for i in layers]
-    before = balance.overall_max_over_mean(_ragged_load(cur_lrs, load_le))
+    before = balance.overall_max_over_mean(balance.predicted_load(cur_lrs, load_le))
     after = balance.overall_max_over_mean(balance.predicted_load(slots_lrs, load_le))
     place = Placement(current.n_experts, current.ep,
                       {**current.layers, **{i: tuple(tuple(int(x) for x in r) for r in s)
                                             for i, s in zip(layers, slots_lrs)}},
                       source="rebalanced")
     return place, before, after
-
-
-def _ragged_load(slots: list[list[list[int]]], load_le: np.ndarray) -> np.ndarray:
-    """predicted_load for placements whose ranks hold different numbers of experts."""
-    out = np.zeros((len(slots), len(slots[0])))
-    for i, ranks in enumerate(slots):
-        copies = np.zeros(load_le.shape[1])
-        for held in ranks:
-            copies[held] += 1
-        for r, held in enumerate(ranks):
-            out[i, r] = (load_le[i, held] / copies[held]).sum()
-    return out
 
 
 class RebalancingExecutor:
