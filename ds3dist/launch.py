@@ -49,7 +49,7 @@ from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.input_text import InputText, read_input
 from ds3dist.jobs.memory_plan import Holding, describe
 from ds3dist.jobs.output_file import OutputFile
-from ds3dist.jobs.preflight import check_checkpoint, check_side_files
+from ds3dist.jobs.preflight import check_checkpoint, check_settings, check_side_files
 from ds3dist.jobs.schema import LaunchConfigError
 from ds3dist.jobs.stop import EXIT_INTERRUPTED, GracefulStop, Interrupted
 from ds3dist.model.load import load_model
@@ -184,6 +184,7 @@ def preflight(r: schema.Resolved) -> _Prepared | None:
             check_address(address, source, r.runtime.connect_timeout_s)
         checkpoint = resolve_checkpoint(r.source, progress=job.progress)
         check_checkpoint(checkpoint, verify=bool(r.source.verify), progress=job.progress)
+        check_settings(r, checkpoint)
     except BaseException:
         out.close()
         raise
@@ -235,13 +236,26 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> JobSummary | N
     if r.job.dry_run:
         print(dry_run_plan(r, cfg))
         return None
-    prep = preflight(r)
-    if prep is None:
-        return None
+    with GracefulStop(r.runtime.drain_timeout_s) as stop:  # from the start: every phase
+        try:
+            prep = preflight(r)
+            if prep is None:
+                return None
+            summary = _run_prepared(r, cfg, prep, stop, engine_factory)
+        except KeyboardInterrupt as e:
+            raise stop.interruption(e) from None
+    _print_closing(summary, prep.paths, synthesized=r.source.path is None,
+                   model=r.source.preset or prep.checkpoint.name)
+    return summary
+
+
+def _run_prepared(r: schema.Resolved, cfg: Any, prep: _Prepared, stop: GracefulStop,
+                  engine_factory: EngineFactory | None) -> JobSummary:
+    """The job after its preflight: tokenizer, engine (op builds, cluster, ranks), generation."""
     checkpoint = prep.checkpoint
     model_name = r.source.preset or checkpoint.name
     replicas = r.runtime.replicas
-    with prep.output as out, GracefulStop(r.runtime.drain_timeout_s) as stop:
+    with prep.output as out:
         tokenizer = load_tokenizer(checkpoint)
         print(f"model {model_name} from {checkpoint}; layout pp={r.layout.pp} "
               f"ep={r.layout.ep} ({r.layout.world_size} ranks, {r.layout.device}"
@@ -265,7 +279,6 @@ def run(cfg: Any, engine_factory: EngineFactory | None = None) -> JobSummary | N
             )
         finally:
             engine.shutdown()
-    _print_closing(summary, prep.paths, synthesized=r.source.path is None, model=model_name)
     return summary
 
 
@@ -289,8 +302,11 @@ def _print_closing(summary: JobSummary, paths: tuple[Path, ...], synthesized: bo
     if recovery is not None and recovery.restarts:
         print(f"recovery: {len(recovery.restarts)} restarts, {recovery.lost_seconds:.1f} s lost")
     if summary.stopped and c.not_run:
-        print(f"stopped by {summary.stopped}: {c.not_run} requests not run; rerun the "
-              f"same command to finish the job")
+        print(f"stopped by {summary.stopped}: {c.drained} requests finished during the drain, "
+              f"{c.not_run} not run; rerun the same command to finish the job")
+    elif summary.stopped:
+        print(f"stopped by {summary.stopped}: every request of the input is written "
+              f"({c.drained} finished during the drain); the job is complete")
     if synthesized:
         print(f"note: the {model} model was synthesized with random weights, so its text is "
               f"noise by design; the figures above are real. With real weights:\n"

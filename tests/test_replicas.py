@@ -201,6 +201,7 @@ def test_scheduler_stats_add():
 # ---- GracefulStop -------------------------------------------------------------------------
 def test_first_signal_asks_to_stop_and_the_drain_is_bounded():
     with GracefulStop(drain_s=0.3) as stop:
+        stop.generating = True
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
@@ -214,9 +215,32 @@ def test_first_signal_asks_to_stop_and_the_drain_is_bounded():
 
 def test_a_second_signal_stops_at_once():
     with GracefulStop(drain_s=60) as stop:
+        stop.generating = True
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.signal == "SIGINT"
         with pytest.raises(Interrupted, match="SIGTERM while stopping"):
             os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+
+def test_a_signal_before_generation_stops_at_once():
+    with GracefulStop(drain_s=60) as stop:
+        with pytest.raises(Interrupted, match="SIGTERM before generation began"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        assert stop.requested and stop.signal == "SIGTERM"
+
+
+def test_once_drained_the_timer_never_fires():
+    """The drain ended (nothing in flight): closing work may take longer than drain_s."""
+    with GracefulStop(drain_s=0.3) as stop:
+        stop.generating = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        stop.drained()
+        time.sleep(0.8)  # past drain_s: no Interrupted
+        assert stop.requested and not stop._expired
+        with pytest.raises(Interrupted, match="SIGINT while stopping"):  # a second signal still
+            os.kill(os.getpid(), signal.SIGINT)
             time.sleep(10)

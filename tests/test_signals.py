@@ -196,3 +196,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_drain_that_finishes_every_request_exits_0(tmp_path, env, tiny_fp8_dir):
+    """SIGTERM once the first line is out, every request already in flight: all finish inside
+    the drain; the launch exits 0 with its summary (the drain timer cannot cut the closing
+    work) and says how many finished during the drain."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"d{i}", "prompt": f"Line {i}:",
+                                       "max_tokens": 4 + 6 * i}) + "\n" for i in range(6)))
+    out = tmp_path / "out.jsonl"
+    proc = start(["model=tiny", f"model.path={tiny_fp8_dir}", f"job.input={inp}",
+                  f"job.output={out}", "execution.dtype=float32", "sampling.temperature=0",
+                  "runtime.drain_timeout_s=20", "job.progress=false"], tmp_path, env)
+    wait_for_lines(proc, out, 1)
+    took, stdout, stderr = stop(proc, signal.SIGTERM)
+    print(f"SIGTERM with everything in flight to exit: {took:.1f} s")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "did not finish" not in stderr and "SIGTERM: stopping" in stderr
+    assert len(valid_records(out)) == 6
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and "error" not in summary
+    assert summary["counts"]["not_run"] == 0 and summary["counts"]["generated"] == 6
+    assert summary["counts"]["drained"] >= 1
+    assert f"({summary['counts']['drained']} finished during the drain); the job is complete" \
+        in stdout
+
+
+@pytest.mark.parametrize("after_s", [0.5, 5.0])
+def test_sigterm_during_start_up_exits_75_and_leaves_no_process(tmp_path, env, tiny_fp8_dir,
+                                                                 after_s):
+    """SIGTERM while the launch builds its ops, joins its Ray cluster or loads its ranks: exit 75
+    within runtime.drain_timeout_s + 10 s, nothing written, no process of the job left (the
+    env fixture's Ray temp dir must be free of processes afterwards)."""
+    out = tmp_path / "out.jsonl"
+    proc = start(args(write_input(tmp_path / "in.jsonl"), out, drain_s=20)
+                 + [f"model.path={tiny_fp8_dir}"], tmp_path, env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the engine is being made once this line is out
+        line = proc.stdout.readline()
+        if not line or "layout pp=" in line:
+            break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(after_s)
+    took, stdout, stderr = stop(proc, signal.SIGTERM)
+    print(f"SIGTERM {after_s} s into start-up to exit: {took:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert took < 20 + 10
+    assert "stopped by SIGTERM before generation began" in stderr, stderr[-3000:]
+    assert not out.exists() or not out.read_text().strip()

@@ -95,6 +95,7 @@ class _Tally:
     completion_tokens: int = 0
     generated: int = 0
     failed: int = 0
+    drained: int = 0  # ended after a stop was asked for
     seconds: float = 0.0
 
     def add(self, res: GenerationResult) -> None:
@@ -168,23 +169,25 @@ def run_batch_job(
             if stats.expert_load.per_layer:  # what ds3dist.balance reads
                 write_atomic(load_path, json.dumps(stats.expert_load.file()) + "\n",
                              "job.output")
-            plot = plot_expert_load(stats.expert_load.as_dict(), png_path,
-                                    title=f"expert load: {model_name}", mtp_layers=mtp_layers)
             return JobSummary(
                 input=str(inp.path), output=str(out.path), errors_file=str(err_path),
-                plot=None if plot is None else str(plot), format=fmt,
+                plot=None, format=fmt,
                 input_encoding=inp.encoding,
                 counts=_counts(parsed, tally, already, out, len(todo)),
                 prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
                 throughput=_throughput(tally, time.perf_counter() - t_start), engine=stats,
                 stopped=stop.signal if stop is not None else None, meta=meta or None)
 
+        if stop is not None:
+            stop.generating = True
         try:
             _generate(job, todo, progress, tally)
         except BaseException as e:  # the summary still says what this run did
             out.sync()
             _fail_summary(sum_path, e, summarize)
             raise
+        if stop is not None:
+            stop.drained()  # nothing in flight: the closing work is not the drain's
         out.sync()
         summary = summarize()
     finally:
@@ -192,6 +195,12 @@ def run_batch_job(
             out.close()
     write_summary(sum_path, summary)
     summary.summary = str(sum_path)
+    # the plot last: the summary is on disk before it
+    plot = plot_expert_load(summary.engine.expert_load.as_dict(), png_path,
+                            title=f"expert load: {model_name}", mtp_layers=mtp_layers)
+    if plot is not None:
+        summary.plot = str(plot)
+        write_summary(sum_path, summary)
     return summary
 
 
@@ -212,7 +221,7 @@ def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> 
     return Counts(lines=parsed.lines, valid=len(parsed.requests), errors=len(parsed.errors),
                   failed=tally.failed, already_done=already, generated=tally.generated,
                   not_run=todo - tally.generated - tally.failed, output_records=out.records,
-                  finish_reason=tally.finish)
+                  finish_reason=tally.finish, drained=tally.drained)
 
 
 def _fail_summary(path: Path, error: BaseException, build) -> None:
@@ -280,6 +289,8 @@ def _speculative_postfix(engine: ServingEngine) -> dict[str, str]:
 def _write(job: _Job, line: InputLine, ended: Request, tally: _Tally) -> None:
     """The output line (or errors-file entry) of a request that ended."""
     res = result_of(ended, job.tokenizer)
+    if job.stop is not None and job.stop.requested:
+        tally.drained += 1
     if res.finish_reason != "error":
         job.out.append([openai_record(line, res, res.prompt_tokens, job.model_name, job.created)
                         if job.fmt == "openai" else native_record(line, res, res.prompt_tokens)])

@@ -31,6 +31,7 @@ class Counts:
     not_run: int  # left for a rerun (a stop, or a failure)
     output_records: int
     finish_reason: dict[str, int]
+    drained: int = 0  # of generated and failed: ended after a stop was asked for (the drain)
 
 
 @dataclass

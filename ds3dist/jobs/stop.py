@@ -1,10 +1,14 @@
 """Stopping a job on SIGTERM or SIGINT, within a bounded time, leaving it resumable.
 
-The first signal asks the job to stop: no request is admitted any more, the requests in flight
-may finish (their lines are written) for up to `drain_s` seconds, then the job ends with what
-it has; every line written stays valid and a rerun does the rest. A second signal, or the
-drain running past `drain_s`, raises `Interrupted` in the main thread at once. The launch exits
-with EXIT_INTERRUPTED whenever a job ended before all its requests did.
+Before generation begins (preflight, op builds, joining the cluster, placing and loading the
+ranks) a signal raises `Interrupted` at once: there is nothing to drain. During generation the
+first signal asks the job to stop: no request is admitted any more, the requests in flight may
+finish (their lines are written) for up to `drain_s` seconds, then the job ends with what it
+has; every line written stays valid and a rerun does the rest. Once nothing is in flight
+(`drained`) the drain timer is off, so the closing work (stats, summary, plot) is never cut by
+it. A second signal, or the drain running past `drain_s`, raises `Interrupted` in the main
+thread at once. The launch exits with EXIT_INTERRUPTED whenever a job ended before all its
+requests did, 0 when every request of the input was written.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ class GracefulStop:
         self._expired = False
         self._timer: threading.Timer | None = None
         self._previous: dict[int, object] = {}
+        self.generating = False  # set by the job when generation begins (see the module doc)
+        self._drained = False
+        self._why: str | None = None  # the Interrupted raised, in case a library re-raises it bare
 
     @property
     def requested(self) -> bool:
@@ -56,19 +63,42 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self.drained()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
+    def interruption(self, e: KeyboardInterrupt) -> KeyboardInterrupt:
+        """e, or the Interrupted this stop raised when a library re-raised it bare (Ray turns
+        an exception raised in a signal handler during its waits into a plain
+        KeyboardInterrupt)."""
+        return Interrupted(self._why) if self._why and not str(e) else e
+
+    def drained(self) -> None:
+        """Nothing is in flight any more (all finished, or the stream ended): the drain timer
+        is off; a second signal still stops at once."""
+        self._drained = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if not self.generating:
+            self.signal = name
+            self._event.set()
+            self._why = f"stopped by {name} before generation began; nothing was written"
+            raise Interrupted(self._why)
         if self.requested:
             why = (f"the requests in flight did not finish within {self.drain_s:g} s "
                    f"(runtime.drain_timeout_s)" if self._expired else f"{name} while stopping")
-            raise Interrupted(f"stopped at once after {self.signal}: {why}")
+            self._why = f"stopped at once after {self.signal}: {why}"
+            raise Interrupted(self._why)
         self.signal = name
         self._event.set()
+        if self._drained:  # generation is over: only the closing work is left
+            print(f"\n{name}: the requests have ended; finishing the summary (a second signal "
+                  f"stops at once)", file=sys.stderr, flush=True)
+            return
         print(f"\n{name}: stopping: no new requests; those in flight may finish for up to "
               f"{self.drain_s:g} s (a second signal stops at once); rerun the same command to "
               f"finish the job", file=sys.stderr, flush=True)
@@ -77,5 +107,7 @@ class GracefulStop:
         self._timer.start()
 
     def _expire(self) -> None:
+        if self._timer is None:  # drained meanwhile
+            return
         self._expired = True  # a real signal to the main thread: it wakes a blocking call too
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import ray
@@ -68,6 +70,25 @@ def _host_port(address: str, source: str) -> tuple[str, int]:
         raise ClusterError(f"{source}: {address!r} is not host:port") from None
 
 
+@contextmanager
+def _handlers_kept():
+    """Around ray.init in the main thread: SIGTERM/SIGINT held back (a signal arriving meanwhile
+    is delivered after it) and the caller's handlers put back over the ones Ray installs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in sigs}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            if handler is not None:
+                signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
 def connect(configured: str | None, num_cpus: int, timeout_s: float) -> None:
     """Join the cluster at runtime.address / $RAY_ADDRESS, or start a local one."""
     if ray.is_initialized():
@@ -77,7 +98,8 @@ def connect(configured: str | None, num_cpus: int, timeout_s: float) -> None:
     if not address:
         # Ray starts workers at nice 15; here the workers are the computation, not background
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        with _handlers_kept():
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
         return
     check_address(address, source, timeout_s)
     errors: list[BaseException] = []
