@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,46 @@ def test_threads_per_rank_have_one_rule(monkeypatch):
     assert RuntimeOptions(address="10.0.0.1:6379").rank_threads(4) == 1
     monkeypatch.setenv("DS3DIST_TORCH_THREADS", "5")
     assert rt.rank_threads(4) == 5
+
+
+# ---- settings checked before the expensive part (exit 2 in seconds, naming the key) --------
+def _one_line_input(tmp_path: Path) -> Path:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": "a", "prompt": "hello"}\n')
+    return inp
+
+
+def test_an_nvme_folder_that_cannot_work_fails_before_any_build(tmp_path, tiny_fp8_dir):
+    t0 = time.monotonic()
+    p = launch("model=tiny", f"model.path={tiny_fp8_dir}", "+parallel=ep2",
+               f"job.input={_one_line_input(tmp_path)}", f"job.output={tmp_path / 'o.jsonl'}",
+               "execution.offload.backend=deepspeed", "execution.offload.device=nvme",
+               "execution.offload.nvme_path=/proc/nope", cwd=tmp_path)
+    took = time.monotonic() - t0
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "execution.offload.nvme_path: /proc/nope is not a folder" in p.stderr
+    assert "building" not in p.stdout + p.stderr and "Ray" not in p.stdout
+    assert took < 10, f"{took:.1f} s"
+
+
+def test_settings_checked_before_the_cluster(tmp_path, tiny_fp8_dir):
+    """runtime.cache_gb against this host's memory, replicas x ranks against the local
+    cluster's CPUs, speculation against the checkpoint's MTP layer: exit 2, naming the key."""
+    common = ["model=tiny", f"model.path={tiny_fp8_dir}", f"job.input={_one_line_input(tmp_path)}",
+              f"job.output={tmp_path / 'o.jsonl'}"]
+    p = launch(*common, "runtime.cache_gb=100000", cwd=tmp_path)
+    assert p.returncode == 2 and "runtime.cache_gb: 100000 GB per rank x 1 ranks" in p.stderr
+    p = launch(*common, "+parallel=ep2", "runtime.replicas=3", "runtime.cpus_per_rank=2",
+               "runtime.num_cpus=4", cwd=tmp_path)
+    assert p.returncode == 2 and "runtime.replicas x ranks: 6 ranks x 2 CPUs" in p.stderr, p.stderr
+    from dataclasses import replace
+
+    from ds3dist.checkpoint.synthesize import synthesize
+
+    no_mtp = synthesize(tmp_path / "no-mtp", replace(preset("tiny"), num_nextn_predict_layers=0),
+                        progress=False)
+    p = launch(*common[:1], f"model.path={no_mtp}", *common[2:],
+               "sampling.speculative.method=mtp", "sampling.speculative.num_tokens=1",
+               cwd=tmp_path)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "sampling.speculative: the model has no MTP layer" in p.stderr, p.stderr

@@ -5,6 +5,9 @@ the setting at fault.
   writable folder) without writing them yet.
 - `check_checkpoint`: the header-only validation of the checkpoint against its config (seconds
   even for the 163-shard release) and, when asked, the streaming integrity check.
+- `check_settings`: what would fail only after op builds, the cluster and weight loading: the
+  NVMe offload folder and libaio, the MTP layer speculation needs, runtime.cache_gb against
+  this host's memory, runtime.replicas x ranks against the local cluster's CPUs or GPUs.
 
 The input (`ds3dist.jobs.input_text.read_input`), the output lock
 (`ds3dist.jobs.output_file.OutputFile.open`) and the Ray address
@@ -14,6 +17,7 @@ order.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -52,3 +56,61 @@ def check_checkpoint(path: Path, verify: bool = False, progress: bool = True) ->
         f"model.path: the checkpoint in {path} is invalid ({len(problems)} problem(s)):\n"
         f"{listed}{more}\nlist them all with: python -m ds3dist.checkpoint.inspect "
         f"{'--verify ' if verify else ''}{path}")
+
+
+def check_settings(r, checkpoint: Path) -> None:
+    """Settings that would otherwise fail only after the op builds, the cluster and weight
+    loading (minutes): checked on this host first, each failure naming its key. `r` is the
+    launch's schema.Resolved. Host-specific ones only where the ranks run here (a new local
+    cluster); on an existing cluster each rank checks what it can first thing."""
+    local = not (r.runtime.address or os.environ.get("RAY_ADDRESS"))
+    ranks = r.layout.world_size * r.runtime.replicas
+    if r.offload is not None and r.offload.device == "nvme" and local:
+        r.offload.check_host()
+    if r.speculative is not None:
+        _check_mtp(r.model)
+    if local and r.layout.device == "cpu" and r.serving.cache_gb is not None:
+        need, have = r.serving.cache_gb * ranks, _available_gb()
+        if have is not None and need > have:
+            raise LaunchConfigError(
+                f"runtime.cache_gb: {r.serving.cache_gb:g} GB per rank x {ranks} ranks on this "
+                f"host = {need:g} GB of paged cache, but this host has {have:.1f} GB available")
+    if local:
+        _check_devices(r, ranks)
+
+
+def _check_mtp(model) -> None:
+    """Speculation needs the MTP layer (check_checkpoint has matched the tensors to the config)."""
+    if not model.mtp_layer_ids:
+        raise LaunchConfigError("sampling.speculative: the model has no MTP layer "
+                                "(num_nextn_predict_layers = 0 in its config.json); leave "
+                                "sampling.speculative unset")
+
+
+def _available_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def _check_devices(r, ranks: int) -> None:
+    if r.layout.device == "cuda":
+        import torch
+
+        have = torch.cuda.device_count()
+        if ranks > have:
+            raise LaunchConfigError(f"runtime.replicas x ranks: {r.runtime.replicas} x "
+                                    f"{r.layout.world_size} GPU ranks, but this host has "
+                                    f"{have} GPU(s)")
+        return
+    per_rank = r.runtime.rank_cpus(ranks)
+    cpus = r.runtime.cluster_cpus(ranks)
+    if ranks * per_rank > cpus:
+        raise LaunchConfigError(f"runtime.replicas x ranks: {ranks} ranks x {per_rank} CPUs "
+                                f"each need {ranks * per_rank} logical CPUs, but the local "
+                                f"cluster gets runtime.num_cpus={cpus}")

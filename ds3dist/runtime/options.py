@@ -5,9 +5,13 @@ defaults from these classes."""
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import os
+import socket
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 BACKENDS = ("deepspeed",)
 DEVICES = ("cpu", "nvme")
@@ -87,6 +91,27 @@ class OffloadOptions:
             out.append(f"execution.offload.prefetch_layers: must be >= 0, got "
                        f"{self.prefetch_layers}")
         return out
+
+    def check_host(self) -> None:
+        """On the host that runs ranks, before loading (device=nvme): nvme_path is a folder
+        this process can write in and libaio can be loaded. OffloadError names the key."""
+        if self.device != "nvme":
+            return
+        folder = Path(self.nvme_path or "").expanduser()
+        if not folder.is_dir():
+            raise OffloadError(f"execution.offload.nvme_path: {folder} is not a folder on "
+                               f"{socket.gethostname()} (device=nvme keeps a swap folder per "
+                               f"rank in it)")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".ds3dist-probe"):
+                pass
+        except OSError as e:
+            raise OffloadError(f"execution.offload.nvme_path: cannot write in {folder} on "
+                               f"{socket.gethostname()}: {e.strerror}") from None
+        if ctypes.util.find_library("aio") is None:
+            raise OffloadError(f"execution.offload.device=nvme: libaio is not installed on "
+                               f"{socket.gethostname()} (DeepSpeed's async I/O needs it: "
+                               f"apt-get install libaio-dev)")
 
     def holds(self, module_name: str) -> bool:
         """Whether the Transformer module `module_name` belongs to an offload unit."""

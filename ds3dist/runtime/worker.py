@@ -131,6 +131,8 @@ class StageWorker:
 
     def load(self) -> LoadInfo:
         t0 = time.perf_counter()
+        if self.offload is not None:
+            self.offload.check_host()  # this host's NVMe folder, before minutes of loading
         self.model = load_model(
             self.checkpoint, execution=self.execution, dtype=self.dtype, device=self.device,
             layers=self.plan.layers, mtp=self.speculative is not None,
