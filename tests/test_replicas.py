@@ -244,3 +244,17 @@ def test_once_drained_the_timer_never_fires():
         with pytest.raises(Interrupted, match="SIGINT while stopping"):  # a second signal still
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(10)
+
+
+def test_a_first_signal_in_the_closing_work_lets_it_finish():
+    """Generation over (drained), then SIGTERM: the summary is still written (no timer, no
+    Interrupted); a second signal stops at once."""
+    with GracefulStop(drain_s=0.2) as stop:
+        stop.generating = True
+        stop.drained()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # past drain_s
+        assert stop.requested and stop.signal == "SIGTERM" and stop._timer is None
+        with pytest.raises(Interrupted, match="SIGINT while stopping"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)

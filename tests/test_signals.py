@@ -245,3 +245,31 @@ def test_sigterm_during_start_up_exits_75_and_leaves_no_process(tmp_path, env, t
     assert took < 20 + 10
     assert "stopped by SIGTERM before generation began" in stderr, stderr[-3000:]
     assert not out.exists() or not out.read_text().strip()
+
+
+def test_sigint_during_preflight_exits_75_and_leaves_the_cache_whole(tmp_path, env):
+    """SIGINT while the preflight synthesizes the tiny checkpoint into an empty cache: exit 75
+    at once, nothing written, no half-written checkpoint left; the next launch makes it anew
+    and completes."""
+    env = dict(env, DS3DIST_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out.jsonl"
+    argv = ["model=tiny", f"job.input={write_input(tmp_path / 'in.jsonl')}", f"job.output={out}",
+            "sampling.max_new_tokens=4", "runtime.control=local", "job.progress=false"]
+    proc = start(argv, tmp_path, env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line or line.startswith("synthesizing the tiny checkpoint"):
+            break
+    assert proc.poll() is None, proc.communicate()
+    took, stdout, stderr = stop(proc, signal.SIGINT)
+    print(f"SIGINT during the checkpoint's synthesis to exit: {took:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert "stopped by SIGINT before generation began" in stderr and took < 10
+    assert not out.exists() or not out.read_text().strip()
+    cache = tmp_path / "cache"
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".")], "a partial checkpoint"
+    again = start(argv, tmp_path, env)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert len(valid_records(out)) == N
