@@ -24,6 +24,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -152,21 +156,67 @@ def _built(cached: bool, seconds: float) -> bool:
 
 def for_ranks(device_type: str, offload=None, say: Say = _print) -> list[OpBuild]:
     """Before a job's ranks start: the ops they will load, built here, where a local
-    cluster's ranks then load them from the cache. A DeepSpeed op that the offload
-    (OffloadOptions or None) needs and that cannot be ready raises OffloadError naming the
-    setting; without the CPU kernels the same math runs as torch ops."""
+    cluster's ranks then load them from the cache. The builds run in a child process of their
+    own session (`python -m ds3dist.build_ops`, its lines relayed), so that a signal stopping
+    the launch ends the compilers with it. A DeepSpeed op that the offload (OffloadOptions
+    or None) needs and that cannot be ready raises OffloadError naming the setting; without
+    the CPU kernels the same math runs as torch ops."""
     from ds3dist.runtime.options import OffloadError
 
     names = ["cpu_kernels"] if device_type == "cpu" else []
     if offload is not None:
         names += ["shm_comm"] if device_type == "cpu" else []
         names += ["async_io"] if offload.device == "nvme" else []
-    results = build(names, device_type, say)
+    if not names:
+        return []
+    results = _build_in_child(names, device_type, say)
     for op in results:
-        say(describe(op))
         if op.name != "cpu_kernels" and op.state != "ready":
             raise OffloadError(f"execution.offload.device={offload.device}: {describe(op)}")
     return results
+
+
+def _build_in_child(names: list[str], device_type: str, say: Say) -> list[OpBuild]:
+    proc = subprocess.Popen([sys.executable, "-m", "ds3dist.build_ops", "--device", device_type,
+                             "--json", *names], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    last = ""
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("["):
+                last = line
+            elif not re.match(r"\d+ of \d+ ops ready", line):  # the CLI's own tally
+                say(line)
+        proc.wait()
+    except BaseException:  # a signal: the build and its compilers end with the launch
+        _kill_session(proc.pid)
+        proc.wait()
+        raise
+    if not last:
+        return [OpBuild(n, "failed", f"python -m ds3dist.build_ops exited {proc.returncode}")
+                for n in names]
+    return [OpBuild(**op) for op in json.loads(last)]
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (ninja gives each compiler a process group of
+    its own, so the child's group is not enough; without /proc, the child's group)."""
+    try:
+        os.killpg(sid, signal.SIGKILL)
+        entries = os.listdir("/proc")
+    except OSError:
+        entries = []
+    for d in entries:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # after the name: state, ppid, pgrp, session
+                os.kill(int(d), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def describe(op: OpBuild) -> str:

@@ -77,6 +77,14 @@ def test_the_launch_stops_at_once_without_an_op_the_offload_needs(monkeypatch, d
     monkeypatch.setattr(build_ops, "deepspeed_op", fake)
     monkeypatch.setattr(build_ops, "cpu_kernels", lambda say: build_ops.OpBuild(
         "cpu_kernels", "unavailable", "switched off"))
+
+    def in_process(names, device_type, say):  # the child's work, here (so the fakes apply)
+        results = build_ops.build(names, device_type, say)
+        for op in results:
+            say(build_ops.describe(op))
+        return results
+
+    monkeypatch.setattr(build_ops, "_build_in_child", in_process)
     said = []
     opt = OffloadOptions(device=device, nvme_path="/tmp" if device == "nvme" else None)
     with pytest.raises(OffloadError) as e:
@@ -84,3 +92,11 @@ def test_the_launch_stops_at_once_without_an_op_the_offload_needs(monkeypatch, d
     assert str(e.value).startswith(f"execution.offload.device={device}: {missing}: not built")
     assert "cpu_kernels: not built: switched off" in said  # without the kernels it goes on
     assert build_ops.for_ranks("cpu", None, said.append)[0].name == "cpu_kernels"
+
+
+def test_the_launch_builds_in_a_child_and_relays_its_lines():
+    said = []
+    got = build_ops.for_ranks("cpu", None, said.append)
+    assert [op.name for op in got] == ["cpu_kernels"] and got[0].state in ("ready", "unavailable")
+    assert any(line.startswith("cpu_kernels: ") for line in said)
+    assert not any(line[:1] == "[" or " ops ready or not applicable" in line for line in said)

@@ -273,3 +273,30 @@ def test_sigint_during_preflight_exits_75_and_leaves_the_cache_whole(tmp_path, e
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert len(valid_records(out)) == N
+
+
+def test_sigterm_during_the_op_build_ends_the_compilers_too(tmp_path, env, tiny_fp8_dir):
+    """SIGTERM while the launch compiles the CPU kernels (an empty extension folder): exit 75
+    within seconds and no compiler of the build left running."""
+    ext = tmp_path / "ext"
+    env = dict(env, TORCH_EXTENSIONS_DIR=str(ext))
+    out = tmp_path / "out.jsonl"
+    proc = start(["model=tiny", f"model.path={tiny_fp8_dir}",
+                  f"job.input={write_input(tmp_path / 'in.jsonl')}", f"job.output={out}",
+                  "runtime.control=local", "job.progress=false"], tmp_path, env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line or line.startswith("building cpu_kernels"):
+            break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(2)  # the compilers are running
+    assert processes_marked(str(ext), environ=True), "no compiler of the build was seen"
+    took, stdout, stderr = stop(proc, signal.SIGTERM)
+    print(f"SIGTERM during the op build to exit: {took:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
+    assert "stopped by SIGTERM before generation began" in stderr and took < 10
+    deadline = time.monotonic() + 5
+    while processes_marked(str(ext), environ=True) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_marked(str(ext), environ=True), "a compiler outlived the launch"
