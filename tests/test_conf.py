@@ -328,7 +328,7 @@ def test_an_nvme_folder_that_cannot_work_fails_before_any_build(tmp_path, tiny_f
                "execution.offload.nvme_path=/proc/nope", cwd=tmp_path)
     took = time.monotonic() - t0
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "execution.offload.nvme_path: /proc/nope is not a folder" in p.stderr
+    assert "execution.offload.nvme_path: cannot make /proc/nope on" in p.stderr
     assert "building" not in p.stdout + p.stderr and "Ray" not in p.stdout
     assert took < 10, f"{took:.1f} s"
 

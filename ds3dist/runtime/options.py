@@ -93,11 +93,17 @@ class OffloadOptions:
         return out
 
     def check_host(self) -> None:
-        """On the host that runs ranks, before loading (device=nvme): nvme_path is a folder
-        this process can write in and libaio can be loaded. OffloadError names the key."""
+        """On the host that runs ranks, before loading (device=nvme): nvme_path is (or can be
+        made) a folder this process can write in, and libaio can be loaded. OffloadError
+        names the key."""
         if self.device != "nvme":
             return
         folder = Path(self.nvme_path or "").expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OffloadError(f"execution.offload.nvme_path: cannot make {folder} on "
+                               f"{socket.gethostname()}: {e.strerror}") from None
         if not folder.is_dir():
             raise OffloadError(f"execution.offload.nvme_path: {folder} is not a folder on "
                                f"{socket.gethostname()} (device=nvme keeps a swap folder per "
