@@ -66,6 +66,15 @@ def wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 3
     raise AssertionError(f"the job ended or stalled before {n} lines: {proc.communicate()}")
 
 
+def wait_for_stdout(proc: subprocess.Popen, start: str) -> None:
+    """Read the launch's stdout up to a line that starts with `start` (bounded by the
+    launch's own limits: it ends, or prints the line)."""
+    for line in proc.stdout:
+        if line.startswith(start):
+            return
+    raise AssertionError(f"the launch ended before printing {start!r}: {proc.communicate()}")
+
+
 def valid_records(out: Path) -> dict[str, dict]:
     recs = [json.loads(x) for x in out.read_text().splitlines()]  # every line whole
     ids = [r["id"] for r in recs]
@@ -235,12 +244,7 @@ def test_sigterm_during_start_up_exits_75_and_leaves_no_process(tmp_path, env, t
     out = tmp_path / "out.jsonl"
     proc = start(args(write_input(tmp_path / "in.jsonl"), out, drain_s=20)
                  + [f"model.path={tiny_fp8_dir}"], tmp_path, env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the engine is being made once this line is out
-        line = proc.stdout.readline()
-        if not line or "layout pp=" in line:
-            break
-    assert proc.poll() is None, proc.communicate()
+    wait_for_stdout(proc, "model tiny from")  # the engine is being made once this is out
     time.sleep(after_s)
     took, stdout, stderr = stop(proc, signal.SIGTERM)
     print(f"SIGTERM {after_s} s into start-up to exit: {took:.1f} s")
@@ -259,12 +263,7 @@ def test_sigint_during_preflight_exits_75_and_leaves_the_cache_whole(tmp_path, e
     argv = ["model=tiny", f"job.input={write_input(tmp_path / 'in.jsonl')}", f"job.output={out}",
             "sampling.max_new_tokens=4", "runtime.control=local", "job.progress=false"]
     proc = start(argv, tmp_path, env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line or line.startswith("synthesizing the tiny checkpoint"):
-            break
-    assert proc.poll() is None, proc.communicate()
+    wait_for_stdout(proc, "synthesizing the tiny checkpoint")
     took, stdout, stderr = stop(proc, signal.SIGINT)
     print(f"SIGINT during the checkpoint's synthesis to exit: {took:.1f} s")
     assert proc.returncode == EXIT_INTERRUPTED, stdout[-2000:] + stderr[-3000:]
@@ -287,12 +286,7 @@ def test_sigterm_during_the_op_build_ends_the_compilers_too(tmp_path, env, tiny_
     proc = start(["model=tiny", f"model.path={tiny_fp8_dir}",
                   f"job.input={write_input(tmp_path / 'in.jsonl')}", f"job.output={out}",
                   "runtime.control=local", "job.progress=false"], tmp_path, env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line or line.startswith("building cpu_kernels"):
-            break
-    assert proc.poll() is None, proc.communicate()
+    wait_for_stdout(proc, "building cpu_kernels")
     time.sleep(2)  # the compilers are running
     assert processes_marked(str(ext), environ=True), "no compiler of the build was seen"
     took, stdout, stderr = stop(proc, signal.SIGTERM)

@@ -25,6 +25,7 @@ from ds3dist.checkpoint.validation import validate
 from ds3dist.checkpoint.verify import verify as verify_data
 from ds3dist.jobs.errors import JobError
 from ds3dist.jobs.schema import LaunchConfigError
+from ds3dist.plan.accelerators import meminfo_gb
 
 MAX_LISTED = 10  # checkpoint problems quoted in the error; inspect lists them all
 
@@ -70,7 +71,7 @@ def check_settings(r, checkpoint: Path) -> None:
     if r.speculative is not None:
         _check_mtp(r.model)
     if local and r.layout.device == "cpu" and r.serving.cache_gb is not None:
-        need, have = r.serving.cache_gb * ranks, _available_gb()
+        need, have = r.serving.cache_gb * ranks, meminfo_gb("MemAvailable")
         if have is not None and need > have:
             raise LaunchConfigError(
                 f"runtime.cache_gb: {r.serving.cache_gb:g} GB per rank x {ranks} ranks on this "
@@ -85,17 +86,6 @@ def _check_mtp(model) -> None:
         raise LaunchConfigError("sampling.speculative: the model has no MTP layer "
                                 "(num_nextn_predict_layers = 0 in its config.json); leave "
                                 "sampling.speculative unset")
-
-
-def _available_gb() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return None
 
 
 def _check_devices(r, ranks: int) -> None:

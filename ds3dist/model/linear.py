@@ -134,14 +134,14 @@ def _time_paths(w: torch.Tensor, packed: torch.Tensor | None) -> MatmulPaths:
     library = ((lambda x: packed_linear(x, packed)) if packed is not None
                else (lambda x: F.linear(x, w)))
     kernel = (cpu_kernel.kernel() is not None and w.is_contiguous()
-              and _seconds(lambda: cpu_kernel.linear(few, w)) < _seconds(lambda: library(few)))
+              and fastest_seconds(lambda: cpu_kernel.linear(few, w)) < fastest_seconds(lambda: library(few)))
     upcast = (packed is None and
-              _seconds(lambda: F.linear(many.float(), w.float())) < _seconds(lambda: library(many)))
+              fastest_seconds(lambda: F.linear(many.float(), w.float())) < fastest_seconds(lambda: library(many)))
     return MatmulPaths(kernel=kernel, upcast=upcast)
 
 
-def _seconds(fn, repeats: int = 3) -> float:
-    """The fastest of `repeats` calls, after one to warm up."""
+def fastest_seconds(fn, repeats: int = 3) -> float:
+    """The fastest of `repeats` calls, after one to warm up (allocation, kernel selection)."""
     fn()
     best = float("inf")
     for _ in range(repeats):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import dataclass, fields, replace
 
 
@@ -97,25 +96,22 @@ class MachineFigures:
     decode_tbps: float  # DECODE_GEMM's weight bytes per second
 
 
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up (allocation, kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _memory_gb() -> float:
+def meminfo_gb(field: str) -> float | None:
+    """A /proc/meminfo figure (MemTotal, MemAvailable, ...) in GB, or None without it."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024 / 1e9
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return None
+
+
+def _memory_gb() -> float:
+    total = meminfo_gb("MemTotal")
+    return total if total is not None else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
 def _cores() -> int:
@@ -128,7 +124,7 @@ def this_machine() -> MachineFigures:
     a few repeats of each."""
     import torch
 
-    from ds3dist.model.linear import packed_linear, packed_weight
+    from ds3dist.model.linear import fastest_seconds, packed_linear, packed_weight
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,11 +132,11 @@ def this_machine() -> MachineFigures:
         with torch.inference_mode():
             src = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
             dst = torch.empty_like(src)
-            copy_s = _best(lambda: dst.copy_(src), 5)
+            copy_s = fastest_seconds(lambda: dst.copy_(src), 5)
             n = LARGE_GEMM
             a = torch.randn(n, n, dtype=torch.bfloat16)
             b = torch.randn(n, n, dtype=torch.bfloat16)
-            large_s = _best(lambda: torch.mm(a, b), 3)
+            large_s = fastest_seconds(lambda: torch.mm(a, b), 3)
             m, k, out = DECODE_GEMM
             weights = [torch.full((out, k), 0.01 * i, dtype=torch.bfloat16) for i in range(48)]
             x = torch.randn(m, k, dtype=torch.bfloat16)
@@ -150,7 +146,7 @@ def this_machine() -> MachineFigures:
                 for w, p in zip(weights, packed):  # 48 x 5.8 MB: more than the caches hold
                     packed_linear(x, p) if p is not None else torch.nn.functional.linear(x, w)
 
-            decode_s = _best(decode, 5) / len(weights)
+            decode_s = fastest_seconds(decode, 5) / len(weights)
     finally:
         torch.set_num_threads(threads)
     return MachineFigures(
