@@ -3,9 +3,11 @@
 // The build compiles these sources once per instruction set (DS3DIST_ISA, CPU_CAPABILITY_*);
 // ds3dist.model.cpu_kernel loads the one this CPU runs. bf16 is widened to float32 in
 // registers; every output is a fixed-order dot product, whatever is computed beside it.
+// Only ATen's tensor and vector headers here: torch/extension.h, four times slower to
+// compile, is for bindings.cpp alone.
 #pragma once
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -151,5 +153,20 @@ inline void gemv(const T* w, int64_t out, int64_t n, const float* x, int64_t row
     default: gemv_rows<4>(w, out, n, x, y, ld_y); break;
   }
 }
+
+// The kernels (one file each; bindings.cpp exposes them).
+void grouped_experts(const at::Tensor& x_sd, const at::Tensor& experts,
+                     const at::Tensor& starts, const at::Tensor& counts,
+                     const at::Tensor& w13, const at::Tensor& w2, at::Tensor& out_sd);
+void mla_decode(const at::Tensor& q_thc, const at::Tensor& rows, const at::Tensor& kv_lens,
+                const at::Tensor& page_starts, const at::Tensor& page_ids,
+                const at::Tensor& pool, int64_t r, double scale, at::Tensor& out_thr);
+void moe_decode(const at::Tensor& x_td, const at::Tensor& gate_w, const at::Tensor& bias,
+                int64_t n_group, int64_t topk_group, int64_t top_k, double scaling,
+                const at::Tensor& w13, const at::Tensor& w2, at::Tensor& out_td,
+                at::Tensor& received_e);
+void int8_logits(const at::Tensor& x_md, const at::Tensor& w_vd, const at::Tensor& w_scale,
+                 const at::Tensor& w_sum, at::Tensor& out_mv);
+void linear(const at::Tensor& x_mk, const at::Tensor& w_nk, at::Tensor& out_mn);
 
 }  // namespace ds3dist

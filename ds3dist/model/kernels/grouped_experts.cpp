@@ -25,10 +25,10 @@ void expert_rows(const float* x, int64_t rows, const c10::BFloat16* w13, const c
 // Groups g: rows starts[g] .. starts[g] + counts[g] - 1 of x_sd (counts 1..4) go through local
 // expert experts[g] (expert_rows). w13 [E, 2I, D] ([gate; up]), w2 [E, D, I], all
 // bf16 and contiguous. Writes those rows of out_sd [S, D] and no others.
-void grouped_experts(const torch::Tensor& x_sd, const torch::Tensor& experts,
-                     const torch::Tensor& starts, const torch::Tensor& counts,
-                     const torch::Tensor& w13, const torch::Tensor& w2, torch::Tensor& out_sd) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x_sd, &w13, &w2, &out_sd})
+void grouped_experts(const at::Tensor& x_sd, const at::Tensor& experts,
+                     const at::Tensor& starts, const at::Tensor& counts,
+                     const at::Tensor& w13, const at::Tensor& w2, at::Tensor& out_sd) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x_sd, &w13, &w2, &out_sd})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->device().is_cpu(),
                 "grouped_experts: contiguous bf16 CPU tensors only");
   const int64_t d = x_sd.size(1), inter = w2.size(2), groups = experts.size(0);

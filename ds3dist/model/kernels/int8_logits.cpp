@@ -92,8 +92,8 @@ void rows_dot(const int8_t* x, const int8_t* w, const float* w_scale, const int3
 
 // x_md [M, D] float32 -> out_mv [M, V] float32 = (x q(x)) . (s_v w_v) approximately.
 // w_vd int8 [V, D] (D a multiple of 64), w_scale float [V], w_sum int32 [V] = sum_d w_vd.
-void int8_logits(const torch::Tensor& x_md, const torch::Tensor& w_vd, const torch::Tensor& w_scale,
-                 const torch::Tensor& w_sum, torch::Tensor& out_mv) {
+void int8_logits(const at::Tensor& x_md, const at::Tensor& w_vd, const at::Tensor& w_scale,
+                 const at::Tensor& w_sum, at::Tensor& out_mv) {
   TORCH_CHECK(x_md.scalar_type() == at::kFloat && w_vd.scalar_type() == at::kChar &&
               w_scale.scalar_type() == at::kFloat && w_sum.scalar_type() == at::kInt &&
               out_mv.scalar_type() == at::kFloat, "int8_logits: float x, int8 w, float scale, "

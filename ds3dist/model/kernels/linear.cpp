@@ -8,7 +8,7 @@
 namespace ds3dist {
 
 // x_mk [M, K] bf16 or float32; w_nk [N, K] bf16; out_mn [M, N] of x's dtype (all contiguous).
-void linear(const torch::Tensor& x_mk, const torch::Tensor& w_nk, torch::Tensor& out_mn) {
+void linear(const at::Tensor& x_mk, const at::Tensor& w_nk, at::Tensor& out_mn) {
   TORCH_CHECK(w_nk.scalar_type() == at::kBFloat16 && w_nk.is_contiguous() && w_nk.device().is_cpu(),
               "linear: the weight must be a contiguous bf16 CPU tensor");
   TORCH_CHECK(x_mk.dim() == 2 && out_mn.dim() == 2 && x_mk.size(1) == w_nk.size(1) &&

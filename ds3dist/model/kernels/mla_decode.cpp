@@ -30,9 +30,9 @@ void attend_one(const float* q, const T* pool, const int64_t* pages, int64_t kv_
 }
 
 template <typename T>
-void decode(const torch::Tensor& q_thc, const int64_t* rows, const int64_t* kv_lens,
-            const int64_t* page_starts, const int64_t* page_ids, const torch::Tensor& pool,
-            int64_t r, double scale, torch::Tensor& out_thr, int64_t groups) {
+void decode(const at::Tensor& q_thc, const int64_t* rows, const int64_t* kv_lens,
+            const int64_t* page_starts, const int64_t* page_ids, const at::Tensor& pool,
+            int64_t r, double scale, at::Tensor& out_thr, int64_t groups) {
   const int64_t h = q_thc.size(1), c = q_thc.size(2), page_size = pool.size(1);
   const T* qp = q_thc.const_data_ptr<T>();
   const T* poolp = pool.const_data_ptr<T>();
@@ -56,12 +56,12 @@ void decode(const torch::Tensor& q_thc, const int64_t* rows, const int64_t* kv_l
 // Sequences g: query row rows[g] of q_thc [T, H, C] (latent-absorbed queries), keys 0 ..
 // kv_lens[g] - 1 in the pages page_ids[page_starts[g] ...] of pool [pages, page_size, C];
 // writes row rows[g] of out_thr [T, H, r] (the attended latents) and no others. bf16 or float32.
-void mla_decode(const torch::Tensor& q_thc, const torch::Tensor& rows, const torch::Tensor& kv_lens,
-                const torch::Tensor& page_starts, const torch::Tensor& page_ids,
-                const torch::Tensor& pool, int64_t r, double scale, torch::Tensor& out_thr) {
+void mla_decode(const at::Tensor& q_thc, const at::Tensor& rows, const at::Tensor& kv_lens,
+                const at::Tensor& page_starts, const at::Tensor& page_ids,
+                const at::Tensor& pool, int64_t r, double scale, at::Tensor& out_thr) {
   const auto dt = q_thc.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kFloat, "mla_decode: bf16 or float32 only");
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&q_thc, &pool, &out_thr})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q_thc, &pool, &out_thr})
     TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous() && t->device().is_cpu(),
                 "mla_decode: contiguous CPU tensors of one dtype only");
   const int64_t groups = rows.size(0), c = q_thc.size(2), page_size = pool.size(1);

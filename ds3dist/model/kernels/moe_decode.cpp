@@ -54,12 +54,12 @@ void route_one(const float* logits, const float* bias, int64_t e_n, int64_t n_gr
 // x_td [T, D] bf16; gate_w [E, D] bf16; bias [E] float32; w13 [E, 2I, D], w2 [E, D, I] bf16
 // (all E experts, ascending id). out_td [T, D] bf16 = sum over k (float32, k order) of
 // bf16(w_k * bf16(expert_k(x))); received_e [E] int64 += copies per expert.
-void moe_decode(const torch::Tensor& x_td, const torch::Tensor& gate_w, const torch::Tensor& bias,
+void moe_decode(const at::Tensor& x_td, const at::Tensor& gate_w, const at::Tensor& bias,
                 int64_t n_group, int64_t topk_group, int64_t top_k, double scaling,
-                const torch::Tensor& w13, const torch::Tensor& w2, torch::Tensor& out_td,
-                torch::Tensor& received_e) {
-  for (const torch::Tensor* t :
-       std::initializer_list<const torch::Tensor*>{&x_td, &gate_w, &w13, &w2, &out_td})
+                const at::Tensor& w13, const at::Tensor& w2, at::Tensor& out_td,
+                at::Tensor& received_e) {
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&x_td, &gate_w, &w13, &w2, &out_td})
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->is_contiguous() && t->device().is_cpu(),
                 "moe_decode: contiguous bf16 CPU tensors only");
   const int64_t t_n = x_td.size(0), d = x_td.size(1), e_n = gate_w.size(0), inter = w2.size(2);
