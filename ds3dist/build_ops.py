@@ -8,7 +8,7 @@ processes load, so that no job (and no test) pays for a build it did not expect.
 The ops, each cached in torch's extension folder ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions/<python>_<accelerator>/) and loaded in about a second afterwards:
   cpu_kernels  ds3dist's CPU decode kernels (CPU ranks), for this CPU's instruction set and
-               the x86 vector ones below it (AVX-512, AVX2): about 1 minute each on 2 cores
+               the x86 vector ones below it (AVX-512, AVX2): about 30 s each on 2 cores
   shm_comm     DeepSpeed's CPU accelerator communication op (CPU ranks with weight offload):
                about 30 s
   async_io     DeepSpeed's async I/O op (execution.offload.device=nvme; needs libaio-dev):

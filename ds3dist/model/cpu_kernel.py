@@ -13,7 +13,7 @@ its batch.
 
 One source, written over ATen's portable vectors, compiled once per instruction set (ISAS:
 AVX-512, AVX2 + FMA, ARM NEON, plain C++) with torch's C++ extension tooling (a C++ compiler
-and ninja; about a minute each on 2 cores) into torch's extension folder ($TORCH_EXTENSIONS_DIR,
+and ninja; about 30 s each on 2 cores) into torch's extension folder ($TORCH_EXTENSIONS_DIR,
 else ~/.cache/torch_extensions/<python>_<accelerator>/), under a file lock every process waits
 on for at most BUILD_TIMEOUT_S. A process uses the build for torch's own CPU capability
 (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY=avx2 lowers):
@@ -182,7 +182,7 @@ def load(isa: str | None = None) -> Build:
                                    f"{failed.read_text()}")
             if not is_built(isa):
                 log.warning("building the CPU decode kernels (%s) into %s (once per machine, "
-                            "about a minute)", isa, d)
+                            "about 30 s)", isa, d)
             mod = _build(d.name, d, failed, isa)
     except Exception as e:  # no compiler, no ninja, a failed build, the lock timed out
         error = f"{type(e).__name__}: ...{str(e)[-400:]}"
