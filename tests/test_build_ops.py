@@ -100,3 +100,23 @@ def test_the_launch_builds_in_a_child_and_relays_its_lines():
     assert [op.name for op in got] == ["cpu_kernels"] and got[0].state in ("ready", "unavailable")
     assert any(line.startswith("cpu_kernels: ") for line in said)
     assert not any(line[:1] == "[" or " ops ready or not applicable" in line for line in said)
+
+
+@pytest.mark.parametrize("text, has, lacks", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f\n", {"avx2", "avx512f"}, {"asimddp"}),
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp sve\nCPU part\t: 0xd40\n",
+     {"asimd", "asimddp"}, {"avx2", "Features", ":"}),
+    ("processor\t: 0\n", set(), {"flags"}),
+])
+def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path, monkeypatch, text, has, lacks):
+    """What picks the kernels' builds and flags (AVX-512 VNNI, ARM sdot) on each CPU."""
+    from ds3dist.model import cpu_kernel
+    from ds3dist.model.options import cpu_flags
+
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    flags = cpu_flags(str(path))
+    assert has <= flags and not lacks & flags
+    monkeypatch.setattr(cpu_kernel, "cpu_flags", lambda: flags)
+    sdot = "-march=armv8.2-a+dotprod" in cpu_kernel.isa_flags("neon")
+    assert sdot == ("asimddp" in has)

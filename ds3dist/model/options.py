@@ -69,10 +69,12 @@ def native_bf16() -> bool:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo: x86's "flags", ARM's "Features" (empty
+    where there is none)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+        with open(cpuinfo) as f:
+            line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
     except OSError:
         return frozenset()
+    return frozenset(line.partition(":")[2].split())
