@@ -49,9 +49,10 @@ from ds3dist.jobs.report import (Counts, JobSummary, Throughput, engine_stats, p
                                  write_summary)
 from ds3dist.jobs.requests import (
     DEFAULT_SAMPLING,
-    LineError,
-    PromptEncoder,
     InputLine,
+    LineError,
+    ParsedInput,
+    PromptEncoder,
     detect_format,
     parse_input,
 )
@@ -118,6 +119,40 @@ class _Job:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+@dataclass
+class _Run:
+    """What a run read and what it has done: its summary's sources."""
+    inp: InputText
+    parsed: ParsedInput
+    already: int  # requests already in the output
+    todo: list[InputLine]
+    errors: Path
+    t_start: float
+    meta: dict[str, Any] | None
+    tally: _Tally = field(default_factory=_Tally)
+
+    def summary(self, job: _Job, stats_timeout_s: float | None = None) -> JobSummary:
+        """The summary as of now; the engine's expert load goes to its file first."""
+        if job.stop is not None and job.stop.requested:  # its cluster may be going down
+            stats_timeout_s = STOPPED_STATS_S
+        stats = engine_stats(job.engine, stats_timeout_s)
+        if stats.expert_load.per_layer:  # what ds3dist.balance reads
+            write_atomic(expert_load_path(job.out.path),
+                         json.dumps(stats.expert_load.file()) + "\n", "job.output")
+        t, p = self.tally, self.parsed
+        counts = Counts(lines=p.lines, valid=len(p.requests), errors=len(p.errors),
+                        failed=t.failed, already_done=self.already, generated=t.generated,
+                        not_run=len(self.todo) - t.generated - t.failed,
+                        output_records=job.out.records, finish_reason=t.finish,
+                        drained=t.drained)
+        return JobSummary(
+            input=str(self.inp.path), output=str(job.out.path), errors_file=str(self.errors),
+            plot=None, format=job.fmt, input_encoding=self.inp.encoding, counts=counts,
+            prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
+            throughput=_throughput(t, time.perf_counter() - self.t_start), engine=stats,
+            stopped=job.stop.signal if job.stop is not None else None, meta=self.meta or None)
+
+
 def run_batch_job(
     engine: ServingEngine,
     tokenizer: Any,
@@ -151,7 +186,6 @@ def run_batch_job(
     try:
         _, err_path, sum_path, png_path = default_paths(out.path, errors_path, summary_path,
                                                         plot_path)
-        load_path = expert_load_path(out.path)
         fmt = detect_format(inp.lines) if fmt == "auto" else fmt
         if fmt not in ("native", "openai"):
             raise JobError(f"job.format: must be auto, native or openai, got {fmt!r}")
@@ -159,37 +193,9 @@ def run_batch_job(
         parsed = parse_input(inp.lines, fmt, enc, sampling or DEFAULT_SAMPLING,
                              inp.bad_lines)
         already, todo = _resume(parsed, fmt, out, err_path)
+        run = _Run(inp, parsed, already, todo, err_path, t_start, meta)
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
-        tally = _Tally()
-
-        def summarize(stats_timeout_s: float | None = None) -> JobSummary:
-            if stop is not None and stop.requested:  # its cluster may be going down
-                stats_timeout_s = STOPPED_STATS_S
-            stats = engine_stats(engine, stats_timeout_s)
-            if stats.expert_load.per_layer:  # what ds3dist.balance reads
-                write_atomic(load_path, json.dumps(stats.expert_load.file()) + "\n",
-                             "job.output")
-            return JobSummary(
-                input=str(inp.path), output=str(out.path), errors_file=str(err_path),
-                plot=None, format=fmt,
-                input_encoding=inp.encoding,
-                counts=_counts(parsed, tally, already, out, len(todo)),
-                prompt_tokens=tally.prompt_tokens, completion_tokens=tally.completion_tokens,
-                throughput=_throughput(tally, time.perf_counter() - t_start), engine=stats,
-                stopped=stop.signal if stop is not None else None, meta=meta or None)
-
-        if stop is not None:
-            stop.generating = True
-        try:
-            _generate(job, todo, progress, tally)
-        except BaseException as e:  # the summary still says what this run did
-            out.sync()
-            _fail_summary(sum_path, e, summarize)
-            raise
-        if stop is not None:
-            stop.drained()  # nothing in flight: the closing work is not the drain's
-        out.sync()
-        summary = summarize()
+        summary = _generate_all(job, run, progress, sum_path)
     finally:
         if own:
             out.close()
@@ -202,6 +208,23 @@ def run_batch_job(
         summary.plot = str(plot)
         write_summary(sum_path, summary)
     return summary
+
+
+def _generate_all(job: _Job, run: _Run, progress: bool, sum_path: Path) -> JobSummary:
+    """Every request to do through the engine; the run's summary (a run that fails writes
+    its summary, with the error, before the error goes on)."""
+    if job.stop is not None:
+        job.stop.generating = True
+    try:
+        _generate(job, run.todo, progress, run.tally)
+    except BaseException as e:  # the summary still says what this run did
+        job.out.sync()
+        _fail_summary(sum_path, e, run, job)
+        raise
+    if job.stop is not None:
+        job.stop.drained()  # nothing in flight: the closing work is not the drain's
+    job.out.sync()
+    return run.summary(job)
 
 
 def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, list[InputLine]]:
@@ -217,18 +240,11 @@ def _resume(parsed, fmt: str, out: OutputFile, err_path: Path) -> tuple[int, lis
             [r for r in parsed.requests if r.key not in done])
 
 
-def _counts(parsed, tally: _Tally, already: int, out: OutputFile, todo: int) -> Counts:
-    return Counts(lines=parsed.lines, valid=len(parsed.requests), errors=len(parsed.errors),
-                  failed=tally.failed, already_done=already, generated=tally.generated,
-                  not_run=todo - tally.generated - tally.failed, output_records=out.records,
-                  finish_reason=tally.finish, drained=tally.drained)
-
-
-def _fail_summary(path: Path, error: BaseException, build) -> None:
+def _fail_summary(path: Path, error: BaseException, run: _Run, job: _Job) -> None:
     """The summary of a run that failed: what it did, and the error (`error`). A failure to
     write it is logged; the run's own error is the one raised."""
     try:
-        summary = build(STOPPED_STATS_S)
+        summary = run.summary(job, STOPPED_STATS_S)
         summary.error = f"{type(error).__name__}: {error}"
         write_summary(path, summary)
     except Exception as e:
