@@ -212,22 +212,31 @@ def _refine(lab_bps: np.ndarray, copies_bl: np.ndarray, load_bl: np.ndarray) -> 
         best = cand.argmin(-1)
         go = np.flatnonzero(cand[b, best] < top * (1 - 1e-9))
         for g in go:
-            k, blk, rg = int(best[g]), act[g], int(r[g])
-            if k < swap[0].size:
-                i, p, j = np.unravel_index(k, swap.shape[1:])
-                lab_bps[blk, rg, i], lab_bps[blk, p, j] = lab_bps[blk, p, j], lab_bps[blk, rg, i]
-                continue
-            k -= swap[0].size
-            if k < give[0].size:
-                i, j = divmod(k, give.shape[-1])
-                slot, x = divmod(int(t_k[g, j]), per), lab_r[g, i]
-            else:
-                i, x = divmod(k - give[0].size, take.shape[-1])
-                slot = (rg, i)
-            copies_bl[blk, lab_bps[(blk, *slot)]] -= 1
-            copies_bl[blk, x] += 1
-            lab_bps[(blk, *slot)] = x
+            _move(lab_bps, copies_bl, act[g], int(r[g]), int(best[g]), swap[0].shape,
+                  give[0].shape, t_k[g], lab_r[g])
         act = act[go]
+
+
+def _move(lab_bps: np.ndarray, copies_bl: np.ndarray, blk: int, r: int, k: int,
+          swap_shape: tuple, give_shape: tuple, t_k: np.ndarray, lab_r: np.ndarray) -> None:
+    """Make _refine's candidate k (an index into its swap, give and take moves, in that
+    order) in block blk whose busiest rank is r."""
+    per = lab_bps.shape[-1]
+    swaps, gives = int(np.prod(swap_shape)), int(np.prod(give_shape))
+    if k < swaps:
+        i, p, j = np.unravel_index(k, swap_shape)
+        lab_bps[blk, r, i], lab_bps[blk, p, j] = lab_bps[blk, p, j], lab_bps[blk, r, i]
+        return
+    k -= swaps
+    if k < gives:
+        i, j = divmod(k, give_shape[-1])
+        slot, x = divmod(int(t_k[j]), per), lab_r[i]
+    else:
+        i, x = divmod(k - gives, copies_bl.shape[-1])
+        slot = (r, i)
+    copies_bl[blk, lab_bps[(blk, *slot)]] -= 1
+    copies_bl[blk, x] += 1
+    lab_bps[(blk, *slot)] = x
 
 
 def _place(load_bl: np.ndarray, copies_bl: np.ndarray, ranks: int) -> np.ndarray:
