@@ -369,38 +369,46 @@ class Resolved:
     source: ModelConf  # where the checkpoint is (or which preset to synthesize)
 
 
+# (key, lowest, highest, lowest excluded) of the numeric settings that have bounds
+_RANGES = (
+    ("job.max_prompt_tokens", 1, None, False),
+    ("runtime.collective_timeout_s", 0, None, True),
+    ("runtime.connect_timeout_s", 0, None, True),
+    ("runtime.startup_timeout_s", 0, None, True),
+    ("runtime.rendezvous_port", 1, 65535, False),
+    ("runtime.num_cpus", 1, None, False),
+    ("runtime.max_restarts", 0, None, False),
+    ("runtime.drain_timeout_s", 0, None, False),
+    *((f"runtime.{key}", 1, None, False) for key in (
+        "cpus_per_rank", "page_size", "max_tokens_per_step", "max_seqs", "prefill_chunk",
+        "replicas")),
+    ("runtime.cache_gb", 0, None, True),
+)
+
+
+def _check_control(cfg: Any, problems: list[str]) -> None:
+    """runtime.control=local: one copy of the whole model in the launch's process."""
+    if _get(cfg, "runtime.control") != "local":
+        return
+    if (_get(cfg, "parallel.pp"), _get(cfg, "parallel.ep")) != (1, 1):
+        problems.append(f"runtime.control: local runs the whole model in the launch's process; "
+                        f"it needs parallel.pp=1 and parallel.ep=1, got pp="
+                        f"{_get(cfg, 'parallel.pp')} ep={_get(cfg, 'parallel.ep')}")
+    if _get(cfg, "runtime.replicas") != 1:
+        problems.append(f"runtime.replicas: runtime.control=local runs one copy of the model in "
+                        f"the launch's process; got replicas={_get(cfg, 'runtime.replicas')}")
+
+
 def validate(cfg: Any) -> Resolved:
     """Check every setting that the schema's types cannot, plan the layout for the model and
     build the options. Raises LaunchConfigError naming every key at fault."""
     problems: list[str] = []
-    _check_range(problems, "job.max_prompt_tokens", _get(cfg, "job.max_prompt_tokens"), 1, None)
-    _check_range(problems, "runtime.collective_timeout_s",
-                 _get(cfg, "runtime.collective_timeout_s"), 0, None, lo_open=True)
-    _check_range(problems, "runtime.connect_timeout_s",
-                 _get(cfg, "runtime.connect_timeout_s"), 0, None, lo_open=True)
-    _check_range(problems, "runtime.startup_timeout_s",
-                 _get(cfg, "runtime.startup_timeout_s"), 0, None, lo_open=True)
-    _check_range(problems, "runtime.rendezvous_port", _get(cfg, "runtime.rendezvous_port"), 1, 65535)
-    _check_range(problems, "runtime.num_cpus", _get(cfg, "runtime.num_cpus"), 1, None)
-    _check_range(problems, "runtime.max_restarts", _get(cfg, "runtime.max_restarts"), 0, None)
-    _check_range(problems, "runtime.drain_timeout_s", _get(cfg, "runtime.drain_timeout_s"), 0,
-                 None)
-    for key in ("cpus_per_rank", "page_size", "max_tokens_per_step", "max_seqs",
-                "prefill_chunk", "replicas"):
-        _check_range(problems, f"runtime.{key}", _get(cfg, f"runtime.{key}"), 1, None)
-    _check_range(problems, "runtime.cache_gb", _get(cfg, "runtime.cache_gb"), 0, None,
-                 lo_open=True)
+    for key, lo, hi, lo_open in _RANGES:
+        _check_range(problems, key, _get(cfg, key), lo, hi, lo_open)
     sampling = _sampling(cfg, problems)
     speculative = _speculative(cfg, problems)
     serving = _serving(cfg, problems)
-    control = _get(cfg, "runtime.control")
-    if control == "local" and (_get(cfg, "parallel.pp"), _get(cfg, "parallel.ep")) != (1, 1):
-        problems.append(f"runtime.control: local runs the whole model in the launch's process; "
-                        f"it needs parallel.pp=1 and parallel.ep=1, got pp="
-                        f"{_get(cfg, 'parallel.pp')} ep={_get(cfg, 'parallel.ep')}")
-    if control == "local" and _get(cfg, "runtime.replicas") != 1:
-        problems.append(f"runtime.replicas: runtime.control=local runs one copy of the model in "
-                        f"the launch's process; got replicas={_get(cfg, 'runtime.replicas')}")
+    _check_control(cfg, problems)
     dtype = _get(cfg, "execution.dtype")
     if dtype is not None and dtype not in DTYPES:
         problems.append(f"execution.dtype: must be one of {list(DTYPES)} or null, got {dtype!r}")
