@@ -184,7 +184,7 @@ def preflight(r: schema.Resolved) -> _Prepared | None:
             check_address(address, source, r.runtime.connect_timeout_s)
         checkpoint = resolve_checkpoint(r.source, progress=job.progress)
         check_checkpoint(checkpoint, verify=bool(r.source.verify), progress=job.progress)
-        check_settings(r, checkpoint)
+        check_settings(r)
     except BaseException:
         out.close()
         raise

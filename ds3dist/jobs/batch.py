@@ -126,7 +126,6 @@ class _Run:
     parsed: ParsedInput
     already: int  # requests already in the output
     todo: list[InputLine]
-    errors: Path
     t_start: float
     meta: dict[str, Any] | None
     tally: _Tally = field(default_factory=_Tally)
@@ -146,7 +145,7 @@ class _Run:
                         output_records=job.out.records, finish_reason=t.finish,
                         drained=t.drained)
         return JobSummary(
-            input=str(self.inp.path), output=str(job.out.path), errors_file=str(self.errors),
+            input=str(self.inp.path), output=str(job.out.path), errors_file=str(job.errors),
             plot=None, format=job.fmt, input_encoding=self.inp.encoding, counts=counts,
             prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens,
             throughput=_throughput(t, time.perf_counter() - self.t_start), engine=stats,
@@ -193,7 +192,7 @@ def run_batch_job(
         parsed = parse_input(inp.lines, fmt, enc, sampling or DEFAULT_SAMPLING,
                              inp.bad_lines)
         already, todo = _resume(parsed, fmt, out, err_path)
-        run = _Run(inp, parsed, already, todo, err_path, t_start, meta)
+        run = _Run(inp, parsed, already, todo, t_start, meta)
         job = _Job(engine, tokenizer, out, err_path, fmt, model_name, stop)
         summary = _generate_all(job, run, progress, sum_path)
     finally:

@@ -17,7 +17,6 @@ order.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -59,15 +58,15 @@ def check_checkpoint(path: Path, verify: bool = False, progress: bool = True) ->
         f"{'--verify ' if verify else ''}{path}")
 
 
-def check_settings(r, checkpoint: Path) -> None:
+def check_settings(r) -> None:
     """Settings that would otherwise fail only after the op builds, the cluster and weight
     loading (minutes): checked on this host first, each failure naming its key. `r` is the
     launch's schema.Resolved. Host-specific ones only where the ranks run here (a new local
     cluster); on an existing cluster each rank checks what it can first thing."""
-    local = not (r.runtime.address or os.environ.get("RAY_ADDRESS"))
+    local = r.runtime.new_local_cluster
     ranks = r.layout.world_size * r.runtime.replicas
-    if r.offload is not None and r.offload.device == "nvme" and local:
-        r.offload.check_host()
+    if r.offload is not None and local:
+        r.offload.check_host()  # device=nvme: its folder and libaio
     if r.speculative is not None:
         _check_mtp(r.model)
     if local and r.layout.device == "cpu" and r.serving.cache_gb is not None:

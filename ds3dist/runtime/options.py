@@ -37,13 +37,19 @@ class RuntimeOptions:
     max_restarts: int = 3  # rebuilds of each replica after a lost rank, node or hung step
     drain_timeout_s: float = 20.0  # after SIGTERM/SIGINT: how long requests in flight may finish
 
+    @property
+    def new_local_cluster(self) -> bool:
+        """Whether the launch starts a Ray cluster of its own on this host (no runtime.address,
+        no $RAY_ADDRESS), so that its ranks run here."""
+        return not (self.address or os.environ.get("RAY_ADDRESS"))
+
     def rank_cpus(self, ranks: int) -> int:
         """CPUs (and torch threads) per rank: cpus_per_rank, else a new local cluster shares
         this machine's cores between its `ranks`, and on an existing cluster each rank gets
         one."""
         if self.cpus_per_rank:
             return self.cpus_per_rank
-        if self.address or os.environ.get("RAY_ADDRESS"):
+        if not self.new_local_cluster:
             return 1
         return max(1, (os.cpu_count() or 1) // ranks)
 
