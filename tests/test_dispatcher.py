@@ -4,8 +4,11 @@ Reference (the DeepSeek reference code's scheme): every rank sees all tokens, co
 weighted outputs of its own experts for them, and an all-reduce sums the contributions.
 """
 
-import socket
+import faulthandler
+import os
+import tempfile
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -19,12 +22,7 @@ from ds3dist.parallel.placement import Placement
 D = 256  # two 128-channel groups for the fp8 payload
 E = 8
 K = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+JOIN_S = 120  # a rank still running after this is killed and reported as hung
 
 
 def _expert_weights() -> torch.Tensor:
@@ -91,11 +89,14 @@ def _reference(x, idx, w, rank, world, owner, fp8):
     return out[start:start + x.shape[0]]
 
 
-def _worker(rank, world, port, case, errors):
+def _worker(rank, world, store, case, errors):
+    # a hung rank prints where it waits (to the test's captured stderr) before it is killed
+    faulthandler.dump_traceback_later(JOIN_S - 10, exit=False)
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+        # a file store: no port picked, released and raced for by other tests' processes
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=JOIN_S - 20))
         owner = [e * world // E for e in range(E)]
         if case == "map":  # explicit, non-contiguous expert -> rank map
             owner = [(e * 3) % world for e in range(E)]
@@ -134,19 +135,21 @@ def _worker(rank, world, port, case, errors):
 def _spawn(world, case):
     ctx = mp.get_context("fork")
     errors = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, case, errors)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, world, store, case, errors))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=JOIN_S)
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
     msgs = []
     while not errors.empty():
         msgs.append(errors.get())
-    assert not alive, f"ranks hung: {[procs.index(p) for p in alive]}"
+    assert not alive, f"ranks hung: {[procs.index(p) for p in alive]}; errors: {msgs}"
     assert not msgs, "\n".join(msgs)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
