@@ -43,12 +43,12 @@ UNIT_CHECK = textwrap.dedent("""
     from ds3dist.model.load import load_model
     from ds3dist.runtime.offload import Offloaded
     from ds3dist.runtime.options import OffloadOptions
-    ckpt, execution, params, device, nvme, port, dtype, compute = sys.argv[1:9]
+    ckpt, execution, params, device, nvme, store, dtype, compute = sys.argv[1:9]
     dtype = getattr(torch, dtype)
     if compute == "cuda":
         torch.cuda.set_device(0)
     dist.init_process_group("nccl" if compute == "cuda" else "gloo",
-                            init_method="tcp://127.0.0.1:" + port, rank=0, world_size=1)
+                            init_method="file://" + store, rank=0, world_size=1)
     group = dist.new_group([0])
     tokens = torch.randint(0, 5000, (3, 9), generator=torch.Generator().manual_seed(0))
     ref = load_model(ckpt, execution=execution, dtype=dtype, device=compute)(tokens)
@@ -64,9 +64,11 @@ UNIT_CHECK = textwrap.dedent("""
 """)
 
 
-def _unit_check(ckpt, execution, params, device, nvme, port, dtype, compute="cpu") -> dict:
+def _unit_check(ckpt, execution, params, device, nvme, dtype, compute="cpu") -> dict:
+    # a file store (beside nvme): no port picked, released and raced for by other tests
+    store = nvme.parent / "store"
     p = subprocess.run([sys.executable, "-c", UNIT_CHECK, str(ckpt), execution, params, device,
-                        str(nvme), str(port), dtype, compute], capture_output=True, text=True,
+                        str(nvme), str(store), dtype, compute], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -80,10 +82,7 @@ def _unit_check(ckpt, execution, params, device, nvme, port, dtype, compute="cpu
     ("bf16", "layers", "cpu", "bfloat16"), ("bf16", "experts", "cpu", "bfloat16")])
 def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, execution, params,
                                                      device, dtype):
-    from ds3dist.runtime.rendezvous import free_port
-
-    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
-                      free_port("127.0.0.1", None), dtype)
+    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme", dtype)
     assert out["equal"] == [True, True, True]
     assert out["stats"]["offloaded_bytes"] > 0
     # what stays resident: nothing of an offloaded unit
@@ -101,10 +100,7 @@ def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, exe
 def test_offloaded_units_on_a_gpu_compute_exactly_as_resident(tiny_fp8_dir, tmp_path,
                                                               execution, params, device):
     """The GPU path: units loaded into host memory (or NVMe), fetched onto the GPU."""
-    from ds3dist.runtime.rendezvous import free_port
-
-    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme",
-                      free_port("127.0.0.1", None), "bfloat16", compute="cuda")
+    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme", "bfloat16", compute="cuda")
     assert out["equal"] == [True, True, True]
     assert out["stats"]["offloaded_bytes"] > 0
 
