@@ -5,6 +5,9 @@ each instruction set's build this CPU runs (AVX-512 and AVX2 on an AVX-512 machi
 from __future__ import annotations
 
 import fcntl
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -258,3 +261,24 @@ def test_matmul_takes_the_measured_paths(monkeypatch):
     got = linear.matmul(many, w)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, (many.float() @ w.float().T).bfloat16())
+
+
+# an AVX-512 instruction names a zmm or mask register, or an xmm/ymm register above 15
+_AVX512_OPERAND = re.compile(r"%(zmm\d+|k[1-7]\b|[xy]mm(1[6-9]|2\d|3[01])\b)")
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_each_build_holds_only_its_instruction_set(isa):
+    """The AVX2 build runs on a CPU without AVX-512: not one AVX-512 instruction in it (and the
+    AVX-512 build does use them: the builds differ)."""
+    so = cpu_kernel.kernel().__file__
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    avx512 = [line for line in asm.splitlines() if _AVX512_OPERAND.search(line)]
+    if isa == "avx512":
+        assert len(avx512) > 100, f"{so}: {len(avx512)} AVX-512 instructions"
+    else:
+        assert not avx512, f"{so} holds AVX-512 instructions: {avx512[:5]}"
+        if isa == "avx2":
+            assert re.search(r"\bv\w+\s+.*%ymm", asm), f"{so}: no AVX2 (ymm) instruction"
