@@ -100,7 +100,8 @@ def test_offloaded_units_compute_exactly_as_resident(tiny_fp8_dir, tmp_path, exe
 def test_offloaded_units_on_a_gpu_compute_exactly_as_resident(tiny_fp8_dir, tmp_path,
                                                               execution, params, device):
     """The GPU path: units loaded into host memory (or NVMe), fetched onto the GPU."""
-    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme", "bfloat16", compute="cuda")
+    out = _unit_check(tiny_fp8_dir, execution, params, device, tmp_path / "nvme", "bfloat16",
+                      compute="cuda")
     assert out["equal"] == [True, True, True]
     assert out["stats"]["offloaded_bytes"] > 0
 
